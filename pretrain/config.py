@@ -1,0 +1,256 @@
+"""The one typed config tree: YAML file + `section.key=value` overrides, checked before anything starts.
+
+OmegaConf checks keys and types against the dataclasses below; `validate` checks how values fit together.
+Every problem is raised as a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.model.config import ModelConfig, RopeConfig  # noqa: F401  (re-exported)
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, of the wrong type, or inconsistent with another."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+@dataclass
+class BlendEntry:
+    dir: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # A folder written by `pretrain data prepare` (manifest.json, tokenizer.json, shards).
+    dir: str = "data/tiny"
+    # Several prepared folders mixed by weight; when set it replaces `dir`. All must share one tokenizer.
+    blend: list[BlendEntry] = field(default_factory=list)
+    seq_len: int = 256
+    num_workers: int = 1
+    # A shard whose checksum or tar structure is bad is an error naming it, or, with this on, skipped and logged.
+    skip_corrupt_shards: bool = False
+    verify_checksums: bool = True
+
+    def dataset_dirs(self) -> list[tuple[str, float]]:
+        if self.blend:
+            return [(b.dir, b.weight) for b in self.blend]
+        return [(self.dir, 1.0)]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Max global grad norm; 0 turns clipping off.
+    grad_clip: float = 1.0
+    # "cosine": warmup then cosine to min_lr; "wsd": warmup, stable, then linear decay over the last `decay_fraction`.
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    # Use torch's fused AdamW kernel when the device supports it (apex's FusedAdam is not needed).
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    # Sequences per rank per forward pass, and sequences per optimizer step over all data-parallel ranks.
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 1234
+    deterministic: bool = True
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = True
+    # Empty: MLFLOW_TRACKING_URI if set, else a sqlite file in the runs folder (parent of the run dir).
+    tracking_uri: str = ""
+    experiment: str = "pretrain"
+    run_name: str = ""
+    # MLflow calls are batched: metrics are sent every `flush_every` logged steps.
+    flush_every: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def dp_size(self) -> int:
+        return 1
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.dp_size)
+
+
+def _schema_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    return ConfigError(key, f"{msg} ({origin})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge the dataclass defaults, the YAML file and `a.b=value` overrides, then validate."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("<file>", f"config file {path} does not exist")
+        try:
+            file_conf = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors come in several exception types
+            raise ConfigError("<file>", f"cannot parse {path}: {exc}") from exc
+        try:
+            merged = OmegaConf.merge(merged, file_conf)
+        except OmegaConfBaseException as exc:
+            raise _schema_error(exc, f"in {path}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written as section.key=value")
+        key = item.split("=", 1)[0]
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _schema_error(exc, f"from command-line override '{item}'") from exc
+        if not key.strip():
+            raise ConfigError(item, "empty key in override")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _schema_error(exc, "while resolving") from exc
+    validate(cfg)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, value in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.n_kv_heads),
+        ("model.max_seq_len", m.max_seq_len),
+        ("data.seq_len", d.seq_len),
+        ("train.steps", t.steps),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_last", t.keep_last),
+        ("tracking.flush_every", cfg.tracking.flush_every),
+    ]:
+        _require(value > 0, key, f"must be a positive integer, got {value}")
+    _require(
+        m.d_model % m.n_heads == 0,
+        "model.d_model",
+        f"hidden size {m.d_model} is not divisible by model.n_heads={m.n_heads}",
+    )
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        f"model.n_heads={m.n_heads} is not divisible by the number of KV groups {m.n_kv_heads}",
+    )
+    _require(m.head_dim % 2 == 0, "model.d_model", f"head dim {m.head_dim} must be even for RoPE")
+    _require(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = full attention)")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0 (0 = derive from d_model)")
+    rope_types = ("none",)
+    _require(m.rope.scaling in rope_types, "model.rope.scaling", f"must be one of {rope_types}, got '{m.rope.scaling}'")
+    _require(m.rope.theta > 0, "model.rope.theta", "must be positive")
+    supported = m.rope.max_supported_seq_len(m.max_seq_len)
+    _require(
+        d.seq_len <= supported,
+        "data.seq_len",
+        f"sequence length {d.seq_len} is above what the RoPE setup supports ({supported}, model.max_seq_len); "
+        "raise model.max_seq_len or configure RoPE scaling",
+    )
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for i, b in enumerate(d.blend):
+        _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
+        _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+    _require(o.schedule in ("cosine", "wsd"), "optim.schedule", f"must be 'cosine' or 'wsd', got '{o.schedule}'")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+    _require(t.precision in ("fp32", "bf16"), "train.precision", f"must be 'fp32' or 'bf16', got '{t.precision}'")
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
+    _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    per_step = t.micro_batch_size * cfg.dp_size
+    _require(
+        t.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by train.micro_batch_size ({t.micro_batch_size}) "
+        f"x data-parallel size ({cfg.dp_size})",
+    )
+    if check_paths:
+        for i, (data_dir, _) in enumerate(d.dataset_dirs()):
+            key = f"data.blend[{i}].dir" if d.blend else "data.dir"
+            _require(
+                (Path(data_dir) / "manifest.json").is_file(),
+                key,
+                f"data folder '{data_dir}' has no manifest.json; run `pretrain data prepare --out {data_dir}` first",
+            )
