@@ -6,6 +6,7 @@ Every problem is raised as a `ConfigError` that names the key.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class BlendEntry:
 @dataclass
 class DataConfig:
     # A folder written by `pretrain data prepare` (manifest.json, tokenizer.json, shards).
-    dir: str = "data/tiny"
+    dir: str = "data_cache/tiny"
     # Several prepared folders mixed by weight; when set it replaces `dir`. All must share one tokenizer.
     blend: list[BlendEntry] = field(default_factory=list)
     seq_len: int = 256
@@ -249,8 +250,18 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if check_paths:
         for i, (data_dir, _) in enumerate(d.dataset_dirs()):
             key = f"data.blend[{i}].dir" if d.blend else "data.dir"
+            manifest = Path(data_dir) / "manifest.json"
             _require(
-                (Path(data_dir) / "manifest.json").is_file(),
+                manifest.is_file(),
                 key,
                 f"data folder '{data_dir}' has no manifest.json; run `pretrain data prepare --out {data_dir}` first",
+            )
+            try:
+                tokenizer_vocab = int(json.loads(manifest.read_text())["vocab_size"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(key, f"{manifest} is not a valid manifest: {exc!r}") from exc
+            _require(
+                m.vocab_size >= tokenizer_vocab,
+                "model.vocab_size",
+                f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}) in {manifest}",
             )

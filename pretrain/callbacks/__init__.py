@@ -1,0 +1,22 @@
+"""Side concerns of the training loop, one callback each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pretrain.callbacks.base import Callback
+from pretrain.callbacks.checkpointing import Checkpointing
+from pretrain.callbacks.metrics_log import MetricsLog
+from pretrain.callbacks.progress import Progress
+from pretrain.config import Config
+
+
+def default_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [MetricsLog(Path(run_dir) / "metrics.jsonl"), Progress(cfg.tracking.progress_bar)]
+    if cfg.tracking.mlflow:
+        from pretrain.callbacks.mlflow_tracking import MLflowTracking
+
+        t = cfg.tracking
+        callbacks.append(MLflowTracking(run_dir, t.tracking_uri, t.experiment, t.run_name, t.flush_every))
+    callbacks.append(Checkpointing())
+    return callbacks

@@ -1,0 +1,98 @@
+"""`pretrain` command line: `pretrain train …`, `pretrain data prepare …`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pretrain.config import ConfigError, load_config
+
+
+def default_run_dir(config_path: str) -> Path:
+    return Path("runs") / Path(config_path).stem
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    has_checkpoints = any((run_dir / "checkpoints").glob("step_*"))
+    if has_checkpoints and not args.resume:
+        raise ConfigError(
+            "--run-dir",
+            f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or a new --run-dir",
+        )
+    from pretrain.callbacks import default_callbacks
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir))
+    print(
+        f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | "
+        f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps",
+        flush=True,
+    )
+    summary = trainer.fit(resume=args.resume)
+    print(
+        f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
+        f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 4)}, "
+        f"{summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s -> {run_dir / 'summary.json'}",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data.prepare import prepare_dataset
+
+    prepare_dataset(
+        out_dir=args.out,
+        sources=args.source or None,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        seed=args.seed,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description="Distributed LLM pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
+    train.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
+    train.add_argument("overrides", nargs="*", help="config overrides as section.key=value")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="build tokenizer + webdataset shards from text")
+    prep.add_argument("--out", required=True, help="output data folder")
+    prep.add_argument(
+        "--source", action="append",
+        help="a packaged corpus name (bible, anarchism, gcide, fortunes, shakespeare) or a .txt/.jsonl/dir/glob; "
+        "repeatable; default: all packaged corpora",
+    )
+    prep.add_argument("--vocab-size", type=int, default=8192)
+    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of whole documents held out")
+    prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(func=cmd_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Every config error is caught at load time, with a message naming the key."""
+
+import json
+
+import pytest
+
+from pretrain.config import ConfigError, config_to_yaml, load_config
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"vocab_size": 512}))
+    return d
+
+
+def load(data_dir, *overrides, path=None):
+    return load_config(path, [f"data.dir={data_dir}", *overrides])
+
+
+def expect_error(data_dir, key, *overrides, path=None, match=None):
+    with pytest.raises(ConfigError) as info:
+        load(data_dir, *overrides, path=path)
+    assert info.value.key == key, str(info.value)
+    assert key in str(info.value)
+    if match:
+        assert match in str(info.value)
+
+
+def test_defaults_and_file_and_overrides(data_dir, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  d_model: 128\n  n_heads: 4\n  n_kv_heads: 2\ntrain:\n  steps: 7\n")
+    cfg = load(data_dir, "train.steps=9", "optim.schedule=wsd", path=f)
+    assert cfg.model.d_model == 128 and cfg.model.n_heads == 4
+    assert cfg.train.steps == 9  # override wins over the file
+    assert cfg.optim.schedule == "wsd"
+    assert "d_model: 128" in config_to_yaml(cfg)
+
+
+def test_resolved_yaml_round_trips(data_dir, tmp_path):
+    cfg = load(data_dir, "model.n_layers=3")
+    f = tmp_path / "resolved.yaml"
+    f.write_text(config_to_yaml(cfg))
+    assert load_config(f) == cfg
+
+
+def test_unknown_key(data_dir):
+    expect_error(data_dir, "model.hidden", "model.hidden=3", match="not in")
+
+
+def test_unknown_key_in_file(data_dir, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  stepz: 3\n")
+    expect_error(data_dir, "train.stepz", path=f, match=str(f))
+
+
+def test_unknown_section(data_dir):
+    expect_error(data_dir, "modle", "modle.d_model=3")
+
+
+def test_wrong_type(data_dir):
+    expect_error(data_dir, "train.steps", "train.steps=many")
+
+
+def test_hidden_not_divisible_by_heads(data_dir):
+    expect_error(data_dir, "model.d_model", "model.d_model=100", "model.n_heads=8", match="not divisible")
+
+
+def test_heads_not_divisible_by_kv_groups(data_dir):
+    expect_error(data_dir, "model.n_kv_heads", "model.n_heads=8", "model.n_kv_heads=3", match="KV groups")
+
+
+def test_seq_len_above_rope_support(data_dir):
+    expect_error(data_dir, "data.seq_len", "model.max_seq_len=128", "data.seq_len=256", match="RoPE")
+
+
+def test_batch_sizes_do_not_divide(data_dir):
+    expect_error(
+        data_dir, "train.global_batch_size", "train.micro_batch_size=3", "train.global_batch_size=8",
+        match="not divisible",
+    )
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"data.dir={tmp_path / 'nowhere'}"])
+    assert info.value.key == "data.dir" and "pretrain data prepare" in str(info.value)
+
+
+def test_vocab_smaller_than_tokenizer(data_dir):
+    expect_error(data_dir, "model.vocab_size", "model.vocab_size=256", match="512")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.precision=fp8", "train.precision"),
+        ("optim.schedule=linear", "optim.schedule"),
+        ("optim.min_lr=1.0", "optim.min_lr"),
+        ("train.steps=0", "train.steps"),
+        ("model.rope.scaling=yarn", "model.rope.scaling"),
+        ("data.blend=[{dir: x, weight: -1}]", "data.blend[0].weight"),
+    ],
+)
+def test_bad_values(data_dir, override, key):
+    expect_error(data_dir, key, override)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
