@@ -1,0 +1,136 @@
+"""The whole single-process path: real shards → model → run folder, resume, tracking, CLI errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.callbacks import default_callbacks
+from pretrain.callbacks.base import Callback
+from pretrain.callbacks.metrics_log import read_metrics
+from pretrain.config import load_config
+from pretrain.trainer import Trainer
+
+
+class StopAfter(Callback):
+    """Simulates a crash: raises once the run has passed `step` (after that step's checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == self.step + 1:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def run(overrides, run_dir, resume=None, extra_callbacks=()):
+    cfg = load_config(None, overrides)
+    callbacks = default_callbacks(cfg, run_dir)
+    callbacks[-1:-1] = list(extra_callbacks)
+    return Trainer(cfg, run_dir, callbacks).fit(resume=resume)
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"}
+
+
+COMMON = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "train.eval_batches=2",
+          "train.checkpoint_every=4", "tracking.mlflow=false"]
+
+
+def test_resume_reproduces_uninterrupted_loss_curve(tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, *COMMON]
+    full = tmp_path / "full"
+    run(overrides, full)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run(overrides, crashed, extra_callbacks=[StopAfter(8)])
+    assert max(train_losses(crashed)) == 9  # the crash came after step 9 was logged
+    summary = run(overrides, crashed, resume="auto")
+
+    expected, got = train_losses(full), train_losses(crashed)
+    assert sorted(got) == list(range(1, 13))  # metrics after the checkpoint were rewritten, not duplicated
+    for step in range(9, 13):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+    assert summary["steps"] == 12
+    assert summary["tokens"] == 12 * 8 * 64
+
+
+def test_run_folder_contents(tiny_overrides, tmp_path):
+    summary = run([*tiny_overrides, *COMMON], tmp_path / "r")
+    r = tmp_path / "r"
+    assert load_config(r / "config.yaml").train.steps == 12
+    saved = json.loads((r / "summary.json").read_text())
+    assert saved == pytest.approx(summary)
+    for key in ("steps", "tokens", "final_train_loss", "val_loss", "wall_seconds", "tokens_per_s", "mfu"):
+        assert saved[key] is not None, key
+    assert 0 < saved["mfu"] < 1
+    records = read_metrics(r / "metrics.jsonl")
+    assert [x["step"] for x in records if x["split"] == "train"] == list(range(1, 13))
+    assert [x["step"] for x in records if x["split"] == "val"] == [6, 12]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert [p.name for p in sorted((r / "checkpoints").iterdir())] == ["step_00000008", "step_00000012"]
+
+
+def unigram_entropy_nats(data_dir) -> float:
+    from data.loader import TokenWindowLoader
+    from pretrain.config import DataConfig
+
+    loader = TokenWindowLoader(DataConfig(dir=str(data_dir), seq_len=64, num_workers=0), split="val",
+                               micro_batch_size=64, global_batch_size=64)
+    counts = {}
+    for _ in range(4):
+        for t in loader.__next__()["labels"].flatten().tolist():
+            counts[t] = counts.get(t, 0) + 1
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def test_training_learns_below_unigram_entropy(tiny_overrides, tmp_path):
+    summary = run([*tiny_overrides, "train.steps=80", "train.eval_every=80", "train.eval_batches=4",
+                   "train.log_every=20", "optim.lr=1e-2", "train.checkpoint_every=80", "tracking.mlflow=false"],
+                  tmp_path / "learn")
+    entropy = unigram_entropy_nats(tiny_overrides[-1].split("=", 1)[1])
+    assert summary["val_loss"] < entropy - 0.3, (summary["val_loss"], entropy)
+
+
+def test_mlflow_sqlite_store_gets_params_metrics_and_artifacts(tiny_overrides, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "tracked"
+    run([*tiny_overrides, *COMMON[:-1], "tracking.experiment=e2e", "tracking.flush_every=5"], run_dir)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["model.d_model"] == "64"
+    assert len(client.get_metric_history(mlrun.info.run_id, "loss")) == 12
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_loss")] == [6, 12]
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"config.yaml", "loss_curve.png", "summary.json"} <= artifacts
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_cli_bad_config_fails_before_starting(tiny_overrides, tmp_path):
+    result = cli("train", "configs/tiny.yaml", "--run-dir", str(tmp_path / "x"), *tiny_overrides,
+                 "model.n_kv_heads=3")
+    assert result.returncode == 2
+    assert "model.n_kv_heads" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_to_overwrite_a_run_without_resume(tiny_overrides, tmp_path):
+    args = ["train", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"), *tiny_overrides, *COMMON[:2],
+            "train.steps=2", "train.checkpoint_every=2", "tracking.mlflow=false"]
+    assert cli(*args).returncode == 0
+    second = cli(*args)
+    assert second.returncode == 2 and "--resume auto" in second.stderr
+    resumed = cli(*args, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
