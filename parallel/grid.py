@@ -1,0 +1,124 @@
+"""The process grid: which ranks form each tensor/context/expert/data/pipeline-parallel group.
+
+Rank order follows Megatron: tensor-parallel fastest, then context, then data, then pipeline:
+
+    rank = tp_rank + TP * (cp_rank + CP * (dp_rank + DP * pp_rank))
+
+Expert parallelism is carved out of the data-parallel dimension (as in Megatron and DeepSpeed-MoE): the DP
+ranks of one (pp, cp, tp) position are split into groups of EP consecutive ranks (the expert-parallel
+groups); ranks holding the same experts across those groups form the expert-data-parallel group.
+`layout` is pure arithmetic (testable without processes); `ProcessGrid.build` creates the torch groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DIMENSIONS = ("tp", "cp", "dp", "pp")
+
+
+class GridError(ValueError):
+    """Parallel sizes that cannot form a grid over the given world."""
+
+
+@dataclass(frozen=True)
+class GridShape:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    def check(self, world_size: int | None = None) -> None:
+        for name in ("tp", "pp", "dp", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise GridError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if world_size is not None and self.world_size != world_size:
+            raise GridError(
+                f"parallel sizes tp={self.tp} x cp={self.cp} x dp={self.dp} x pp={self.pp} = {self.world_size} "
+                f"do not multiply to the world size {world_size}"
+            )
+        if self.dp % self.ep != 0:
+            raise GridError(
+                f"parallel.ep={self.ep} must divide the data-parallel size {self.dp} (experts are spread over DP ranks)"
+            )
+
+
+def layout(shape: GridShape) -> dict[str, list[list[int]]]:
+    """All groups of every kind, each a sorted list of global ranks."""
+    shape.check()
+    ranks = np.arange(shape.world_size).reshape(shape.pp, shape.dp, shape.cp, shape.tp)
+    groups: dict[str, list[list[int]]] = {
+        "tp": [ranks[p, d, c, :].tolist() for p in range(shape.pp) for d in range(shape.dp) for c in range(shape.cp)],
+        "cp": [ranks[p, d, :, t].tolist() for p in range(shape.pp) for d in range(shape.dp) for t in range(shape.tp)],
+        "dp": [ranks[p, :, c, t].tolist() for p in range(shape.pp) for c in range(shape.cp) for t in range(shape.tp)],
+        "pp": [ranks[:, d, c, t].tolist() for d in range(shape.dp) for c in range(shape.cp) for t in range(shape.tp)],
+    }
+    # Data and context ranks together see different tokens: gradients are reduced over both.
+    groups["dp_cp"] = [
+        ranks[p, :, :, t].flatten().tolist() for p in range(shape.pp) for t in range(shape.tp)
+    ]
+    # Tensor x pipeline: the ranks that together hold one copy of the model.
+    groups["model"] = [ranks[:, d, c, :].flatten().tolist() for d in range(shape.dp) for c in range(shape.cp)]
+    split = ranks.reshape(shape.pp, shape.dp // shape.ep, shape.ep, shape.cp, shape.tp)
+    groups["ep"] = [
+        split[p, o, :, c, t].tolist()
+        for p in range(shape.pp) for o in range(shape.dp // shape.ep) for c in range(shape.cp) for t in range(shape.tp)
+    ]
+    groups["expert_dp"] = [
+        split[p, :, e, c, t].tolist()
+        for p in range(shape.pp) for e in range(shape.ep) for c in range(shape.cp) for t in range(shape.tp)
+    ]
+    return {k: [sorted(g) for g in v] for k, v in groups.items()}
+
+
+def coordinates(shape: GridShape, rank: int) -> dict[str, int]:
+    tp = rank % shape.tp
+    cp = (rank // shape.tp) % shape.cp
+    dp = (rank // (shape.tp * shape.cp)) % shape.dp
+    pp = rank // (shape.tp * shape.cp * shape.dp)
+    return {"tp": tp, "cp": cp, "dp": dp, "pp": pp, "ep": dp % shape.ep, "expert_dp": dp // shape.ep}
+
+
+@dataclass
+class ProcessGrid:
+    """This rank's place in the grid and its torch process groups (None for size-1 dimensions in 1-rank runs)."""
+
+    shape: GridShape
+    rank: int
+    coords: dict[str, int]
+    groups: dict[str, object] = field(default_factory=dict)
+    group_ranks: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, shape: GridShape, world_size: int, rank: int) -> ProcessGrid:
+        """Creates every group on every rank (torch requires all ranks to call new_group in the same order)."""
+        import torch.distributed as dist
+
+        shape.check(world_size)
+        grid = cls(shape=shape, rank=rank, coords=coordinates(shape, rank))
+        for kind, all_groups in layout(shape).items():
+            for members in all_groups:
+                group = dist.new_group(members) if world_size > 1 else None
+                if rank in members:
+                    grid.groups[kind] = group
+                    grid.group_ranks[kind] = members
+        return grid
+
+    @classmethod
+    def single(cls) -> ProcessGrid:
+        shape = GridShape()
+        return cls(shape=shape, rank=0, coords=coordinates(shape, 0),
+                   group_ranks={k: [0] for k in ("tp", "cp", "dp", "pp", "dp_cp", "model", "ep", "expert_dp")})
+
+    def size(self, kind: str) -> int:
+        return len(self.group_ranks[kind])
+
+    def group(self, kind: str):
+        return self.groups.get(kind)

@@ -1,0 +1,46 @@
+"""Rank layout of the process grid, checked against Megatron's documented example."""
+
+import itertools
+
+import pytest
+
+from parallel.grid import GridError, GridShape, coordinates, layout
+
+
+def test_megatron_example_tp2_pp4_dp2():
+    # Megatron-LM's parallel_state docstring: 16 GPUs, TP=2, PP=4 → DP=2.
+    groups = layout(GridShape(tp=2, pp=4, dp=2))
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert sorted(groups["dp"]) == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
+    assert sorted(groups["pp"]) == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+
+
+@pytest.mark.parametrize("tp,cp,dp,pp,ep", [(2, 1, 2, 2, 2), (1, 2, 4, 1, 2), (2, 1, 4, 1, 4), (1, 1, 1, 1, 1)])
+def test_every_kind_partitions_the_world_and_coordinates_agree(tp, cp, dp, pp, ep):
+    shape = GridShape(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep)
+    groups = layout(shape)
+    world = list(range(shape.world_size))
+    sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp, "ep": ep, "expert_dp": dp // ep, "dp_cp": dp * cp,
+             "model": tp * pp}
+    for kind, members in groups.items():
+        assert sorted(itertools.chain(*members)) == world, kind
+        assert all(len(g) == sizes[kind] for g in members), kind
+    for rank in world:
+        c = coordinates(shape, rank)
+        assert rank == c["tp"] + tp * (c["cp"] + cp * (c["dp"] + dp * c["pp"]))
+        (tp_group,) = [g for g in groups["tp"] if rank in g]
+        assert tp_group.index(rank) == c["tp"]
+        (dp_group,) = [g for g in groups["dp"] if rank in g]
+        assert dp_group.index(rank) == c["dp"]
+        (ep_group,) = [g for g in groups["ep"] if rank in g]
+        assert ep_group.index(rank) == c["ep"] and set(ep_group) <= set(dp_group)
+
+
+def test_sizes_must_multiply_to_world():
+    with pytest.raises(GridError, match="world size 8"):
+        GridShape(tp=2, dp=3).check(8)
+
+
+def test_ep_must_divide_dp():
+    with pytest.raises(GridError, match="parallel.ep=3"):
+        GridShape(dp=4, ep=3).check(4)
