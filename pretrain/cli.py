@@ -33,10 +33,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     summary = trainer.fit(resume=args.resume)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
-        f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
-        f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 4)}, "
-        f"{summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s -> {run_dir / 'summary.json'}",
+        f"done: {summary['steps']} steps, train loss {fmt(summary['final_train_loss'])}, "
+        f"val loss {fmt(summary['val_loss'])}, {summary['wall_seconds']:.0f} s, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s -> {run_dir / 'summary.json'}",
         flush=True,
     )
     return 0
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     train.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
-    train.add_argument("overrides", nargs="*", help="config overrides as section.key=value")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data preparation")
@@ -86,7 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come before or after options; anything else unknown is an error.
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ConfigError as exc:

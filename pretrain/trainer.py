@@ -170,6 +170,7 @@ class Trainer:
             "train_loader": self.train_loader.state_dict(),
             "tokenizer": self.train_loader.tokenizer_reference(),
             "last_val": self.last_val,
+            "last_train": self.last_train,
         }
 
     def save_checkpoint(self) -> Path:
@@ -193,6 +194,7 @@ class Trainer:
         self.wall_seconds_before = loaded.state["wall_seconds"]
         self.train_loader.load_state_dict(loaded.state["train_loader"])
         self.last_val = loaded.state.get("last_val", {})
+        self.last_train = loaded.state.get("last_train", {})
         self.last_saved_step = self.step
         print(f"resumed from {path} at step {self.step}", flush=True)
 

@@ -34,7 +34,8 @@ def machine_description() -> str:
 def write_section(path: Path, name: str, title: str, machine: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n## {title}\n\nMachine: {machine}\n\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the tools in `tools/`; rerun them to refresh.\n"
+    header = "# Benchmarks\n\nWritten by the tools in `tools/`; rerun them to refresh.\n"
+    text = path.read_text() if path.exists() else header
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)

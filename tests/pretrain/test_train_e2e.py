@@ -89,8 +89,9 @@ def unigram_entropy_nats(data_dir) -> float:
 
 
 def test_training_learns_below_unigram_entropy(tiny_overrides, tmp_path):
-    summary = run([*tiny_overrides, "train.steps=80", "train.eval_every=80", "train.eval_batches=4",
-                   "train.log_every=20", "optim.lr=1e-2", "train.checkpoint_every=80", "tracking.mlflow=false"],
+    summary = run([*tiny_overrides, "train.steps=300", "train.eval_every=300", "train.eval_batches=4",
+                   "train.log_every=50", "optim.lr=3e-3", "train.checkpoint_every=300", "tracking.mlflow=false",
+                   "train.micro_batch_size=8", "train.global_batch_size=16"],
                   tmp_path / "learn")
     entropy = unigram_entropy_nats(tiny_overrides[-1].split("=", 1)[1])
     assert summary["val_loss"] < entropy - 0.3, (summary["val_loss"], entropy)
