@@ -1,0 +1,26 @@
+"""Global gradient-norm clipping when parameters are sharded or replicated across model-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def clip_grad_norm(
+    params_counted: list[tuple[torch.nn.Parameter, bool]], max_norm: float, model_parallel_group
+) -> float:
+    """`params_counted` pairs each local parameter with whether this rank's copy counts toward the norm (so
+    that every element of the full model counts exactly once). Returns the global norm before clipping."""
+    grads = [p.grad for p, _ in params_counted if p.grad is not None]
+    counted = [p.grad for p, once in params_counted if once and p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for g in counted:
+        sq += g.detach().float().pow(2).sum()
+    if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
+        dist.all_reduce(sq, group=model_parallel_group)
+    total = sq.sqrt()
+    if max_norm > 0 and grads:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return float(total)

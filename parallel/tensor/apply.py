@@ -1,0 +1,170 @@
+"""Turn the plain `pretrain.model.Transformer` into its tensor-parallel (and sequence-parallel) shard.
+
+    embed            → VocabParallelEmbedding (vocab rows split)
+    q/k/v_proj       → ColumnParallelLinear (split by heads; KV heads replicated when fewer than TP ranks)
+    o_proj           → RowParallelLinear
+    gate/up_proj     → ColumnParallelLinear
+    down_proj        → RowParallelLinear
+    lm_head          → ColumnParallelLinear over the vocabulary (tied: shares the embedding's shard)
+    norms            → unchanged; with sequence parallelism they run on sequence shards and their grads
+                       are summed over the tensor-parallel group
+
+Every parameter gets a `ShardSpec` saying how its full tensor maps to this rank's shard, which checkpoints
+use to gather a layout-free copy and to cut one back out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.tensor import comm
+from parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+class TensorParallelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a full tensor relates to this rank's piece of it."""
+
+    kind: str  # "replicated" | "rows" | "cols" | "kv_rows"
+    rank: int = 0
+    world: int = 1
+    # kv_rows: this rank holds KV head `kv_head` of `n_kv_heads`, each `head_dim` rows.
+    kv_head: int = 0
+    n_kv_heads: int = 1
+    head_dim: int = 1
+    # Sequence-parallel norm weights: grads are partial sums over sequence shards.
+    sequence_parallel: bool = False
+
+    @property
+    def counted_once(self) -> bool:
+        """Whether this rank's copy counts toward the global grad norm (each element exactly once)."""
+        if self.kind == "replicated":
+            return self.rank == 0
+        if self.kind == "kv_rows":
+            return self.rank == first_rank_with_kv_head(self.kv_head, self.n_kv_heads, self.world)
+        return True
+
+
+def kv_head_of_rank(rank: int, n_kv_heads: int, world: int) -> int:
+    return rank * n_kv_heads // world
+
+
+def first_rank_with_kv_head(kv_head: int, n_kv_heads: int, world: int) -> int:
+    return min(r for r in range(world) if kv_head_of_rank(r, n_kv_heads, world) == kv_head)
+
+
+def check_divisibility(n_heads: int, n_kv_heads: int, vocab_size: int, d_model: int, ffn_dim: int, tp: int) -> None:
+    problems = []
+    if n_heads % tp:
+        problems.append(f"model.n_heads={n_heads}")
+    if n_kv_heads % tp and tp % n_kv_heads:
+        problems.append(f"model.n_kv_heads={n_kv_heads} (must divide or be divisible by tp)")
+    if vocab_size % tp:
+        problems.append(f"model.vocab_size={vocab_size}")
+    if ffn_dim % tp:
+        problems.append(f"ffn hidden size {ffn_dim}")
+    if d_model % tp:
+        problems.append(f"model.d_model={d_model}")
+    if problems:
+        raise TensorParallelError(f"parallel.tp={tp} does not divide: " + ", ".join(problems))
+
+
+def _kv_projection(linear: nn.Linear, n_kv_heads: int, head_dim: int, group, sequence_parallel: bool):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if n_kv_heads % world == 0:
+        return ColumnParallelLinear.from_linear(linear, group, sequence_parallel), ShardSpec("rows", rank, world)
+    kv = kv_head_of_rank(rank, n_kv_heads, world)
+    rows = linear.weight.detach()[kv * head_dim : (kv + 1) * head_dim].clone()
+    spec = ShardSpec("kv_rows", rank, world, kv_head=kv, n_kv_heads=n_kv_heads, head_dim=head_dim)
+    return ColumnParallelLinear(rows, group, sequence_parallel), spec
+
+
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> dict[str, ShardSpec]:
+    """Swaps the model's modules for their shards in place; returns the spec of every parameter by name."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    cfg = model.cfg
+    check_divisibility(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.d_model, cfg.ffn_dim, world)
+    if sequence_parallel and cfg.dropout > 0:
+        raise TensorParallelError("sequence parallelism with dropout needs per-rank RNG streams; set model.dropout=0")
+    specs: dict[str, ShardSpec] = {}
+    rows, cols = ShardSpec("rows", rank, world), ShardSpec("cols", rank, world)
+
+    tied = cfg.tie_embeddings
+    model.embed = VocabParallelEmbedding.from_embedding(model.embed, group, sequence_parallel)
+    specs["embed.weight"] = rows
+    for i, block in enumerate(model.layers):
+        attn, mlp = block.attn, block.mlp
+        attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, group, sequence_parallel)
+        attn.k_proj, k_spec = _kv_projection(attn.k_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
+        attn.v_proj, v_spec = _kv_projection(attn.v_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
+        attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sequence_parallel)
+        mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, group, sequence_parallel)
+        mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, group, sequence_parallel)
+        mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group, sequence_parallel)
+        p = f"layers.{i}"
+        specs.update({
+            f"{p}.attn.q_proj.weight": rows, f"{p}.attn.k_proj.weight": k_spec, f"{p}.attn.v_proj.weight": v_spec,
+            f"{p}.attn.o_proj.weight": cols, f"{p}.mlp.gate_proj.weight": rows, f"{p}.mlp.up_proj.weight": rows,
+            f"{p}.mlp.down_proj.weight": cols,
+        })
+    lm_head = ColumnParallelLinear.from_linear(model.lm_head, group, sequence_parallel)
+    if tied:
+        lm_head.weight = model.embed.weight
+    else:
+        specs["lm_head.weight"] = rows
+    model.lm_head = lm_head
+
+    replicated = ShardSpec("replicated", rank, world, sequence_parallel=sequence_parallel)
+    for name, _ in model.named_parameters():
+        specs.setdefault(name, replicated)
+    return specs
+
+
+def sync_tensor_parallel_grads(model: nn.Module, specs: dict[str, ShardSpec], group) -> None:
+    """Completes the grads that a rank only holds part of: sequence-parallel norms and replicated KV heads."""
+    for name, p in model.named_parameters():
+        spec = specs[name]
+        if p.grad is None:
+            continue
+        if spec.kind == "replicated" and spec.sequence_parallel:
+            dist.all_reduce(p.grad, group=group)
+        elif spec.kind == "kv_rows":
+            full = torch.zeros((spec.n_kv_heads * spec.head_dim, p.shape[1]), dtype=p.grad.dtype, device=p.device)
+            full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim] = p.grad
+            dist.all_reduce(full, group=group)
+            p.grad.copy_(full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim])
+
+
+def gather_full(tensor: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:
+    """The full tensor from every rank's shard (collective: all TP ranks must call it)."""
+    if spec.kind == "replicated" or group is None:
+        return tensor.detach().clone()
+    if spec.kind == "rows":
+        return comm.all_gather(tensor.detach(), 0, group)
+    if spec.kind == "cols":
+        return comm.all_gather(tensor.detach(), 1, group)
+    rows = spec.head_dim
+    full = torch.zeros((spec.n_kv_heads * rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    if spec.rank == first_rank_with_kv_head(spec.kv_head, spec.n_kv_heads, spec.world):
+        full[spec.kv_head * rows : (spec.kv_head + 1) * rows] = tensor.detach()
+    dist.all_reduce(full, group=group)
+    return full
+
+
+def shard_of(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """This rank's piece of a full tensor (no communication)."""
+    if spec.kind == "replicated":
+        return full
+    if spec.kind == "rows":
+        return full.chunk(spec.world, dim=0)[spec.rank]
+    if spec.kind == "cols":
+        return full.chunk(spec.world, dim=1)[spec.rank]
+    return full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim]

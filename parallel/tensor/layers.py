@@ -1,0 +1,110 @@
+"""Megatron-style tensor-parallel layers in plain torch: column/row-parallel linear, vocab-parallel embedding.
+
+Each layer is built from the full (unsharded) module of the plain model and keeps only this rank's shard,
+so `parallelize` can swap them in place and a test can compare against the original module.
+With `sequence_parallel`, activations outside the tensor-parallel regions are sharded along the sequence:
+column-parallel layers all-gather their input over the sequence, row-parallel layers reduce-scatter
+their output back to sequence shards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.tensor import comm
+
+
+def shard_rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if weight.shape[0] % world:
+        raise ValueError(f"cannot split {weight.shape[0]} rows over {world} tensor-parallel ranks")
+    return weight.detach().chunk(world, dim=0)[rank].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows; the output stays split along its last dim."""
+
+    def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight_shard)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, sequence_parallel: bool = False) -> ColumnParallelLinear:
+        assert linear.bias is None, "the model's linears have no bias"
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        return cls(shard_rows(linear.weight, rank, world), group, sequence_parallel)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = comm.gather_sequence(x, self.group) if self.sequence_parallel else comm.copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; x arrives split along its last dim; partial sums are reduced."""
+
+    def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight_shard)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, sequence_parallel: bool = False) -> RowParallelLinear:
+        assert linear.bias is None, "the model's linears have no bias"
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        return cls(shard_rows(linear.weight.t(), rank, world).t().contiguous(), group, sequence_parallel)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_sequence(partial, self.group)
+        return comm.reduce_from_tp(partial, self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous slice of the vocabulary; ids outside it contribute zeros, then ranks sum."""
+
+    def __init__(self, weight_shard: torch.Tensor, vocab_start: int, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight_shard)
+        self.vocab_start = vocab_start
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group, sequence_parallel: bool = False) -> VocabParallelEmbedding:
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        shard = shard_rows(emb.weight, rank, world)
+        return cls(shard, rank * shard.shape[0], group, sequence_parallel)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_sequence(out, self.group)
+        return comm.reduce_from_tp(out, self.group)
