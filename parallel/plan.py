@@ -29,6 +29,7 @@ class ParallelPlan:
     specs: dict[str, ShardSpec]
     sequence_parallel: bool
     vocab_size: int
+    grad_bucket_bytes: int = 25 * 2**20
 
     @property
     def tp(self) -> int:
@@ -46,29 +47,37 @@ class ParallelPlan:
         if self.tp > 1:
             sync_tensor_parallel_grads(model, self.specs, self.grid.group("tp"))
         if self.grid.size("dp") > 1:
-            average_gradients(model.parameters(), self.grid.group("dp"))
+            average_gradients(model.parameters(), self.grid.group("dp"), self.grad_bucket_bytes)
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
         counted = [(p, self.specs[name].counted_once) for name, p in model.named_parameters()]
         return clip_grad_norm(counted, max_norm, self.grid.group("model"))
 
-    def full_tensors(self, local: dict[str, torch.Tensor], spec_of) -> dict[str, torch.Tensor]:
-        """Layout-free tensors from local shards; collective over the tensor-parallel group."""
-        return {name: gather_full(t, spec_of(name), self.grid.group("tp")) for name, t in local.items()}
+    def full_tensors(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layout-free tensors from this rank's shards (parameters, or optimizer states named '<param>/<key>').
+        Collective over the tensor-parallel group: every rank must call it."""
+        out = {}
+        for name, t in local.items():
+            spec = self.spec(name)
+            out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group("tp"))
+        return out
 
-    def local_tensors(self, full: dict[str, torch.Tensor], spec_of) -> dict[str, torch.Tensor]:
-        return {name: shard_of(t, spec_of(name)).clone() for name, t in full.items()}
+    def local_tensors(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's shards cut from layout-free tensors (no communication)."""
+        return {name: t if t.dim() == 0 else shard_of(t, self.spec(name)).clone() for name, t in full.items()}
 
-    def param_spec(self, name: str) -> ShardSpec:
-        """Spec of a parameter, or of an optimizer-state entry named '<param>/<key>' (scalars are replicated)."""
-        return self.specs[name.split("/", 1)[0]]
+    def spec(self, name: str) -> ShardSpec:
+        return self.specs.get(name.split("/", 1)[0], ShardSpec("replicated"))
 
 
-def parallelize(model: nn.Module, grid: ProcessGrid, sequence_parallel: bool = False) -> ParallelPlan:
+def parallelize(
+    model: nn.Module, grid: ProcessGrid, sequence_parallel: bool = False, grad_bucket_mb: int = 25
+) -> ParallelPlan:
     specs: dict[str, ShardSpec]
     if grid.size("tp") > 1:
         specs = apply_tensor_parallel(model, grid.group("tp"), sequence_parallel)
     else:
         specs = {name: ShardSpec("replicated") for name, _ in model.named_parameters()}
-    return ParallelPlan(grid, specs, sequence_parallel and grid.size("tp") > 1, model.cfg.vocab_size)
+    sp = sequence_parallel and grid.size("tp") > 1
+    return ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20)
 

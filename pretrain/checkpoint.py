@@ -128,11 +128,12 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, torch.Tensor],
         state: dict[str, Any],
         config_yaml: str,
     ) -> Path:
+        """Writes full (layout-free) tensors: see `model_tensors` and `optimizer_tensors`."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp()
         final = self.root / step_dir_name(step)
@@ -140,8 +141,8 @@ class CheckpointManager:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(model_tensors(model), tmp / "model.safetensors")
-        save_file(optimizer_tensors(model, optimizer), tmp / "optimizer.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, tmp / "optimizer.safetensors")
         save_file(rng_tensors(), tmp / "rng.safetensors")
         (tmp / "config.yaml").write_text(config_yaml)
         _pause_for_tests("after_tensors")
@@ -217,27 +218,56 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from exc
+
+
+@dataclass
+class CheckpointContents:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: Path) -> CheckpointContents:
+    """Verifies checksums, then reads the full tensors (on CPU)."""
+    path = Path(path)
+    meta = verify(path)
+    return CheckpointContents(
+        path=path,
+        step=int(meta["step"]),
+        state=meta["state"],
+        model=_read_tensors(path / "model.safetensors"),
+        optimizer=_read_tensors(path / "optimizer.safetensors"),
+        rng=_read_tensors(path / "rng.safetensors"),
+    )
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Loads tensors by name; a tied alias missing from the file is fine, anything else missing is an error."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not _is_tied_alias(model, k, tensors)]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng_state: bool = True
 ) -> LoadedCheckpoint:
-    path = Path(path)
-    meta = verify(path)
-    try:
-        weights = load_file(path / "model.safetensors")
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'} cannot be read: {exc}") from exc
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied_ok = {k for k in missing if _is_tied_alias(model, k, weights)}
-    missing = [k for k in missing if k not in tied_ok]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path / 'model.safetensors'} does not fit the model: missing {missing}, unexpected {unexpected}"
-        )
+    """Single-process convenience: read a checkpoint into an unsharded model (and optimizer)."""
+    contents = read_checkpoint(path)
+    load_model_tensors(model, contents.model, contents.path / "model.safetensors")
     if optimizer is not None:
-        load_optimizer_tensors(model, optimizer, load_file(path / "optimizer.safetensors"))
+        load_optimizer_tensors(model, optimizer, contents.optimizer)
     if restore_rng_state:
-        restore_rng(load_file(path / "rng.safetensors"))
-    return LoadedCheckpoint(path=path, step=int(meta["step"]), state=meta["state"])
+        restore_rng(contents.rng)
+    return LoadedCheckpoint(path=contents.path, step=contents.step, state=contents.state)
 
 
 def _is_tied_alias(model: nn.Module, key: str, weights: dict[str, torch.Tensor]) -> bool:

@@ -7,7 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, load_config, validate_world_size
+
+
+def _user_facing_errors() -> tuple[type[Exception], ...]:
+    from data.shards.manifest import ManifestError
+    from data.shards.reader import CorruptShardError
+    from data.sources import SourceError
+    from pretrain.checkpoint import CheckpointError
+
+    return (CheckpointError, CorruptShardError, ManifestError, SourceError)
+
+
+USER_FACING_ERRORS = _user_facing_errors()
 
 
 def default_run_dir(config_path: str) -> Path:
@@ -15,7 +27,12 @@ def default_run_dir(config_path: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.distributed import env_from_launcher
+
     cfg = load_config(args.config, args.overrides)
+    launcher = env_from_launcher()
+    world = args.nproc if args.nproc else launcher.world_size
+    validate_world_size(cfg, world)  # before any process or process group starts
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     has_checkpoints = any((run_dir / "checkpoints").glob("step_*"))
     if has_checkpoints and not args.resume:
@@ -23,16 +40,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             "--run-dir",
             f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or a new --run-dir",
         )
+    if args.nproc and launcher.world_size == 1:
+        from cluster.launch import launch_local, strip_nproc
+
+        return launch_local(args.nproc, strip_nproc(args.argv))
+
+    from cluster.distributed import init_distributed
+    from parallel.grid import GridShape, ProcessGrid
     from pretrain.callbacks import default_callbacks
     from pretrain.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir))
-    print(
-        f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | "
-        f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps",
-        flush=True,
-    )
+    denv = init_distributed(cfg.parallel.timeout_s)
+    p = cfg.parallel
+    shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
+    grid = ProcessGrid.build(shape, denv.world_size, denv.rank) if denv.world_size > 1 else None
+    main_rank = denv.rank == 0
+    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, main_rank), grid)
+    if main_rank:
+        print(
+            f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | {denv.world_size} process(es) "
+            f"tp={p.tp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
+            f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps",
+            flush=True,
+        )
     summary = trainer.fit(resume=args.resume)
+    if not main_rank:
+        return 0
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
         f"done: {summary['steps']} steps, train loss {fmt(summary['final_train_loss'])}, "
@@ -65,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     train.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
+    train.add_argument("--nproc", type=int, help="launch this many local processes (torchrun, free port)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 
@@ -97,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except USER_FACING_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -100,16 +100,36 @@ class TrackingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Megatron rank order: tensor fastest, then context, data, pipeline. tp * cp * dp * pp = number of processes.
+    tp: int = 1
+    dp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    # Norms and residual stream sharded along the sequence inside tensor-parallel groups.
+    sequence_parallel: bool = False
+    # A collective that waits longer than this (e.g. on a dead or stuck rank) fails instead of hanging.
+    timeout_s: float = 300.0
+    grad_bucket_mb: int = 25
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp * self.pp * self.cp
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def dp_size(self) -> int:
-        return 1
+        return self.parallel.dp
 
     @property
     def grad_accum_steps(self) -> int:
@@ -180,6 +200,40 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def validate_parallel(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    for name in ("tp", "dp", "pp", "cp", "ep"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    for name, issue in (("pp", "pipeline parallelism"), ("cp", "context parallelism"), ("ep", "expert parallelism")):
+        _require(getattr(p, name) == 1, f"parallel.{name}", f"{issue} is not available yet; use 1")
+    _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
+    if p.tp > 1:
+        for key, value in (("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),
+                           ("model.d_model", m.d_model)):
+            _require(value % p.tp == 0, key, f"{value} is not divisible by parallel.tp={p.tp}")
+        _require(
+            m.ffn_dim % p.tp == 0, "model.ffn_hidden", f"ffn size {m.ffn_dim} is not divisible by parallel.tp={p.tp}"
+        )
+        _require(
+            m.n_kv_heads % p.tp == 0 or p.tp % m.n_kv_heads == 0,
+            "model.n_kv_heads",
+            f"{m.n_kv_heads} KV heads can neither be split over nor replicated across parallel.tp={p.tp} ranks",
+        )
+    if p.sequence_parallel and p.tp > 1:
+        _require(cfg.data.seq_len % p.tp == 0, "data.seq_len",
+                 f"{cfg.data.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
+        _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    _require(
+        cfg.parallel.world_size == world_size,
+        "parallel",
+        f"tp={cfg.parallel.tp} x cp={cfg.parallel.cp} x dp={cfg.parallel.dp} x pp={cfg.parallel.pp} = "
+        f"{cfg.parallel.world_size} processes, but {world_size} were launched; set parallel.dp (or tp) to match",
+    )
+
+
 def validate(cfg: Config, check_paths: bool = True) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     for key, value in [
@@ -240,6 +294,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    validate_parallel(cfg)
     per_step = t.micro_batch_size * cfg.dp_size
     _require(
         t.global_batch_size % per_step == 0,

@@ -11,17 +11,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from data.loader import TokenWindowLoader
+from parallel.grid import ProcessGrid
+from parallel.plan import parallelize
 from pretrain.callbacks.base import Callback
-from pretrain.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from pretrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_model_tensors,
+    load_optimizer_tensors,
+    model_tensors,
+    optimizer_tensors,
+    read_checkpoint,
+    restore_rng,
+)
 from pretrain.config import Config, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.model.flops import count_parameters, flops_per_token
-from pretrain.model.loss import lm_loss
 from pretrain.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed or timed out (a dead or stuck rank), named by rank, phase and step."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -31,25 +46,34 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, callbacks: list[Callback] | None = None):
+    def __init__(
+        self, cfg: Config, run_dir: Path, callbacks: list[Callback] | None = None, grid: ProcessGrid | None = None
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or []
+        self.grid = grid or ProcessGrid.single()
+        self.is_main = self.grid.rank == 0
+        self.phase = "setup"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-        self.model = cfg.model.build().to(self.device)
+        model = cfg.model.build()  # the same full model on every rank (same seed), then sharded
+        p = cfg.parallel
+        self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb)
+        self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         t = cfg.train
+        dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
         self.train_loader = TokenWindowLoader(
             cfg.data, split="train", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-            dp_rank=0, dp_size=cfg.dp_size, seed=t.seed,
+            dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
         )
         self.val_loader = TokenWindowLoader(
             cfg.data, split="val", micro_batch_size=t.micro_batch_size,
-            global_batch_size=t.micro_batch_size * cfg.dp_size, dp_rank=0, dp_size=cfg.dp_size, seed=t.seed,
+            global_batch_size=t.micro_batch_size * dp_size, dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
 
@@ -80,8 +104,23 @@ class Trainer:
 
     # -- the recipe -----------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        if self.grid.shape.world_size == 1:
+            return self._fit(resume)
+        try:
+            return self._fit(resume)
+        except RuntimeError as exc:
+            if isinstance(exc, CollectiveError | FloatingPointError):
+                raise
+            raise CollectiveError(
+                f"rank {self.grid.rank} (coordinates {self.grid.coords}): {self.phase} at step {self.step + 1} "
+                f"failed — a rank died or stopped answering (parallel.timeout_s={self.cfg.parallel.timeout_s}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+
+    def _fit(self, resume: str | None) -> dict[str, Any]:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         self.attempt_started = time.perf_counter()
         if resume:
             self.resume(resume)
@@ -101,7 +140,8 @@ class Trainer:
             if self.step % self.cfg.train.eval_every == 0 or self.step == self.cfg.train.steps:
                 self.run_eval()
         summary = self.summary(time.perf_counter() - self.attempt_started)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._emit("on_train_end", summary)
         return summary
 
@@ -111,49 +151,58 @@ class Trainer:
         accum = self.cfg.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         total_ce = torch.zeros((), device=self.device)
+        self.phase = "forward/backward"
         for _ in range(accum):
             batch = next(self.train_loader)
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.autocast():
                 logits = self.model(input_ids)
-            loss, parts = lm_loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+            loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
             (loss / accum).backward()
             total_loss += loss.detach() / accum
             total_ce += parts["ce"].detach() / accum
-        grad_norm = self.clip_gradients()
+        self.phase = "gradient sync"
+        self.plan.sync_grads(self.model)
+        self.phase = "gradient clipping"
+        grad_norm = self.plan.clip(self.model, self.cfg.optim.grad_clip)
+        self.phase = "optimizer step"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        loss_value = total_loss.item()
+        self.phase = "metrics all-reduce"
+        loss_value, ce_value = self.mean_over_dp(torch.stack([total_loss, total_ce])).tolist()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
         return {
             "loss": loss_value,
-            "ce": total_ce.item(),
+            "ce": ce_value,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
         }
 
-    def clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
+        if self.grid.size("dp") > 1:
+            values = values.clone()
+            dist.all_reduce(values, group=self.grid.group("dp"))
+            values /= self.grid.size("dp")
+        return values
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        self.phase = "evaluation"
         self.model.eval()
         self.val_loader.reset()
-        losses = []
+        total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             batch = next(self.val_loader)
             with self.autocast():
                 logits = self.model(batch["input_ids"].to(self.device))
-            _, parts = lm_loss(logits, batch["labels"].to(self.device))
-            losses.append(parts["ce"].item())
-        val_loss = sum(losses) / len(losses)
+            _, parts = self.plan.loss(logits, batch["labels"].to(self.device))
+            total += parts["ce"]
+        val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def run_eval(self) -> None:
@@ -174,29 +223,57 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        path = self.checkpoints.save(
-            self.step, self.model, self.optimizer, self.state(), config_to_yaml(self.cfg)
-        )
+        """Collective: shards are gathered into full tensors, the global rank 0 writes them."""
+        self.phase = "checkpoint save"
+        full_model = self.plan.full_tensors(model_tensors(self.model))
+        full_optimizer = self.plan.full_tensors(optimizer_tensors(self.model, self.optimizer))
+        path = self.checkpoints.root / f"step_{self.step:08d}"
+        if self.is_main:
+            path = self.checkpoints.save(
+                self.step, full_model, full_optimizer, self.state(), config_to_yaml(self.cfg)
+            )
+        self.barrier()
         self.last_saved_step = self.step
         self._emit("on_checkpoint", path)
         return path
 
+    def barrier(self) -> None:
+        if self.grid.shape.world_size > 1:
+            dist.barrier()
+
+    def _agree_on_checkpoint(self, resume: str) -> Path | None:
+        """Rank 0 picks the checkpoint (newest valid for 'auto') and every rank loads that one."""
+        choice = [None]
+        if self.is_main:
+            path = self.checkpoints.latest_valid() if resume == "auto" else Path(resume)
+            choice = [None if path is None else str(path)]
+        if self.grid.shape.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return None if choice[0] is None else Path(choice[0])
+
     def resume(self, resume: str) -> None:
-        path = self.checkpoints.latest_valid() if resume == "auto" else Path(resume)
+        self.phase = "checkpoint load"
+        path = self._agree_on_checkpoint(resume)
         if path is None:
-            print(f"no checkpoint under {self.checkpoints.root}: starting from step 0", flush=True)
+            if self.is_main:
+                print(f"no checkpoint under {self.checkpoints.root}: starting from step 0", flush=True)
             return
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        loaded = load_checkpoint(path, self.model, self.optimizer)
-        self.step = loaded.step
-        self.tokens_seen = loaded.state["tokens_seen"]
-        self.wall_seconds_before = loaded.state["wall_seconds"]
-        self.train_loader.load_state_dict(loaded.state["train_loader"])
-        self.last_val = loaded.state.get("last_val", {})
-        self.last_train = loaded.state.get("last_train", {})
+        contents = read_checkpoint(path)
+        load_model_tensors(self.model, self.plan.local_tensors(contents.model), path / "model.safetensors")
+        load_optimizer_tensors(self.model, self.optimizer, self.plan.local_tensors(contents.optimizer))
+        restore_rng(contents.rng)
+        state = contents.state
+        self.step = contents.step
+        self.tokens_seen = state["tokens_seen"]
+        self.wall_seconds_before = state["wall_seconds"]
+        self.train_loader.load_state_dict(state["train_loader"])
+        self.last_val = state.get("last_val", {})
+        self.last_train = state.get("last_train", {})
         self.last_saved_step = self.step
-        print(f"resumed from {path} at step {self.step}", flush=True)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
 
     def summary(self, run_seconds: float) -> dict[str, Any]:
         wall = self.wall_seconds_before + run_seconds

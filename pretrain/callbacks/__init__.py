@@ -11,7 +11,10 @@ from pretrain.callbacks.progress import Progress
 from pretrain.config import Config
 
 
-def default_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+def default_callbacks(cfg: Config, run_dir: Path, main_rank: bool = True) -> list[Callback]:
+    """Checkpointing runs on every rank (saving is collective); logging and tracking on the main rank only."""
+    if not main_rank:
+        return [Checkpointing()]
     callbacks: list[Callback] = [MetricsLog(Path(run_dir) / "metrics.jsonl"), Progress(cfg.tracking.progress_bar)]
     if cfg.tracking.mlflow:
         from pretrain.callbacks.mlflow_tracking import MLflowTracking

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, verify
+from pretrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    model_tensors,
+    optimizer_tensors,
+    verify,
+)
 
 
 class TiedToy(nn.Module):
@@ -38,11 +45,15 @@ def trained_toy(steps=3, seed=0):
     return model, opt
 
 
+def save(manager, step, model, opt, state=None):
+    return manager.save(step, model_tensors(model), optimizer_tensors(model, opt), state or {}, "a: 1\n")
+
+
 def test_round_trip_model_optimizer_rng_state(tmp_path):
     model, opt = trained_toy()
     manager = CheckpointManager(tmp_path, keep_last=2)
     torch.manual_seed(42)
-    path = manager.save(3, model, opt, {"tokens_seen": 123, "loader": {"consumed": 6}}, "a: 1\n")
+    path = save(manager, 3, model, opt, {"tokens_seen": 123, "loader": {"consumed": 6}})
     expected_rand = torch.rand(3)
 
     fresh = TiedToy()
@@ -67,7 +78,7 @@ def test_keeps_last_k(tmp_path):
     model, opt = trained_toy(1)
     manager = CheckpointManager(tmp_path, keep_last=2)
     for step in (1, 2, 3, 4):
-        manager.save(step, model, opt, {}, "")
+        save(manager, step, model, opt)
     assert [p.name for p in manager.checkpoints()] == ["step_00000003", "step_00000004"]
     assert manager.latest_valid().name == "step_00000004"
 
@@ -75,8 +86,8 @@ def test_keeps_last_k(tmp_path):
 def test_corrupt_file_is_named_and_skipped_by_auto_resume(tmp_path):
     model, opt = trained_toy(1)
     manager = CheckpointManager(tmp_path, keep_last=3)
-    manager.save(1, model, opt, {}, "")
-    newest = manager.save(2, model, opt, {}, "")
+    save(manager, 1, model, opt)
+    newest = save(manager, 2, model, opt)
     weights = newest / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF
@@ -90,7 +101,7 @@ def test_corrupt_file_is_named_and_skipped_by_auto_resume(tmp_path):
 
 def test_missing_meta_means_incomplete(tmp_path):
     model, opt = trained_toy(1)
-    path = CheckpointManager(tmp_path).save(1, model, opt, {}, "")
+    path = save(CheckpointManager(tmp_path), 1, model, opt)
     (path / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         verify(path)
@@ -102,14 +113,14 @@ def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
         import os, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
         from tests.pretrain.test_checkpoint import trained_toy
-        from pretrain.checkpoint import CheckpointManager
+        from pretrain.checkpoint import CheckpointManager, model_tensors, optimizer_tensors
         model, opt = trained_toy(2)
         manager = CheckpointManager({str(tmp_path)!r}, keep_last=2)
-        manager.save(1, model, opt, {{"mark": 1}}, "")
+        manager.save(1, model_tensors(model), optimizer_tensors(model, opt), {{"mark": 1}}, "")
         with torch.no_grad():
             model.proj.weight.add_(1.0)
         os.environ["PRETRAIN_TEST_PAUSE_IN_SAVE"] = "after_tensors"
-        manager.save(2, model, opt, {{"mark": 2}}, "")
+        manager.save(2, model_tensors(model), optimizer_tensors(model, opt), {{"mark": 2}}, "")
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -131,5 +142,5 @@ def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     assert loaded.state == {"mark": 1}
     # The next save cleans the leftover temporary folder.
     model, opt = trained_toy(1)
-    manager.save(3, model, opt, {}, "")
+    save(manager, 3, model, opt)
     assert not list(tmp_path.glob(".tmp-*"))
