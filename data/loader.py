@@ -8,6 +8,9 @@ The global stream (it depends on the seed only, never on ranks or workers):
   - several datasets are interleaved by weight with a fixed block schedule (`BlendSchedule`);
   - optimizer step s consumes windows [s*G, (s+1)*G) of the stream, G = global batch size; data-parallel rank
     r of W takes the contiguous slice [s*G + r*G/W, s*G + (r+1)*G/W) as micro-batches.
+Damaged shards: all shards' checksums are verified when the loader is built (if `verify_checksums` or
+`skip_corrupt_shards`); a bad one is a `CorruptShardError` naming it, or, with `skip_corrupt_shards`, it is
+left out of the stream from the start (logged, listed in `skipped_shards`), so the stream never shifts mid-run.
 The loader's state is the number of windows consumed by all ranks, so a resume continues the stream exactly,
 also with another number of ranks (at an optimizer-step boundary) or workers.
 """
@@ -267,6 +270,8 @@ class TokenWindowLoader:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """`consumed_windows`: windows of the global stream in completed optimizer steps (all ranks);
+        `step_offset`: windows this rank has taken of the step in progress (0 at a step boundary)."""
         step, offset = self._position()
         return {
             "consumed_windows": step * self.global_batch_size,

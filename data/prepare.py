@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from data.shards.manifest import Manifest, SplitInfo
 from data.shards.writer import ShardWriter, token_dtype
 from data.sources import DEFAULT_SOURCES, iter_documents
-from data.tokenizer import SpecialIds, tokenizer_sha256, train_tokenizer
+from data.tokenizer import SpecialIds, load_tokenizer, tokenizer_sha256, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 ENCODE_CHUNK = 512
@@ -69,7 +70,7 @@ def tokenizer_sample(docs: list[str], max_chars: int, seed: int) -> list[str]:
     return sample
 
 
-def write_split(tokenizer, docs: list[str], writer: ShardWriter, desc: str) -> SplitInfo:
+def write_split(tokenizer: Tokenizer, docs: list[str], writer: ShardWriter, desc: str) -> SplitInfo:
     with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress_enabled()) as bar:
         for start in range(0, len(docs), ENCODE_CHUNK):
             chunk = docs[start : start + ENCODE_CHUNK]
@@ -89,8 +90,11 @@ def prepare_dataset(
     seed: int = 0,
     min_chars: int = 8,
     tokenizer_max_chars: int = 30_000_000,
+    tokenizer: str | Path | None = None,
 ) -> Manifest:
-    """Writes OUT_DIR/{tokenizer.json, manifest.json, train/*.tar, val/*.tar}; see data/shards/manifest.py."""
+    """Writes OUT_DIR/{tokenizer.json, manifest.json, train/*.tar, val/*.tar}; see data/shards/manifest.py.
+    `tokenizer`: an existing tokenizer.json to reuse instead of training one (folders to be blended must share
+    one tokenizer); `vocab_size` is then ignored."""
     started = time.perf_counter()
     out = Path(out_dir)
     if not 0 <= val_fraction < 1:
@@ -113,22 +117,26 @@ def prepare_dataset(
         elif p.exists():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"training a {vocab_size}-token BPE on up to {tokenizer_max_chars / 1e6:.0f}M characters", flush=True)
-    tokenizer = train_tokenizer(tokenizer_sample(train_docs, tokenizer_max_chars, seed), vocab_size)
     tmp_tok = out / f".{TOKENIZER_FILE}.tmp"
-    tokenizer.save(str(tmp_tok))
+    if tokenizer is None:
+        print(f"training a {vocab_size}-token BPE on up to {tokenizer_max_chars / 1e6:.0f}M characters", flush=True)
+        tok = train_tokenizer(tokenizer_sample(train_docs, tokenizer_max_chars, seed), vocab_size)
+        tok.save(str(tmp_tok))
+    else:
+        tok = load_tokenizer(tokenizer)
+        shutil.copyfile(tokenizer, tmp_tok)  # byte-identical, so the sha256 matches the other folders'
     os.replace(tmp_tok, out / TOKENIZER_FILE)
 
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype = token_dtype(tok.get_vocab_size())
     splits = {
-        "train": write_split(tokenizer, train_docs, ShardWriter(out, "train", dtype, shard_tokens), "tokenizing train"),
-        "val": write_split(tokenizer, val_docs, ShardWriter(out, "val", dtype, shard_tokens), "tokenizing val"),
+        "train": write_split(tok, train_docs, ShardWriter(out, "train", dtype, shard_tokens), "tokenizing train"),
+        "val": write_split(tok, val_docs, ShardWriter(out, "val", dtype, shard_tokens), "tokenizing val"),
     }
-    special = SpecialIds.of(tokenizer)
+    special = SpecialIds.of(tok)
     manifest = Manifest(
         tokenizer_file=TOKENIZER_FILE,
         tokenizer_sha256=tokenizer_sha256(out / TOKENIZER_FILE),
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=tok.get_vocab_size(),
         dtype=dtype.name,
         bos_id=special.bos,
         eos_id=special.eos,

@@ -36,7 +36,8 @@ class ShardWriter:
 
     def write(self, tokens: np.ndarray) -> None:
         if self._writer is None:
-            self._writer = wds.TarWriter(str(self.data_dir / self._rel_path()))
+            # A fixed mtime makes shards (and their checksums) reproducible byte for byte.
+            self._writer = wds.TarWriter(str(self.data_dir / self._rel_path()), mtime=0)
         payload = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         self._writer.write({"__key__": f"{self._next_key:09d}", member_name(self.dtype): payload})
         self._next_key += 1
