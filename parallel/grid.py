@@ -97,15 +97,19 @@ class ProcessGrid:
     group_ranks: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, shape: GridShape, world_size: int, rank: int) -> ProcessGrid:
-        """Creates every group on every rank (torch requires all ranks to call new_group in the same order)."""
+    def build(cls, shape: GridShape, world_size: int, rank: int, timeout_s: float | None = None) -> ProcessGrid:
+        """Creates every group on every rank (torch requires all ranks to call new_group in the same order).
+        Subgroups do not inherit the world group's timeout, so it is passed to each."""
+        import datetime
+
         import torch.distributed as dist
 
         shape.check(world_size)
         grid = cls(shape=shape, rank=rank, coords=coordinates(shape, rank))
         for kind, all_groups in layout(shape).items():
             for members in all_groups:
-                group = dist.new_group(members) if world_size > 1 else None
+                timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+                group = dist.new_group(members, timeout=timeout) if world_size > 1 else None
                 if rank in members:
                     grid.groups[kind] = group
                     grid.group_ranks[kind] = members

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     denv = init_distributed(cfg.parallel.timeout_s)
     p = cfg.parallel
     shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
-    grid = ProcessGrid.build(shape, denv.world_size, denv.rank) if denv.world_size > 1 else None
+    grid = ProcessGrid.build(shape, denv.world_size, denv.rank, p.timeout_s) if denv.world_size > 1 else None
     main_rank = denv.rank == 0
     trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, main_rank), grid)
     if main_rank:

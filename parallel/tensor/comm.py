@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
 # torch >= 2.12 names the dim-0 collectives *_single; older releases only have the *_tensor names.
 _all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

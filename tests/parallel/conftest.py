@@ -1,0 +1,10 @@
+import pytest
+
+from data.prepare import prepare_dataset
+
+
+@pytest.fixture(scope="session")
+def parallel_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_data")
+    prepare_dataset(out, sources=["fortunes"], vocab_size=512, val_fraction=0.02, shard_tokens=50_000, seed=0)
+    return out

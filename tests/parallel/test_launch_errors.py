@@ -1,0 +1,70 @@
+"""Bad layouts fail before any process starts; a stuck rank fails the job within the timeout, named."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from tests.parallel.test_layout_resume import ROOT, overrides
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sizes_not_matching_nproc_fail_before_launch(parallel_data, tmp_path):
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.tp=2", "--nproc", "3")
+    assert result.returncode == 2
+    assert "3 were launched" in result.stderr and "torch.distributed" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_tp_not_dividing_the_model_is_a_config_error(parallel_data, tmp_path):
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.tp=3", "--nproc", "3")
+    assert result.returncode == 2 and "model.n_heads" in result.stderr and "parallel.tp=3" in result.stderr
+
+
+def test_unsupported_dimension_is_named(parallel_data, tmp_path):
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.pp=2")
+    assert result.returncode == 2 and "parallel.pp" in result.stderr
+
+
+STUCK_RANK = textwrap.dedent(
+    """
+    import sys, time
+    from pretrain.callbacks.base import Callback
+    from pretrain import cli
+    from pretrain.callbacks import default_callbacks as real_callbacks
+    import pretrain.callbacks as callbacks_module
+
+    class Stall(Callback):
+        def on_step_end(self, trainer, metrics):
+            if trainer.grid.rank == 1 and trainer.step == 2:
+                time.sleep(120)
+
+    def with_stall(cfg, run_dir, main_rank=True):
+        return [Stall(), *real_callbacks(cfg, run_dir, main_rank)]
+
+    callbacks_module.default_callbacks = with_stall
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def test_stuck_rank_fails_within_timeout_naming_rank_and_phase(parallel_data, tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           "train", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"), *overrides(parallel_data),
+           "parallel.dp=2", "parallel.timeout_s=5"]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    took = time.time() - start
+    assert result.returncode != 0
+    assert took < 100, f"took {took:.0f} s: the stuck collective was not cut by parallel.timeout_s"
+    output = result.stdout + result.stderr
+    assert "CollectiveError: rank 0" in output, output[-3000:]
+    assert "at step 3" in output and "parallel.timeout_s=5" in output
