@@ -14,9 +14,10 @@ def clip_grad_norm(
     grads = [p.grad for p, _ in params_counted if p.grad is not None]
     counted = [p.grad for p, once in params_counted if once and p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in counted:
-        sq += g.detach().float().pow(2).sum()
+    if counted:
+        sq = torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32, device=device)
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
         dist.all_reduce(sq, group=model_parallel_group)
     total = sq.sqrt()

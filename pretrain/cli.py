@@ -86,7 +86,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         seed=args.seed,
+        tokenizer=args.tokenizer,
     )
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from data.stats import describe
+
+    for key, value in describe(args.dir).items():
+        print(f"{key:>24}: {value:,.4f}" if isinstance(value, float) else f"{key:>24}: {value:,}")
     return 0
 
 
@@ -115,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.01, help="share of whole documents held out")
     prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (folders to blend)")
     prep.set_defaults(func=cmd_data_prepare)
+    stats = data_sub.add_parser("stats", help="token counts and unigram entropy of a prepared folder")
+    stats.add_argument("dir")
+    stats.set_defaults(func=cmd_data_stats)
     return parser
 
 
