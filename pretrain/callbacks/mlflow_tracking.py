@@ -23,6 +23,13 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
 
 
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database, not into `./mlruns` of whatever folder we run in."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def resolve_tracking_uri(configured: str, run_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
 
@@ -51,7 +58,8 @@ class MLflowTracking(Callback):
             self.client.update_run(self.run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.experiment, artifact_location=local_artifact_location(self.tracking_uri))
         run = self.client.create_run(exp_id, run_name=self.run_name, tags={"run_dir": str(self.run_dir.resolve())})
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)

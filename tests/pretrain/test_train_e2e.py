@@ -88,6 +88,7 @@ def test_mlflow_sqlite_store_gets_params_metrics_and_artifacts(tiny_overrides, t
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "tracked"
     run([*tiny_overrides, *COMMON[:-1], "tracking.experiment=e2e", "tracking.flush_every=5"], run_dir)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -99,6 +100,8 @@ def test_mlflow_sqlite_store_gets_params_metrics_and_artifacts(tiny_overrides, t
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_loss")] == [6, 12]
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"config.yaml", "loss_curve.png", "summary.json"} <= artifacts
+    assert (tmp_path / "runs" / "mlartifacts" / mlrun.info.run_id / "artifacts" / "summary.json").is_file()
+    assert not (tmp_path / "mlruns").exists()
 
 
 def cli(*args, **kwargs):
