@@ -2,7 +2,7 @@
 
     python -m tools.bench_train configs/tiny.yaml data.dir=data_cache/tiny [--steps 20] [--out BENCHMARKS.md]
 
-In one process and one run it measures, alternating A/B blocks so machine drift hits both alike:
+In one process and one run it measures, alternating blocks in ABBA order so machine drift hits both alike:
   - ours:      `Trainer.train_step` (loader, schedule, loss module, clipping, accumulation, metrics);
   - reference: a nanoGPT-style loop over the same model and optimizer with batches already in memory;
   - loader:    micro-batches per second of `TokenWindowLoader` alone, against what training consumes.
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block")
-    parser.add_argument("--blocks", type=int, default=3, help="A/B block pairs")
+    parser.add_argument("--blocks", type=int, default=3, help="timed blocks per side")
     parser.add_argument("--out", default="BENCHMARKS.md")
     args = parser.parse_args(argv)
 
@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens = args.steps * trainer.tokens_per_step
     ours, ref = [], []
-    for _ in range(args.blocks):
-        ours.append(tokens / our_loop(trainer, args.steps))
-        ref.append(tokens / reference_loop(trainer, batches, args.steps))
+    for block in range(2 * args.blocks):  # ABBA order, so neither side always runs first
+        if block % 2 == (block // 2) % 2:
+            ours.append(tokens / our_loop(trainer, args.steps))
+        else:
+            ref.append(tokens / reference_loop(trainer, batches, args.steps))
     ours_tps, ref_tps = statistics.median(ours), statistics.median(ref)
     loader_tps = loader_tokens_per_s(trainer, 200)
     mfu = lambda tps: tps * trainer.flops_per_token / trainer.peak_flops  # noqa: E731
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n".join(
         [
             f"Config `{args.config}` {' '.join(args.overrides)}: {trainer.num_parameters / 1e6:.2f}M parameters, "
-            f"{cfg.train.precision}, {trainer.tokens_per_step:,} tokens/step, median of {args.blocks} alternating "
+            f"{cfg.train.precision}, {trainer.tokens_per_step:,} tokens/step, median of {args.blocks} ABBA-alternating "
             f"blocks of {args.steps} steps. MFU uses {trainer.flops_per_token / 1e6:.1f} MFLOP/token against a "
             f"measured matmul peak of {trainer.peak_flops / 1e9:.0f} GFLOP/s.",
             "",

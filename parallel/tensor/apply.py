@@ -7,7 +7,10 @@
     down_proj        → RowParallelLinear
     lm_head          → ColumnParallelLinear over the vocabulary (tied: shares the embedding's shard)
     norms            → unchanged; with sequence parallelism they run on sequence shards and their grads
-                       are summed over the tensor-parallel group
+                       are summed over the tensor-parallel group. The norms feeding column-parallel layers
+                       get a forward hook that enters the TP region once (all-gather with SP, else a
+                       backward all-reduce) for all the projections reading their output, as Megatron's
+                       fused QKV / gate-up layers do: 2 entries per block, not 5.
 
 Every parameter gets a `ShardSpec` saying how its full tensor maps to this rank's shard, which checkpoints
 use to gather a layout-free copy and to cut one back out.
@@ -22,7 +25,12 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.tensor import comm
-from parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.tensor.layers import (
+    ColumnParallelLinear,
+    EnterTensorParallelRegion,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 class TensorParallelError(ValueError):
@@ -80,11 +88,12 @@ def check_divisibility(n_heads: int, n_kv_heads: int, vocab_size: int, d_model: 
 def _kv_projection(linear: nn.Linear, n_kv_heads: int, head_dim: int, group, sequence_parallel: bool):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if n_kv_heads % world == 0:
-        return ColumnParallelLinear.from_linear(linear, group, sequence_parallel), ShardSpec("rows", rank, world)
+        shard = ColumnParallelLinear.from_linear(linear, group, sequence_parallel, enters_region=False)
+        return shard, ShardSpec("rows", rank, world)
     kv = kv_head_of_rank(rank, n_kv_heads, world)
     rows = linear.weight.detach()[kv * head_dim : (kv + 1) * head_dim].clone()
     spec = ShardSpec("kv_rows", rank, world, kv_head=kv, n_kv_heads=n_kv_heads, head_dim=head_dim)
-    return ColumnParallelLinear(rows, group, sequence_parallel), spec
+    return ColumnParallelLinear(rows, group, sequence_parallel, enters_region=False), spec
 
 
 def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> dict[str, ShardSpec]:
@@ -100,14 +109,20 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     tied = cfg.tie_embeddings
     model.embed = VocabParallelEmbedding.from_embedding(model.embed, group, sequence_parallel)
     specs["embed.weight"] = rows
+    entry = EnterTensorParallelRegion(group, sequence_parallel)
+    column = lambda linear: ColumnParallelLinear.from_linear(  # noqa: E731
+        linear, group, sequence_parallel, enters_region=False
+    )
     for i, block in enumerate(model.layers):
         attn, mlp = block.attn, block.mlp
-        attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, group, sequence_parallel)
+        block.attn_norm.register_forward_hook(entry)
+        block.mlp_norm.register_forward_hook(entry)
+        attn.q_proj = column(attn.q_proj)
         attn.k_proj, k_spec = _kv_projection(attn.k_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
         attn.v_proj, v_spec = _kv_projection(attn.v_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sequence_parallel)
-        mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, group, sequence_parallel)
-        mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, group, sequence_parallel)
+        mlp.gate_proj = column(mlp.gate_proj)
+        mlp.up_proj = column(mlp.up_proj)
         mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group, sequence_parallel)
         p = f"layers.{i}"
         specs.update({
@@ -115,7 +130,8 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
             f"{p}.attn.o_proj.weight": cols, f"{p}.mlp.gate_proj.weight": rows, f"{p}.mlp.up_proj.weight": rows,
             f"{p}.mlp.down_proj.weight": cols,
         })
-    lm_head = ColumnParallelLinear.from_linear(model.lm_head, group, sequence_parallel)
+    model.norm.register_forward_hook(entry)
+    lm_head = column(model.lm_head)
     if tied:
         lm_head.weight = model.embed.weight
     else:

@@ -22,20 +22,47 @@ def shard_rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return weight.detach().chunk(world, dim=0)[rank].clone()
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W split by output rows; the output stays split along its last dim."""
+def enter_tensor_parallel_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The input side of a TP region: all-gather the sequence shards (SP), or mark the point whose backward
+    all-reduces the input grad. Several column-parallel layers reading the same input share one entry."""
+    return comm.gather_sequence(x, group) if sequence_parallel else comm.copy_to_tp(x, group)
 
-    def __init__(self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False):
+
+class EnterTensorParallelRegion:
+    """A forward hook for the module whose output feeds column-parallel layers (the norm before q/k/v, before
+    gate/up, before the LM head): one all-gather (SP) or one backward all-reduce per region, as Megatron's fused
+    QKV and gate/up layers have, instead of one per projection."""
+
+    def __init__(self, group, sequence_parallel: bool):
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return enter_tensor_parallel_region(output, self.group, self.sequence_parallel)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows; the output stays split along its last dim.
+
+    With `enters_region=False` the input has already been through `enter_tensor_parallel_region` (shared with
+    sibling layers); otherwise this layer does it itself."""
+
+    def __init__(
+        self, weight_shard: torch.Tensor, group, sequence_parallel: bool = False, enters_region: bool = True
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight_shard)
         self.group = group
         self.sequence_parallel = sequence_parallel
+        self.enters_region = enters_region
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group, sequence_parallel: bool = False) -> ColumnParallelLinear:
+    def from_linear(
+        cls, linear: nn.Linear, group, sequence_parallel: bool = False, enters_region: bool = True
+    ) -> ColumnParallelLinear:
         assert linear.bias is None, "the model's linears have no bias"
         rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-        return cls(shard_rows(linear.weight, rank, world), group, sequence_parallel)
+        return cls(shard_rows(linear.weight, rank, world), group, sequence_parallel, enters_region)
 
     @property
     def in_features(self) -> int:
@@ -46,7 +73,8 @@ class ColumnParallelLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = comm.gather_sequence(x, self.group) if self.sequence_parallel else comm.copy_to_tp(x, self.group)
+        if self.enters_region:
+            x = enter_tensor_parallel_region(x, self.group, self.sequence_parallel)
         return F.linear(x, self.weight)
 
 

@@ -1,0 +1,51 @@
+"""What one training step should communicate, per rank, in tensor elements (the quantity `CommVolume` measures
+as `elements`), for the layouts we implement. Benchmarks put these next to the measurement, and a test holds
+the two equal, so a change that adds a collective shows up.
+
+Megatron's formula (Narayanan et al. 2021, §3.3; Korthikanti et al. 2022 for sequence parallelism): per layer
+and micro-batch, tensor parallelism does 2 all-reduces of b·s·h in the forward pass (after the attention and
+MLP row-parallel layers) and 2 in the backward pass (at the attention and MLP inputs); sequence parallelism
+replaces each all-reduce by an all-gather plus a reduce-scatter of the same b·s·h tensor. On top of the
+layers come the vocab-parallel embedding (forward) and LM head input (backward), 3 per-token scalars of the
+vocab-parallel cross-entropy, the sequence-parallel norm weights' grads, and one scalar for the grad norm.
+Data parallelism all-reduces every local gradient once per step (plus 2 scalars: mean loss and CE).
+"""
+
+from __future__ import annotations
+
+from pretrain.config import Config
+
+
+def megatron_layer_elements(cfg: Config, dp: int) -> int:
+    """Megatron's per-layer term alone: 4 · L · b · s · h per micro-batch, summed over the step's micro-batches."""
+    t = cfg.train
+    return 4 * cfg.model.n_layers * t.micro_batch_size * cfg.data.seq_len * cfg.model.d_model * micro_batches(cfg, dp)
+
+
+def micro_batches(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def tensor_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
+    """Per TP rank and optimizer step, keyed "op@group": the TP group's collectives, and the grad norm's scalar
+    summed over the model-parallel group."""
+    m, L = micro_batches(cfg, dp), cfg.model.n_layers
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    activation = tokens * cfg.model.d_model
+    regions = 2 * L + 1  # attention + MLP per layer, plus embedding (forward) / LM head (backward)
+    loss_scalars = 3 * tokens  # max, sum of exponentials, target logit
+    grad_norm = {"all_reduce@model": 1}
+    if cfg.parallel.sequence_parallel:
+        norm_weights = (2 * L + 1) * cfg.model.d_model
+        return {
+            "all_gather@tp": m * 2 * regions * activation,
+            "reduce_scatter@tp": m * 2 * regions * activation,
+            "all_reduce@tp": m * loss_scalars + norm_weights,
+            **grad_norm,
+        }
+    return {"all_reduce@tp": m * (2 * regions * activation + loss_scalars), **grad_norm}
+
+
+def data_parallel_elements(local_parameters: int) -> dict[str, int]:
+    """Per DP rank and optimizer step: every local gradient once, plus the mean loss and CE."""
+    return {"all_reduce@dp": local_parameters + 2}
