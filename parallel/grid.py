@@ -64,6 +64,8 @@ def layout(shape: GridShape) -> dict[str, list[list[int]]]:
     groups["dp_cp"] = [
         ranks[p, :, :, t].flatten().tolist() for p in range(shape.pp) for t in range(shape.tp)
     ]
+    # First and last pipeline stage of each pipeline sum the tied embedding / LM head grads (middle stages: alone).
+    groups["embedding"] = [sorted({g[0], g[-1]}) for g in groups["pp"]] + [[r] for g in groups["pp"] for r in g[1:-1]]
     # Tensor x pipeline: the ranks that together hold one copy of the model.
     groups["model"] = [ranks[:, d, c, :].flatten().tolist() for d in range(shape.dp) for c in range(shape.cp)]
     split = ranks.reshape(shape.pp, shape.dp // shape.ep, shape.ep, shape.cp, shape.tp)
@@ -118,8 +120,8 @@ class ProcessGrid:
     @classmethod
     def single(cls) -> ProcessGrid:
         shape = GridShape()
-        return cls(shape=shape, rank=0, coords=coordinates(shape, 0),
-                   group_ranks={k: [0] for k in ("tp", "cp", "dp", "pp", "dp_cp", "model", "ep", "expert_dp")})
+        kinds = ("tp", "cp", "dp", "pp", "dp_cp", "model", "ep", "expert_dp", "embedding")
+        return cls(shape=shape, rank=0, coords=coordinates(shape, 0), group_ranks={k: [0] for k in kinds})
 
     def size(self, kind: str) -> int:
         return len(self.group_ranks[kind])

@@ -1,17 +1,24 @@
 """`parallelize(model, grid)`: apply the configured parallelism to a plain model and return the plan the
-training loop uses for everything layout-dependent — the loss, gradient sync, clipping and the mapping
-between this rank's shards and layout-free (full) tensors for checkpoints."""
+training loop uses for everything layout-dependent — the loss, gradient sync, clipping, the pipeline (if any)
+and the mapping between this rank's shards and layout-free (full) tensors for checkpoints.
+
+Order: tensor parallelism shards every module, then pipeline parallelism keeps this rank's stages and drops
+the rest (names stay the full model's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import average_gradients
 from parallel.grad_norm import clip_grad_norm
 from parallel.grid import ProcessGrid
+from parallel.pipeline.partition import plan_stages, stages_of_rank
+from parallel.pipeline.runner import PipelineRunner
+from parallel.pipeline.stages import StageModule, prune_model
 from parallel.tensor.apply import (
     ShardSpec,
     apply_tensor_parallel,
@@ -24,12 +31,26 @@ from pretrain.model.loss import lm_loss
 
 
 @dataclass
+class PipelineOptions:
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    layers: list[int] = field(default_factory=list)  # explicit layers per stage; empty: balanced
+    seq_len: int = 0
+    micro_batch_size: int = 1
+    n_microbatches: int = 1
+
+
+@dataclass
 class ParallelPlan:
     grid: ProcessGrid
     specs: dict[str, ShardSpec]
     sequence_parallel: bool
     vocab_size: int
     grad_bucket_bytes: int = 25 * 2**20
+    pipeline: PipelineRunner | None = None
+    tied_embedding: bool = False
+    not_counted: frozenset[str] = frozenset()  # local copies that another rank already counts in the grad norm
+    local_names: set[str] | None = None  # parameters this rank holds, when it holds only some (pipeline)
 
     @property
     def tp(self) -> int:
@@ -43,35 +64,59 @@ class ParallelPlan:
             logits, labels, self.grid.group("tp"), vocab_start, self.vocab_size, label_smoothing, z_loss
         )
 
+    @property
+    def pp(self) -> int:
+        return self.grid.size("pp")
+
     def sync_grads(self, model: nn.Module) -> None:
         if self.tp > 1:
             sync_tensor_parallel_grads(model, self.specs, self.grid.group("tp"))
+        if self.tied_embedding and self.pp > 1 and self.grid.size("embedding") > 1:
+            grad = model.embed.weight.grad
+            if grad is None:
+                grad = model.embed.weight.grad = torch.zeros_like(model.embed.weight)
+            dist.all_reduce(grad, group=self.grid.group("embedding"))
         if self.grid.size("dp") > 1:
             average_gradients(model.parameters(), self.grid.group("dp"), self.grad_bucket_bytes)
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
-        counted = [(p, self.specs[name].counted_once) for name, p in model.named_parameters()]
+        counted = [(p, self.specs[name].counted_once and name not in self.not_counted)
+                   for name, p in model.named_parameters()]
         return clip_grad_norm(counted, max_norm, self.grid.group("model"))
 
     def full_tensors(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layout-free tensors from this rank's shards (parameters, or optimizer states named '<param>/<key>').
-        Collective over the tensor-parallel group: every rank must call it."""
+        Collective over the tensor- and pipeline-parallel groups: every rank must call it."""
         out = {}
         for name, t in local.items():
             spec = self.spec(name)
             out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group("tp"))
+        if self.pp > 1:  # each stage holds different names; every rank ends up with all of them
+            pieces: list[dict[str, torch.Tensor] | None] = [None] * self.pp
+            dist.all_gather_object(pieces, out, group=self.grid.group("pp"))
+            merged: dict[str, torch.Tensor] = {}
+            for piece in pieces:
+                for name, t in piece.items():
+                    merged.setdefault(name, t)
+            out = merged
         return out
 
     def local_tensors(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's shards cut from layout-free tensors (no communication)."""
-        return {name: t if t.dim() == 0 else shard_of(t, self.spec(name)).clone() for name, t in full.items()}
+        """This rank's shards cut from layout-free tensors (no communication); with pipeline parallelism, only
+        those of the parameters this rank's stages hold."""
+        return {
+            name: t if t.dim() == 0 else shard_of(t, self.spec(name)).clone()
+            for name, t in full.items()
+            if self.local_names is None or name.split("/", 1)[0] in self.local_names
+        }
 
     def spec(self, name: str) -> ShardSpec:
         return self.specs.get(name.split("/", 1)[0], ShardSpec("replicated"))
 
 
 def parallelize(
-    model: nn.Module, grid: ProcessGrid, sequence_parallel: bool = False, grad_bucket_mb: int = 25
+    model: nn.Module, grid: ProcessGrid, sequence_parallel: bool = False, grad_bucket_mb: int = 25,
+    pipeline: PipelineOptions | None = None,
 ) -> ParallelPlan:
     specs: dict[str, ShardSpec]
     if grid.size("tp") > 1:
@@ -79,5 +124,28 @@ def parallelize(
     else:
         specs = {name: ShardSpec("replicated") for name, _ in model.named_parameters()}
     sp = sequence_parallel and grid.size("tp") > 1
-    return ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20)
+    plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,
+                        tied_embedding=model.cfg.tie_embeddings)
+    if grid.size("pp") > 1:
+        plan.pipeline, plan.not_counted = _pipeline(model, grid, pipeline or PipelineOptions(), sp)
+        plan.local_names = {name for name, _ in model.named_parameters()}
+        plan.specs = {name: spec for name, spec in specs.items() if name in plan.local_names}
+    return plan
 
+
+def _pipeline(model: nn.Module, grid: ProcessGrid, options: PipelineOptions, sp: bool):
+    pp, pp_rank = grid.size("pp"), grid.coords["pp"]
+    ranges = plan_stages(model.cfg, options.seq_len, pp, options.virtual_stages, options.layers)
+    num_stages = len(ranges)
+    stage_ids = stages_of_rank(pp_rank, pp, options.virtual_stages)
+    has_first, has_last = 0 in stage_ids, num_stages - 1 in stage_ids
+    stages = [StageModule(model, ranges[s], s == 0, s == num_stages - 1, options.seq_len) for s in stage_ids]
+    prune_model(model, {i for s in stage_ids for i in ranges[s]}, has_first, has_last)
+    tokens = options.seq_len // grid.size("tp") if sp else options.seq_len
+    runner = PipelineRunner(
+        stages, stage_ids, num_stages, grid.group("pp"), grid.group_ranks["pp"], options.schedule,
+        options.n_microbatches, lambda batch: (batch, tokens, model.cfg.d_model),
+    )
+    # the tied head weight on the last stage is a copy of the first stage's: count it once
+    tied_copy = model.cfg.tie_embeddings and has_last and not has_first
+    return runner, frozenset({"embed.weight"}) if tied_copy else frozenset()

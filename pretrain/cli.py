@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_rank:
         print(
             f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | {denv.world_size} process(es) "
-            f"tp={p.tp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
+            f"tp={p.tp} pp={p.pp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
             f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps",
             flush=True,
         )

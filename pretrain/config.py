@@ -112,6 +112,13 @@ class ParallelConfig:
     # A collective that waits longer than this (e.g. on a dead or stuck rank) fails instead of hanging.
     timeout_s: float = 300.0
     grad_bucket_mb: int = 25
+    # Pipeline schedule when pp > 1: "1f1b", "interleaved_1f1b" (with virtual_stages > 1) or "gpipe".
+    # The micro-batches of one step (global_batch_size / (micro_batch_size * dp)) flow through the pipeline.
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    # Layers per stage (pp * virtual_stages numbers summing to model.n_layers); empty: balanced automatically,
+    # counting the embedding on the first stage and the LM head and loss on the last.
+    pp_layers: list[int] = field(default_factory=list)
 
     @property
     def world_size(self) -> int:
@@ -204,7 +211,7 @@ def validate_parallel(cfg: Config) -> None:
     p, m = cfg.parallel, cfg.model
     for name in ("tp", "dp", "pp", "cp", "ep"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
-    for name, issue in (("pp", "pipeline parallelism"), ("cp", "context parallelism"), ("ep", "expert parallelism")):
+    for name, issue in (("cp", "context parallelism"), ("ep", "expert parallelism")):
         _require(getattr(p, name) == 1, f"parallel.{name}", f"{issue} is not available yet; use 1")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     if p.tp > 1:
@@ -223,6 +230,44 @@ def validate_parallel(cfg: Config) -> None:
         _require(cfg.data.seq_len % p.tp == 0, "data.seq_len",
                  f"{cfg.data.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
         _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
+
+
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+
+
+def validate_pipeline(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    _require(p.pp_schedule in PIPELINE_SCHEDULES, "parallel.pp_schedule",
+             f"'{p.pp_schedule}' is not one of {', '.join(PIPELINE_SCHEDULES)}")
+    _require(p.virtual_stages >= 1, "parallel.virtual_stages", f"must be >= 1, got {p.virtual_stages}")
+    if p.pp_schedule == "interleaved_1f1b":
+        _require(p.virtual_stages >= 2, "parallel.virtual_stages",
+                 "the interleaved schedule needs at least 2 virtual stages per rank")
+    else:
+        _require(p.virtual_stages == 1, "parallel.virtual_stages",
+                 f"{p.virtual_stages} virtual stages need parallel.pp_schedule=interleaved_1f1b")
+    stages = p.pp * p.virtual_stages
+    if p.pp == 1:
+        _require(not p.pp_layers, "parallel.pp_layers", "set only with pipeline parallelism (parallel.pp > 1)")
+        return
+    _require(stages <= m.n_layers, "parallel.pp",
+             f"{stages} pipeline stages (pp={p.pp} x virtual_stages={p.virtual_stages}) but only "
+             f"model.n_layers={m.n_layers} layers")
+    if p.virtual_stages > 1 and not p.pp_layers:
+        _require(m.n_layers % stages == 0, "parallel.virtual_stages",
+                 f"model.n_layers={m.n_layers} is not divisible by pp={p.pp} x virtual_stages={p.virtual_stages}")
+    if p.pp_layers:
+        _require(len(p.pp_layers) == stages and all(n >= 1 for n in p.pp_layers) and sum(p.pp_layers) == m.n_layers,
+                 "parallel.pp_layers",
+                 f"{list(p.pp_layers)} must be {stages} positive layer counts (one per stage) summing to "
+                 f"model.n_layers={m.n_layers}")
+    micro = cfg.grad_accum_steps
+    _require(micro >= p.pp, "train.global_batch_size",
+             f"{micro} micro-batch(es) per step (global_batch_size / (micro_batch_size x dp)) cannot fill "
+             f"{p.pp} pipeline stages; use at least {p.pp}")
+    if p.pp_schedule == "interleaved_1f1b":
+        _require(micro % p.pp == 0, "train.global_batch_size",
+                 f"the interleaved schedule needs the micro-batches per step ({micro}) to be a multiple of pp={p.pp}")
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:
@@ -302,6 +347,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"{t.global_batch_size} is not divisible by train.micro_batch_size ({t.micro_batch_size}) "
         f"x data-parallel size ({cfg.dp_size})",
     )
+    validate_pipeline(cfg)
     if check_paths:
         for i, (data_dir, _) in enumerate(d.dataset_dirs()):
             key = f"data.blend[{i}].dir" if d.blend else "data.dir"

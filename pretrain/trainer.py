@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from data.loader import TokenWindowLoader
 from parallel.grid import ProcessGrid
-from parallel.plan import parallelize
+from parallel.plan import PipelineOptions, parallelize
 from pretrain.callbacks.base import Callback
 from pretrain.checkpoint import (
     CheckpointError,
@@ -62,7 +62,12 @@ class Trainer:
 
         model = cfg.model.build()  # the same full model on every rank (same seed), then sharded
         p = cfg.parallel
-        self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb)
+        pipeline = PipelineOptions(
+            schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
+            seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+            n_microbatches=cfg.grad_accum_steps,
+        )
+        self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         t = cfg.train
@@ -86,7 +91,8 @@ class Trainer:
         self.last_train: dict[str, float] = {}
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = peak_flops(self.device, t.precision)
+        # MFU against all ranks together: each process measures (or looks up) its own device's peak
+        self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
 
     # -- helpers the callbacks use -------------------------------------------------------------
@@ -152,6 +158,15 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         total_ce = torch.zeros((), device=self.device)
         self.phase = "forward/backward"
+        if self.plan.pipeline is not None:
+            batches = [next(self.train_loader) for _ in range(accum)]
+            input_ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
+            labels = torch.cat([b["labels"] for b in batches]).to(self.device)
+            loss_fn = lambda logits, target: self.plan.loss(  # noqa: E731
+                logits, target, self.cfg.train.label_smoothing, self.cfg.train.z_loss
+            )
+            total_loss, total_ce = self.plan.pipeline.train_step(input_ids, labels, loss_fn, self.autocast)
+            accum = 0
         for _ in range(accum):
             batch = next(self.train_loader)
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
@@ -198,6 +213,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             batch = next(self.val_loader)
+            if self.plan.pipeline is not None:
+                total += self.plan.pipeline.evaluate_batch(
+                    batch["input_ids"].to(self.device), batch["labels"].to(self.device), self.plan.loss, self.autocast
+                )
+                continue
             with self.autocast():
                 logits = self.model(batch["input_ids"].to(self.device))
             _, parts = self.plan.loss(logits, batch["labels"].to(self.device))

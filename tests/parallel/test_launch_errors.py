@@ -27,8 +27,15 @@ def test_tp_not_dividing_the_model_is_a_config_error(parallel_data, tmp_path):
 
 
 def test_unsupported_dimension_is_named(parallel_data, tmp_path):
-    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.pp=2")
-    assert result.returncode == 2 and "parallel.pp" in result.stderr
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.cp=2")
+    assert result.returncode == 2 and "parallel.cp" in result.stderr and "not available yet" in result.stderr
+
+
+def test_more_pipeline_stages_than_layers_fails_before_launch(parallel_data, tmp_path):
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "model.n_layers=2", "parallel.pp=4",
+                 "--nproc", "4")
+    assert result.returncode == 2 and "parallel.pp" in result.stderr and "model.n_layers=2" in result.stderr
+    assert "torch.distributed" not in result.stderr and not (tmp_path / "r").exists()
 
 
 STUCK_RANK = textwrap.dedent(

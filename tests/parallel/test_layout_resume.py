@@ -1,5 +1,6 @@
-"""Checkpoints do not depend on the layout that wrote them: a run saved at one layout resumes at another
-and continues the uninterrupted single-process loss curve (fp32, tolerance 2e-4 on the loss per step)."""
+"""Checkpoints do not depend on the layout that wrote them: a run saved at one layout (tensor, sequence, data or
+pipeline parallel) resumes at another and continues the uninterrupted single-process loss curve, optimizer
+state and data stream included (fp32, tolerance 2e-4 on the loss per step)."""
 
 import os
 import subprocess
@@ -49,8 +50,10 @@ def single(parallel_data, tmp_path_factory):
         (["parallel.tp=2", "parallel.sequence_parallel=true"], []),  # TP=2 (+SP) -> TP=1
         (["parallel.dp=2"], []),  # DP=2 -> DP=1
         (["parallel.tp=2"], ["parallel.dp=2"]),  # TP=2 -> DP=2
+        (["parallel.pp=2"], []),  # PP=2 -> PP=1
+        (["parallel.pp=2"], ["parallel.tp=2"]),  # PP=2 -> TP=2
     ],
-    ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2"],
+    ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2"],
 )
 def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp_path, writer, reader):
     _, reference = single
@@ -65,9 +68,10 @@ def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp
         assert abs(resumed[step] - reference[step]) < TOL, (step, resumed[step], reference[step])
 
 
-def test_single_process_checkpoint_resumes_at_tp2(parallel_data, single, tmp_path):
+@pytest.mark.parametrize("reader", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp1->tp2", "pp1->pp2"])
+def test_single_process_checkpoint_resumes_sharded(parallel_data, single, tmp_path, reader):
     run_dir, reference = single
-    resumed = train(parallel_data, tmp_path / "resumed", "parallel.tp=2", nproc=2,
+    resumed = train(parallel_data, tmp_path / "resumed", *reader, nproc=2,
                     resume=run_dir / "checkpoints" / "step_00000004")
     for step in range(5, 9):
         assert abs(resumed[step] - reference[step]) < TOL, (step, resumed[step], reference[step])

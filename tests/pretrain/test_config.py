@@ -110,3 +110,34 @@ def test_bad_values(data_dir, override, key):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+PIPELINE = ["model.n_layers=4", "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        (["parallel.pp=8"], "parallel.pp", "only model.n_layers=4"),
+        (["parallel.pp=2", "parallel.pp_schedule=zigzag"], "parallel.pp_schedule", "zigzag"),
+        (["parallel.pp=2", "parallel.virtual_stages=2"], "parallel.virtual_stages", "interleaved_1f1b"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "parallel.virtual_stages", "at least 2"),
+        (["model.n_layers=6", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
+         "parallel.virtual_stages", "not divisible"),
+        (["parallel.pp=2", "parallel.pp_layers=[1,2]"], "parallel.pp_layers", "summing to model.n_layers=4"),
+        (["parallel.pp=2", "parallel.pp_layers=[0,4]"], "parallel.pp_layers", "positive"),
+        (["parallel.pp_layers=[4]"], "parallel.pp_layers", "only with pipeline parallelism"),
+        (["parallel.pp=4", "train.global_batch_size=6"], "train.global_batch_size", "cannot fill 4 pipeline stages"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+          "train.global_batch_size=6"], "train.global_batch_size", "multiple of pp=2"),
+        (["parallel.pp=2", "train.global_batch_size=7"], "train.global_batch_size", "not divisible"),
+    ],
+)
+def test_bad_pipeline_layouts(data_dir, overrides, key, match):
+    expect_error(data_dir, key, *PIPELINE, *overrides, match=match)
+
+
+def test_good_pipeline_layouts_load(data_dir):
+    load(data_dir, *PIPELINE, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2")
+    load(data_dir, *PIPELINE, "parallel.pp=2", "parallel.pp_layers=[3,1]")
+    load(data_dir, *PIPELINE, "parallel.pp=4", "parallel.pp_schedule=gpipe")

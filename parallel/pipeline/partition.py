@@ -1,0 +1,70 @@
+"""Which layers go to which pipeline stage.
+
+Stages are contiguous runs of layers. Balanced splitting minimizes the most expensive stage, with costs in
+training FLOPs per token: a block's matmuls and attention, plus the embedding on the first stage and the LM
+head with its loss on the last (the head of a small-vocabulary model is cheap, of a 128k-vocabulary model it
+is worth several layers). With virtual stages (interleaved schedule) stage s lives on pipeline rank s % pp.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from pretrain.model.config import ModelConfig
+
+
+def stage_costs(cfg: ModelConfig, seq_len: int) -> tuple[float, float, float]:
+    """(per block, embedding extra, head + loss extra) in training FLOPs per token."""
+    d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    attn_params = d * cfg.n_heads * cfg.head_dim * 2 + d * kv * 2
+    block = 6 * (attn_params + 3 * d * cfg.ffn_dim) + 12 * cfg.n_heads * cfg.head_dim * seq_len
+    embedding = 6 * d  # a gather forward, a scatter-add backward: cheap, but counted
+    head = 6 * d * cfg.vocab_size + 10 * cfg.vocab_size  # projection, plus softmax/cross-entropy
+    return float(block), float(embedding), float(head)
+
+
+def balanced_layer_counts(n_layers: int, stages: int, block: float, first_extra: float, last_extra: float) -> list[int]:
+    """Contiguous split (each stage >= 1 layer) minimizing the largest stage cost; ties favour earlier stages
+    getting fewer layers, as they hold more activations under 1F1B."""
+
+    @cache
+    def best(start_stage: int, layers_left: int) -> tuple[float, tuple[int, ...]]:
+        remaining = stages - start_stage
+        if remaining == 1:
+            cost = layers_left * block + last_extra + (first_extra if start_stage == 0 else 0)
+            return cost, (layers_left,)
+        options = []
+        for k in range(1, layers_left - remaining + 2):
+            cost = k * block + (first_extra if start_stage == 0 else 0)
+            rest_cost, rest = best(start_stage + 1, layers_left - k)
+            options.append((max(cost, rest_cost), (k, *rest)))
+        return min(options)
+
+    if stages > n_layers:
+        raise ValueError(f"{stages} stages cannot each get a layer of {n_layers}")
+    return list(best(0, n_layers)[1])
+
+
+def layer_ranges(counts: list[int]) -> list[range]:
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def plan_stages(
+    cfg: ModelConfig, seq_len: int, pp: int, virtual: int, explicit: list[int] | None = None
+) -> list[range]:
+    """Layer ranges of all pp * virtual stages, in stage order."""
+    stages = pp * virtual
+    if explicit:
+        return layer_ranges(list(explicit))
+    if virtual > 1:
+        return layer_ranges([cfg.n_layers // stages] * stages)
+    block, embedding, head = stage_costs(cfg, seq_len)
+    return layer_ranges(balanced_layer_counts(cfg.n_layers, stages, block, embedding, head))
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    return [pp_rank + chunk * pp for chunk in range(virtual)]

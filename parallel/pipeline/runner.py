@@ -1,0 +1,114 @@
+"""Drive a rank's pipeline stages with a torch.distributed.pipelining schedule (1F1B, interleaved 1F1B, GPipe).
+
+One training step pushes the step's micro-batches through the pipeline; the schedule accumulates gradients
+over them and divides by their number, which equals the single-process loop's `loss / accum` accumulation.
+Per-micro-batch losses exist on the last stage only; `train_step` returns their mean on every rank.
+Evaluation is a plain forward pass stage by stage (blocking send/recv), which needs no schedule and works for
+any number of batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from parallel.pipeline.stages import StageModule
+
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+class PipelineRunner:
+    def __init__(self, stages: list[StageModule], stage_ids: list[int], num_stages: int, pp_group, pp_ranks: list[int],
+                 schedule: str, n_microbatches: int, activation_shape: Callable[[int], tuple[int, ...]]):
+        self.stages = stages
+        self.stage_ids = stage_ids
+        self.num_stages = num_stages
+        self.pp_group = pp_group
+        self.pp_ranks = pp_ranks  # global rank of each pipeline rank
+        self.schedule_name = schedule
+        self.n_microbatches = n_microbatches
+        self.activation_shape = activation_shape  # micro-batch size -> shape of what flows between stages
+        self._schedule = None
+        self._loss_fn: Callable | None = None
+
+    @property
+    def pp(self) -> int:
+        return len(self.pp_ranks)
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    def owner(self, stage_id: int) -> int:
+        return self.pp_ranks[stage_id % self.pp]
+
+    def _build(self, device: torch.device) -> None:
+        pipeline_stages = [
+            PipelineStage(module, stage_id, self.num_stages, device, group=self.pp_group)
+            for module, stage_id in zip(self.stages, self.stage_ids, strict=True)
+        ]
+        cls = SCHEDULES[self.schedule_name]
+        loss = lambda output, target: self._loss_fn(output, target)  # noqa: E731 (set per step)
+        if self.schedule_name == "interleaved_1f1b":
+            self._schedule = cls(pipeline_stages, self.n_microbatches, loss_fn=loss, scale_grads=True)
+        else:
+            (stage,) = pipeline_stages
+            self._schedule = cls(stage, self.n_microbatches, loss_fn=loss, scale_grads=True)
+
+    def _set_autocast(self, autocast) -> None:
+        for stage in self.stages:
+            stage.autocast = autocast
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast) -> torch.Tensor:
+        """`input_ids`/`labels`: the step's micro-batches concatenated along dim 0. `loss_fn(logits, labels)`
+        returns (loss, parts). Returns [mean loss, mean plain CE] over the micro-batches, on every rank."""
+        if self._schedule is None:
+            self._build(input_ids.device)
+        self._set_autocast(autocast)
+        ces: list[torch.Tensor] = []
+
+        def scalar_loss(logits, target):
+            loss, parts = loss_fn(logits, target)
+            ces.append(parts["ce"])
+            return loss
+
+        self._loss_fn = scalar_loss
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if self.has_first_stage else ()
+        target = labels if self.has_last_stage else None
+        self._schedule.step(*args, target=target, losses=losses if self.has_last_stage else None,
+                            return_outputs=False)
+        result = torch.zeros(2, device=input_ids.device)
+        if self.has_last_stage:
+            result = torch.stack([torch.stack(losses).mean().detach().float(), torch.stack(ces).mean().float()])
+        dist.broadcast(result, src=self.owner(self.num_stages - 1), group=self.pp_group)
+        return result
+
+    @torch.no_grad()
+    def evaluate_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast) -> torch.Tensor:
+        """Plain CE of one batch, on every rank (forward only, stage after stage)."""
+        self._set_autocast(autocast)
+        h = input_ids
+        for stage_id in range(self.num_stages):
+            owner = self.owner(stage_id)
+            mine = stage_id in self.stage_ids
+            if stage_id > 0 and mine and self.owner(stage_id - 1) != owner:
+                h = torch.empty(self.activation_shape(input_ids.shape[0]), device=input_ids.device)
+                dist.recv(h, src=self.owner(stage_id - 1), group=self.pp_group)
+            if mine:
+                h = self.stages[self.stage_ids.index(stage_id)](h)
+                if stage_id + 1 < self.num_stages and self.owner(stage_id + 1) != owner:
+                    dist.send(h.float().contiguous(), dst=self.owner(stage_id + 1), group=self.pp_group)
+        ce = torch.zeros((), device=input_ids.device)
+        if self.has_last_stage:
+            _, parts = loss_fn(h, labels)
+            ce = parts["ce"].float()
+        dist.broadcast(ce, src=self.owner(self.num_stages - 1), group=self.pp_group)
+        return ce

@@ -1,0 +1,66 @@
+"""Cut a rank's pipeline stages out of the plain (possibly tensor-parallel) model.
+
+The model object stays the owner of every module this rank keeps, so parameter names are the full model's
+(`layers.5.attn.q_proj.weight` on whichever rank holds layer 5) and checkpoints stay layout-free. Layers of
+other ranks are replaced by empty `nn.Identity`s, and the embedding, final norm and head are dropped where
+unused. With tied embeddings the last stage keeps the `embed` module as the holder of the head's weight (so
+its name stays `embed.weight`); that copy's gradient is summed with the first stage's every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: it is sent to the previous stage, and p2p sends
+    need contiguous buffers (sequence-parallel collectives hand back strided ones)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: [embedding] → its blocks → [final norm → LM head]."""
+
+    def __init__(self, model: nn.Module, layer_ids: range, first: bool, last: bool, seq_len: int):
+        super().__init__()
+        self.first, self.last = first, last
+        self.layer_ids = layer_ids
+        self.seq_len = seq_len
+        self.embed = model.embed if first else None
+        self.blocks = nn.ModuleList(model.layers[i] for i in layer_ids)
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        object.__setattr__(self, "_model", model)  # for RoPE tables; not a submodule
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            h = self.embed(x) if self.first else _ContiguousGrad.apply(x)
+            h = self._model.forward_layers(h, self.blocks, self.seq_len)
+            if self.last:
+                return self.lm_head(self.norm(h))
+            return h.contiguous()  # sent to the next stage as is
+
+
+def prune_model(model: nn.Module, kept_layers: set[int], has_first: bool, has_last: bool) -> None:
+    """Drop from `model` everything this rank's stages do not use (in place)."""
+    for i in range(len(model.layers)):
+        if i not in kept_layers:
+            model.layers[i] = nn.Identity()
+    tied = model.cfg.tie_embeddings
+    if not has_first and not (has_last and tied):
+        model.embed = None
+    if not has_last:
+        model.norm = None
+        model.lm_head = None
