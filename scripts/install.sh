@@ -28,7 +28,8 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-stamp=".venv/.installed-$(cat setup.py scripts/install.sh | sha256sum | cut -c1-16)-${EXTRAS:-base}"
+hash="$(cat setup.py scripts/install.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-${hash}-${EXTRAS:-base}"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -36,5 +37,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" >/dev/null 2>&1 || { echo "[install] torch 2.13.0"; pip install -q torch==2.13.0; }
 echo "[install] project${EXTRAS:+ [$EXTRAS]} (DeepSpeed without op builds)"
 DS_BUILD_OPS=0 pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
-rm -f .venv/.installed-*
+find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-${hash}-*" -delete  # stale: setup changed
 touch "$stamp"
