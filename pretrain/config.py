@@ -126,6 +126,18 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    # The optimizer engine: off, our own (bucketed DP all-reduce, AdamW); on, DeepSpeed ZeRO over the
+    # data-parallel group only (our tensor/pipeline groups are passed to it). Its JSON config is generated
+    # from this whole config (batch sizes, precision, clipping); `config` adds DeepSpeed keys we don't set.
+    enabled: bool = False
+    zero_stage: int = 1  # 0: none, 1: optimizer states, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer states (and the step) in CPU memory
+    bucket_mb: int = 25  # reduce and all-gather bucket size
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
     def dp_size(self) -> int:
@@ -230,6 +243,28 @@ def validate_parallel(cfg: Config) -> None:
         _require(cfg.data.seq_len % p.tp == 0, "data.seq_len",
                  f"{cfg.data.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
         _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
+
+
+def validate_deepspeed(cfg: Config) -> None:
+    ds = cfg.deepspeed
+    if not ds.enabled:
+        return
+    _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    _require(ds.bucket_mb > 0, "deepspeed.bucket_mb", f"must be positive, got {ds.bucket_mb}")
+    _require(cfg.parallel.pp == 1, "parallel.pp",
+             "DeepSpeed with pipeline parallelism is not available yet: use deepspeed.enabled=false with "
+             "parallel.pp > 1, or ZeRO 0-3 with tensor x data parallelism")
+    _require(not (ds.offload_optimizer and ds.zero_stage == 0), "deepspeed.offload_optimizer",
+             "optimizer offload needs deepspeed.zero_stage >= 1")
+    from parallel.deepspeed_config import GENERATED_KEYS, GENERATED_ZERO_KEYS
+
+    generated = [(key, GENERATED_KEYS.get(key), f"deepspeed.config.{key}") for key in ds.config]
+    zero_extra = ds.config.get("zero_optimization", {})
+    _require(hasattr(zero_extra, "items"), "deepspeed.config.zero_optimization", "must be a mapping")
+    generated += [(key, GENERATED_ZERO_KEYS.get(key), f"deepspeed.config.zero_optimization.{key}")
+                  for key in zero_extra]
+    for _, source, full_key in generated:
+        _require(source is None, full_key, f"is generated from this config ({source}); set it there instead")
 
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
@@ -348,6 +383,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"x data-parallel size ({cfg.dp_size})",
     )
     validate_pipeline(cfg)
+    validate_deepspeed(cfg)
     if check_paths:
         for i, (data_dir, _) in enumerate(d.dataset_dirs()):
             key = f"data.blend[{i}].dir" if d.blend else "data.dir"

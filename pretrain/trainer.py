@@ -14,19 +14,11 @@ import torch
 import torch.distributed as dist
 
 from data.loader import TokenWindowLoader
+from parallel.engine import PlainEngine
 from parallel.grid import ProcessGrid
 from parallel.plan import PipelineOptions, parallelize
 from pretrain.callbacks.base import Callback
-from pretrain.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    load_model_tensors,
-    load_optimizer_tensors,
-    model_tensors,
-    optimizer_tensors,
-    read_checkpoint,
-    restore_rng,
-)
+from pretrain.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, restore_rng
 from pretrain.config import Config, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.model.flops import count_parameters, flops_per_token
@@ -70,6 +62,12 @@ class Trainer:
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        if cfg.deepspeed.enabled:
+            from parallel.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(self.model, self.optimizer, self.plan, cfg)
+        else:
+            self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip)
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
         self.train_loader = TokenWindowLoader(
@@ -151,9 +149,17 @@ class Trainer:
         self._emit("on_train_end", summary)
         return summary
 
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.engine.name == "deepspeed":
+            return self.engine.forward(input_ids)
+        return self.model(input_ids)
+
     def train_step(self) -> dict[str, float]:
         self.model.train()
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.train.steps, self.cfg.optim))
+        set_lr(self.engine, lr_at(self.step, self.cfg.train.steps, self.cfg.optim))
         accum = self.cfg.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         total_ce = torch.zeros((), device=self.device)
@@ -172,18 +178,12 @@ class Trainer:
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.model(input_ids)
+                logits = self.forward(input_ids)
             loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
-            (loss / accum).backward()
-            total_loss += loss.detach() / accum
-            total_ce += parts["ce"].detach() / accum
-        self.phase = "gradient sync"
-        self.plan.sync_grads(self.model)
-        self.phase = "gradient clipping"
-        grad_norm = self.plan.clip(self.model, self.cfg.optim.grad_clip)
-        self.phase = "optimizer step"
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.engine.backward(loss, self.cfg.grad_accum_steps)
+            total_loss += loss.detach() / self.cfg.grad_accum_steps
+            total_ce += parts["ce"].detach() / self.cfg.grad_accum_steps
+        grad_norm = self.engine.step(self.set_phase)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.phase = "metrics all-reduce"
@@ -193,7 +193,7 @@ class Trainer:
         return {
             "loss": loss_value,
             "ce": ce_value,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.engine.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
         }
@@ -219,7 +219,7 @@ class Trainer:
                 )
                 continue
             with self.autocast():
-                logits = self.model(batch["input_ids"].to(self.device))
+                logits = self.forward(batch["input_ids"].to(self.device))
             _, parts = self.plan.loss(logits, batch["labels"].to(self.device))
             total += parts["ce"]
         val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()
@@ -245,8 +245,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Collective: shards are gathered into full tensors, the global rank 0 writes them."""
         self.phase = "checkpoint save"
-        full_model = self.plan.full_tensors(model_tensors(self.model))
-        full_optimizer = self.plan.full_tensors(optimizer_tensors(self.model, self.optimizer))
+        full_model = self.plan.full_tensors(self.engine.model_tensors())
+        full_optimizer = self.plan.full_tensors(self.engine.optimizer_tensors())
         path = self.checkpoints.root / f"step_{self.step:08d}"
         if self.is_main:
             path = self.checkpoints.save(
@@ -281,8 +281,8 @@ class Trainer:
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
         contents = read_checkpoint(path)
-        load_model_tensors(self.model, self.plan.local_tensors(contents.model), path / "model.safetensors")
-        load_optimizer_tensors(self.model, self.optimizer, self.plan.local_tensors(contents.optimizer))
+        self.engine.load(self.plan.local_tensors(contents.model), self.plan.local_tensors(contents.optimizer),
+                         path / "model.safetensors")
         restore_rng(contents.rng)
         state = contents.state
         self.step = contents.step

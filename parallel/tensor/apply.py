@@ -144,19 +144,42 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     return specs
 
 
+def _needs_tensor_parallel_sync(spec: ShardSpec) -> bool:
+    return (spec.kind == "replicated" and spec.sequence_parallel) or spec.kind == "kv_rows"
+
+
+def _complete_grad(grad: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:
+    """The full gradient of a parameter of which every TP rank holds only a partial gradient."""
+    if spec.kind == "replicated":  # sequence-parallel norm: partial sums over sequence shards
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        return grad
+    # a replicated KV head: sum over the ranks sharing it, through a buffer holding every head
+    rows = slice(spec.kv_head * spec.head_dim, (spec.kv_head + 1) * spec.head_dim)
+    full = torch.zeros((spec.n_kv_heads * spec.head_dim, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+    full[rows] = grad
+    dist.all_reduce(full, group=group)
+    return full[rows].clone()
+
+
 def sync_tensor_parallel_grads(model: nn.Module, specs: dict[str, ShardSpec], group) -> None:
     """Completes the grads that a rank only holds part of: sequence-parallel norms and replicated KV heads."""
     for name, p in model.named_parameters():
+        if p.grad is not None and _needs_tensor_parallel_sync(specs[name]):
+            p.grad.copy_(_complete_grad(p.grad, specs[name], group))
+
+
+def register_tensor_parallel_grad_hooks(model: nn.Module, specs: dict[str, ShardSpec], group) -> int:
+    """The same completion, done in backward as each gradient is produced (for engines such as DeepSpeed ZeRO
+    that reduce and partition gradients before control returns to the training loop). Every TP rank runs the
+    same backward graph, so the hooks' collectives line up. Returns how many parameters got a hook."""
+    count = 0
+    for name, p in model.named_parameters():
         spec = specs[name]
-        if p.grad is None:
-            continue
-        if spec.kind == "replicated" and spec.sequence_parallel:
-            dist.all_reduce(p.grad, group=group)
-        elif spec.kind == "kv_rows":
-            full = torch.zeros((spec.n_kv_heads * spec.head_dim, p.shape[1]), dtype=p.grad.dtype, device=p.device)
-            full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim] = p.grad
-            dist.all_reduce(full, group=group)
-            p.grad.copy_(full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim])
+        if _needs_tensor_parallel_sync(spec):
+            p.register_hook(lambda grad, spec=spec: _complete_grad(grad, spec, group))
+            count += 1
+    return count
 
 
 def gather_full(tensor: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:

@@ -6,7 +6,7 @@ import sys
 import textwrap
 import time
 
-from tests.parallel.test_layout_resume import ROOT, overrides
+from tests.parallel.cli_runs import ROOT, overrides
 
 
 def cli(*args):

@@ -1,47 +1,13 @@
 """Checkpoints do not depend on the layout that wrote them: a run saved at one layout (tensor, sequence, data or
-pipeline parallel) resumes at another and continues the uninterrupted single-process loss curve, optimizer
-state and data stream included (fp32, tolerance 2e-4 on the loss per step)."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+pipeline parallel, DeepSpeed ZeRO) resumes at another and continues the uninterrupted single-process loss curve,
+optimizer state and data stream included (fp32, tolerance 2e-4 on the loss per step)."""
 
 import pytest
 
-from pretrain.callbacks.metrics_log import read_metrics
+from tests.parallel.cli_runs import train
 
-ROOT = Path(__file__).parents[2]
 TOL = 2e-4
-
-
-def overrides(data_dir):
-    return [
-        "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.max_seq_len=64", "data.seq_len=64", f"data.dir={data_dir}", "data.num_workers=0",
-        "train.micro_batch_size=4", "train.global_batch_size=8", "train.precision=fp32", "train.steps=8",
-        "train.log_every=1", "train.eval_every=8", "train.eval_batches=1", "train.checkpoint_every=4",
-        "train.keep_last=3", "optim.warmup_steps=2", "tracking.mlflow=false",
-    ]
-
-
-def train(data_dir, run_dir, *extra, nproc=None, resume=None):
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir),
-           *overrides(data_dir), *extra]
-    if nproc:
-        cmd += ["--nproc", str(nproc)]
-    if resume:
-        cmd += ["--resume", str(resume)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"}
-
-
-@pytest.fixture(scope="module")
-def single(parallel_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    return run_dir, train(parallel_data, run_dir)
+ZERO3_DP2 = ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"]
 
 
 @pytest.mark.parametrize(
@@ -52,8 +18,13 @@ def single(parallel_data, tmp_path_factory):
         (["parallel.tp=2"], ["parallel.dp=2"]),  # TP=2 -> DP=2
         (["parallel.pp=2"], []),  # PP=2 -> PP=1
         (["parallel.pp=2"], ["parallel.tp=2"]),  # PP=2 -> TP=2
+        (ZERO3_DP2, ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=1"]),  # ZeRO-3 -> ZeRO-1
+        (ZERO3_DP2, ["parallel.dp=2"]),  # ZeRO-3 -> plain DP=2
+        (ZERO3_DP2, []),  # ZeRO-3 DP=2 -> one process
+        (["parallel.tp=2"], ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"]),  # TP2 -> ZeRO-2
     ],
-    ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2"],
+    ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2", "zero3->zero1", "zero3->dp2", "zero3->dp1",
+         "tp2->zero2"],
 )
 def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp_path, writer, reader):
     _, reference = single

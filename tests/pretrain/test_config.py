@@ -141,3 +141,43 @@ def test_good_pipeline_layouts_load(data_dir):
     load(data_dir, *PIPELINE, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2")
     load(data_dir, *PIPELINE, "parallel.pp=2", "parallel.pp_layers=[3,1]")
     load(data_dir, *PIPELINE, "parallel.pp=4", "parallel.pp_schedule=gpipe")
+
+
+DS = ["deepspeed.enabled=true"]
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        ([*DS, "deepspeed.zero_stage=4"], "deepspeed.zero_stage", "must be 0, 1, 2 or 3"),
+        ([*DS, "deepspeed.bucket_mb=0"], "deepspeed.bucket_mb", "positive"),
+        ([*DS, "deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer",
+         "zero_stage >= 1"),
+        ([*DS, *PIPELINE, "parallel.pp=2"], "parallel.pp", "not available yet"),
+        ([*DS, "deepspeed.config.gradient_clipping=0.5"], "deepspeed.config.gradient_clipping", "optim.grad_clip"),
+        ([*DS, "deepspeed.config.train_batch_size=64"], "deepspeed.config.train_batch_size",
+         "train.global_batch_size"),
+        ([*DS, "deepspeed.config.zero_optimization.stage=2"], "deepspeed.config.zero_optimization.stage",
+         "deepspeed.zero_stage"),
+        (["deepspeed.enabled=maybe"], "deepspeed.enabled", "maybe"),
+    ],
+)
+def test_bad_deepspeed_settings(data_dir, overrides, key, match):
+    expect_error(data_dir, key, *overrides, match=match)
+
+
+def test_deepspeed_json_is_generated_from_the_config(data_dir):
+    from parallel.deepspeed_config import generate
+
+    cfg = load(data_dir, *DS, "deepspeed.zero_stage=2", "parallel.dp=2", "train.micro_batch_size=2",
+               "train.global_batch_size=16", "optim.grad_clip=0.5", "train.precision=bf16",
+               "deepspeed.config.zero_optimization.round_robin_gradients=true", "deepspeed.config.dump_state=false")
+    ds = generate(cfg)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 4  # 16 / (2 x dp 2)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["dump_state"] is False
+    assert "offload_optimizer" not in ds["zero_optimization"]
+    no_clip = generate(load(data_dir, *DS, "optim.grad_clip=0"))
+    assert no_clip["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default would clip at 1.0

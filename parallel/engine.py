@@ -1,0 +1,51 @@
+"""The optimizer engine: what turns a step's backward passes into an optimizer step, and what the checkpoint
+reads and restores. `PlainEngine` is our own (gradient sync from the plan, global-norm clipping, torch AdamW);
+`parallel.deepspeed_engine.DeepSpeedEngine` hands the same work to DeepSpeed ZeRO. The trainer only talks to
+this interface, so the engine is chosen by config (`deepspeed.enabled`).
+
+Checkpoint tensors are this rank's (tensor/pipeline-parallel) shards, whole over the data-parallel group:
+parameters by name, optimizer states as '<parameter>/<key>' (AdamW: step, exp_avg, exp_avg_sq).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel.plan import ParallelPlan
+from pretrain.checkpoint import load_model_tensors, load_optimizer_tensors, model_tensors, optimizer_tensors
+
+
+class PlainEngine:
+    name = "plain"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, grad_clip: float):
+        self.model, self.optimizer, self.plan, self.grad_clip = model, optimizer, plan, grad_clip
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        (loss / accum).backward()
+
+    def step(self, on_phase=lambda phase: None) -> float:
+        """After the step's backward passes: sync, clip, step, zero. Returns the global grad norm."""
+        on_phase("gradient sync")
+        self.plan.sync_grads(self.model)
+        on_phase("gradient clipping")
+        grad_norm = self.plan.clip(self.model, self.grad_clip)
+        on_phase("optimizer step")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        return model_tensors(self.model)
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        return optimizer_tensors(self.model, self.optimizer)
+
+    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source) -> None:
+        load_model_tensors(self.model, model, source)
+        load_optimizer_tensors(self.model, self.optimizer, optimizer)
