@@ -36,23 +36,66 @@ def engine_overrides(engine: str) -> list[str]:
     return ["deepspeed.enabled=true", f"deepspeed.zero_stage={engine[-1]}"]
 
 
-def live_tensor_bytes() -> int:
+def layout_overrides(config: str, overrides: list[str], dp: int) -> list[str]:
+    """DP over `dp` ranks with the config's global batch: the micro-batch shrinks by dp when it must."""
+    from pretrain.config import load_config
+
+    base = load_config(config, [*overrides, "tracking.mlflow=false"])
+    micro = base.train.micro_batch_size
+    if base.train.global_batch_size % (micro * dp):
+        micro = max(1, micro // dp)
+    return [f"parallel.dp={dp}", f"train.micro_batch_size={micro}", "tracking.mlflow=false"]
+
+
+def storages(tensors) -> dict[int, int]:
+    """Storage address -> bytes, each storage once."""
+    out = {}
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr():
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+def live_tensor_storages() -> dict[int, int]:
     import torch
 
-    seen: set[int] = set()
-    total = 0
+    found = []
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
-                continue
-            storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 (objects that are half torn down, wrapper subclasses)
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                obj.untyped_storage()
+                found.append(obj)
+        except Exception:  # noqa: BLE001, S112 (objects half torn down, wrapper subclasses without storage)
             continue
-        ptr = storage.data_ptr()
-        if ptr and ptr not in seen:
-            seen.add(ptr)
-            total += storage.nbytes()
-    return total
+    return storages(found)
+
+
+def model_state_breakdown(model, optimizer) -> dict[str, int]:
+    """Bytes per category at the optimizer step: parameters (what the model computes with: for ZeRO-3 its
+    partitions), gradients (of the model's and of the optimizer's own tensors), optimizer (master weights and
+    AdamW moments), other (every other live tensor: communication buckets, RoPE tables, batches)."""
+    import torch
+
+    live = live_tensor_storages()
+    model_params = list(model.parameters())
+    groups = {
+        "params": storages(getattr(p, "ds_tensor", p) for p in model_params),
+        "grads": storages([p.grad for p in model_params]
+                          + [p.grad for g in optimizer.param_groups for p in g["params"]]),
+        "optimizer": storages([p for g in optimizer.param_groups for p in g["params"]]
+                              + [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]),
+    }
+    out, assigned = {}, set()
+    for name, found in groups.items():
+        mine = {ptr: n for ptr, n in found.items() if ptr not in assigned}
+        assigned |= set(mine)
+        out[name] = sum(mine.values())
+    out["other"] = sum(n for ptr, n in live.items() if ptr not in assigned)
+    out["total"] = sum(out.values())
+    return out
 
 
 def paper_bytes(stage: int, psi: int, dp: int, lp_bytes: int, k: int = 12) -> float:
@@ -70,17 +113,19 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    cfg = load_config(args.config, [*args.overrides, "tracking.mlflow=false", f"parallel.dp={args.dp}",
+    cfg = load_config(args.config, [*args.overrides, *layout_overrides(args.config, args.overrides, args.dp),
                                     *engine_overrides(args.engine)])
     env = init_distributed(cfg.parallel.timeout_s)
     torch.set_num_threads(1)
     grid = ProcessGrid.build(GridShape(dp=args.dp), env.world_size, env.rank)
     trainer = Trainer(cfg, Path(args.run_dir) / str(env.rank), callbacks=[], grid=grid)
-    peak = {"bytes": 0}
+    peak = {"total": 0}
 
     def measure(optimizer, *_):
         gc.collect()
-        peak["bytes"] = max(peak["bytes"], live_tensor_bytes())
+        breakdown = model_state_breakdown(trainer.model, optimizer)
+        if breakdown["total"] > peak["total"]:
+            peak.update(breakdown)
 
     handle = trainer.optimizer.register_step_pre_hook(measure)
     for _ in range(2):
@@ -92,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer.train_step()
     seconds = time.perf_counter() - start
     per_rank = [None] * env.world_size
-    dist.all_gather_object(per_rank, peak["bytes"])
+    dist.all_gather_object(per_rank, peak)
     if env.rank == 0:
         record = {"engine": args.engine, "tokens_per_s": args.steps * trainer.tokens_per_step / seconds,
                   "bytes_per_rank": per_rank, "psi": trainer.num_parameters, "precision": cfg.train.precision,
@@ -105,10 +150,13 @@ def worker(args: argparse.Namespace) -> None:
 def table(records: list[dict], dp: int) -> str:
     base = next(r for r in records if r["engine"] == "plain")
     lp = 2 if base["precision"] == "bf16" else 4
-    rows = ["| engine | model states per rank, measured MB | ZeRO paper formula MB (bytes/param) "
-            "| measured / formula | tokens/s | vs plain DP |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| engine | params + grads + optimizer per rank, measured MB (each) | ZeRO paper formula MB "
+            "(bytes/param) | measured / formula | other live tensors MB | tokens/s | vs plain DP |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        measured = max(r["bytes_per_rank"]) / 1e6
+        rank = max(r["bytes_per_rank"], key=lambda b: b["params"] + b["grads"] + b["optimizer"])
+        measured = (rank["params"] + rank["grads"] + rank["optimizer"]) / 1e6
+        parts = " + ".join(f"{rank[k] / 1e6:.1f}" for k in ("params", "grads", "optimizer"))
         if r["engine"] == "plain":
             formula, label = 16 * r["psi"], "fp32 params + grads + AdamW: 16"
         else:
@@ -116,7 +164,8 @@ def table(records: list[dict], dp: int) -> str:
             formula = paper_bytes(stage, r["psi"], dp, lp)
             label = f"stage {stage}: {formula / r['psi']:.1f}"
         rows.append(f"| {'plain DP' if r['engine'] == 'plain' else 'ZeRO-' + r['engine'][-1]} | {measured:,.1f} "
-                    f"| {formula / 1e6:,.1f} ({label}) | {measured * 1e6 / formula:.2f} | {r['tokens_per_s']:,.0f} "
+                    f"({parts}) | {formula / 1e6:,.1f} ({label}) | {measured * 1e6 / formula:.2f} "
+                    f"| {rank['other'] / 1e6:.1f} | {r['tokens_per_s']:,.0f} "
                     f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
     return "\n".join(rows)
 
@@ -141,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     from tools.bench_report import machine_description, write_section
 
     for engine in ENGINES:
-        load_config(args.config, [*args.overrides, f"parallel.dp={args.dp}", *engine_overrides(engine)])
+        load_config(args.config, [*args.overrides, *layout_overrides(args.config, args.overrides, args.dp),
+                                  *engine_overrides(engine)])
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "results.jsonl"
         for engine in ENGINES:
@@ -164,11 +214,15 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(records, args.dp),
         "",
-        "The measured numbers contain what the formulas leave out: DeepSpeed's flat communication buckets and "
-        "gradient partitions kept between steps, the embedding's gradient kept whole where it is tied, the "
-        "RoPE tables and the loader's batches. Tokens/s: on CPU each ZeRO stage adds DeepSpeed's Python "
-        "bookkeeping and more, smaller collectives over gloo; the memory saving is the point of ZeRO, and on a "
-        "GPU cluster its reduce-scatter/all-gather overlap with compute.",
+        "Reading it: parameters and optimizer states follow the formulas exactly (2Ψ bf16 parameters, ZeRO-3 "
+        "2Ψ/N_d; 12Ψ of fp32 master weights and moments, stages 1-3 12Ψ/N_d). The differences are gradients: "
+        "at the step DeepSpeed holds them in fp32 — stage 0 keeps a whole fp32 accumulation buffer beside the "
+        "bf16 gradients (6 bytes/param), stages 2-3 the fp32 gradient of their own partition (4Ψ/N_d where the "
+        "paper counts 2Ψ/N_d), and stage 1's bf16 gradients are reduced into its fp32 partition before the "
+        "step. 'Other' is what the formulas leave out: communication buckets (ZeRO-3's gather/partition "
+        "buffers most), RoPE tables, batches. Tokens/s: on CPU each stage adds DeepSpeed's Python bookkeeping "
+        "and more, smaller collectives over gloo; on a GPU cluster its reduce-scatter/all-gather overlap with "
+        "compute, and the memory saving is what lets a larger model or batch fit.",
     ])
     write_section(Path(args.out), "bench_zero", "DeepSpeed ZeRO stages (issue 6)", machine_description(), body)
     print(body)
