@@ -22,6 +22,7 @@ GENERATED_KEYS = {
     "zero_force_ds_cpu_optimizer": "the engine (a torch AdamW from optim.*)",
     "optimizer": "optim.* (the engine passes its own torch AdamW)",
     "scheduler": "optim.schedule (the trainer sets the learning rate every step)",
+    "managed_gradient_accumulation": "parallel.pp (the pipeline schedule accumulates; DeepSpeed steps once)",
 }
 # zero_optimization keys we generate; others under zero_optimization may be added
 GENERATED_ZERO_KEYS = {
@@ -45,6 +46,9 @@ def generate(cfg) -> dict[str, Any]:
     }
     if ds.zero_stage == 3:
         zero |= {"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 0}
+    pipelined = cfg.parallel.pp > 1
+    if pipelined:  # gradients come from the pipeline schedule, not from DeepSpeed's backward
+        zero["contiguous_gradients"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     generated: dict[str, Any] = {
@@ -59,6 +63,8 @@ def generate(cfg) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if pipelined:  # each engine.step() is the boundary: reduce the accumulated grads over DP, then step
+        generated["managed_gradient_accumulation"] = False
     extra = copy.deepcopy(dict(ds.config))
     for key, value in extra.pop("zero_optimization", {}).items():
         if key in GENERATED_ZERO_KEYS:

@@ -12,6 +12,10 @@
   as ZeRO-1, with the plain engine, or on one process.
 - `deepspeed.initialize` runs lazily (first step, save or load), after a resume has put the checkpoint's
   weights into the plain model.
+- With pipeline parallelism (ZeRO-0/1) the schedule runs the backward; DeepSpeed then reduces the accumulated
+  gradients over `dp` and steps once (`managed_gradient_accumulation: false`). With tied embeddings, the last
+  stage's copy of the embedding is left out of DeepSpeed's optimizer: its gradient is summed into the first
+  stage's, which DeepSpeed updates (and counts once in the grad norm), and the updated weight is broadcast back.
 """
 
 from __future__ import annotations
@@ -118,6 +122,12 @@ class DeepSpeedEngine:
         self.ds_config = generate(cfg)
         self.engine = None
         self.stage = cfg.deepspeed.zero_stage
+        self.pipelined = plan.pipeline is not None
+        self.tied_copy = None  # the last stage's copy of a tied embedding, when this rank has no first stage
+        if self.pipelined and "embed.weight" in plan.not_counted:
+            self.tied_copy = dict(model.named_parameters())["embed.weight"]
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p is not self.tied_copy]
         self.names = {id(p): n for n, p in model.named_parameters()}
         for name, p in model.named_parameters():
             spec = plan.specs[name]
@@ -177,11 +187,37 @@ class DeepSpeedEngine:
         self.engine.step()  # a no-op except at the accumulation boundary
 
     def step(self, on_phase=lambda phase: None) -> float:
-        """The optimizer step already happened in the last `backward` (DeepSpeed's boundary)."""
+        """Without a pipeline the optimizer step already happened in the last `backward` (DeepSpeed's boundary);
+        with one, the schedule's gradients are reduced and applied here."""
+        if self.pipelined:
+            self._pipelined_step(on_phase)
         if not self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed skipped the optimizer step (non-finite gradients)")
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _tied_embedding_group(self):
+        grid = self.plan.grid
+        if not self.plan.tied_embedding or grid.size("embedding") < 2:
+            return None
+        return grid.group("embedding")
+
+    def _pipelined_step(self, on_phase) -> None:
+        self.initialize()
+        group = self._tied_embedding_group()
+        on_phase("gradient sync")
+        if group is not None:
+            weight = self.model.embed.weight
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            dist.all_reduce(weight.grad, group=group)
+            if self.tied_copy is not None:
+                self.tied_copy.grad = None  # its sum now lives on the first stage, which DeepSpeed steps
+        on_phase("optimizer step")
+        self.engine.step()
+        if group is not None:
+            on_phase("tied embedding broadcast")
+            dist.broadcast(self.model.embed.weight.data, src=self.plan.grid.group_ranks["embedding"][0], group=group)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def model_tensors(self) -> dict[str, torch.Tensor]:
@@ -189,7 +225,10 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
 
         self.initialize()
-        out = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in self._params()}
+        out = {}
+        for name, p in self._params():
+            full = safe_get_full_fp32_param(p)  # None for a parameter DeepSpeed does not own (a tied copy)
+            out[name] = (p if full is None else full).detach().float().cpu().clone()
         buffers = {k: v for k, v in model_tensors(self.model).items() if k not in dict(self.model.named_parameters())}
         return out | buffers
 
@@ -206,6 +245,8 @@ class DeepSpeedEngine:
         step = self._base_step()
         out = {}
         for name, p in self._params():
+            if p is self.tied_copy:
+                continue
             for key in ADAM_STATES:
                 value = safe_get_full_optimizer_state(p, key)
                 if value is not None:
@@ -223,6 +264,8 @@ class DeepSpeedEngine:
         self.initialize()
         steps = set()
         for name, p in self._params():
+            if p is self.tied_copy:
+                continue
             if name in model:
                 safe_set_full_fp32_param(p, model[name].to(torch.float32))
             for key in ADAM_STATES:

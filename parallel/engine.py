@@ -26,6 +26,9 @@ class PlainEngine:
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    def initialize(self) -> None:
+        """Nothing to set up (DeepSpeed's engine wraps the model here)."""
+
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 

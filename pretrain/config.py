@@ -251,9 +251,10 @@ def validate_deepspeed(cfg: Config) -> None:
         return
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
     _require(ds.bucket_mb > 0, "deepspeed.bucket_mb", f"must be positive, got {ds.bucket_mb}")
-    _require(cfg.parallel.pp == 1, "parallel.pp",
-             "DeepSpeed with pipeline parallelism is not available yet: use deepspeed.enabled=false with "
-             "parallel.pp > 1, or ZeRO 0-3 with tensor x data parallelism")
+    _require(cfg.parallel.pp == 1 or ds.zero_stage <= 1, "deepspeed.zero_stage",
+             f"ZeRO-{ds.zero_stage} partitions gradients during the backward, which the pipeline schedule runs "
+             "outside DeepSpeed: with parallel.pp > 1 use ZeRO-0 or ZeRO-1 (as DeepSpeed's own pipeline allows); "
+             "ZeRO-2/3 work with tensor x data parallelism")
     _require(not (ds.offload_optimizer and ds.zero_stage == 0), "deepspeed.offload_optimizer",
              "optimizer offload needs deepspeed.zero_stage >= 1")
     from parallel.deepspeed_config import GENERATED_KEYS, GENERATED_ZERO_KEYS

@@ -165,6 +165,7 @@ class Trainer:
         total_ce = torch.zeros((), device=self.device)
         self.phase = "forward/backward"
         if self.plan.pipeline is not None:
+            self.engine.initialize()
             batches = [next(self.train_loader) for _ in range(accum)]
             input_ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
             labels = torch.cat([b["labels"] for b in batches]).to(self.device)

@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-1/2/3 over the data-parallel group (with tensor and sequence parallelism) equals one process
-with the plain engine, through the real `pretrain train` command: the loss and the global grad norm at each of
-8 steps, and after them the whole parameters and AdamW states in the layout-free checkpoint (fp32).
+"""DeepSpeed ZeRO-1/2/3 over the data-parallel group (with tensor and sequence parallelism, and ZeRO-1 with
+pipeline parallelism and tied embeddings across the first and last stage) equals one process with the plain
+engine, through the real `pretrain train` command: the loss and the global grad norm at each of 8 steps, and
+after them the whole parameters and AdamW states in the layout-free checkpoint (fp32).
 
 Tolerances: loss 1e-5, grad norm 2e-5 relative, parameters 5e-5 and AdamW moments 1e-6 absolute after 8 AdamW
 steps (measured for ZeRO-2 TP2xDP2+SP: 5e-7, 7e-7, 3e-6, 6e-8). With the tensor-parallel gradient hooks removed
@@ -25,6 +26,8 @@ LAYOUTS = {
     "zero2 tp2 x dp2 +sp": (["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true", *zero(2)], 4),
     "zero3 tp2 x dp2": (["parallel.tp=2", "parallel.dp=2", *zero(3)], 4),
     "zero2 dp2, optimizer offload": (["parallel.dp=2", *zero(2), "deepspeed.offload_optimizer=true"], 2),
+    "zero1 pp2 x dp2": (["parallel.pp=2", "parallel.dp=2", "train.micro_batch_size=2", *zero(1)], 4),
+    "zero1 pp2 x tp2 +sp": (["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", *zero(1)], 4),
 }
 
 

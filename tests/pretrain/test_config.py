@@ -153,7 +153,8 @@ DS = ["deepspeed.enabled=true"]
         ([*DS, "deepspeed.bucket_mb=0"], "deepspeed.bucket_mb", "positive"),
         ([*DS, "deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer",
          "zero_stage >= 1"),
-        ([*DS, *PIPELINE, "parallel.pp=2"], "parallel.pp", "not available yet"),
+        ([*DS, *PIPELINE, "parallel.pp=2", "deepspeed.zero_stage=2"], "deepspeed.zero_stage", "ZeRO-0 or ZeRO-1"),
+        ([*DS, *PIPELINE, "parallel.pp=2", "deepspeed.zero_stage=3"], "deepspeed.zero_stage", "ZeRO-0 or ZeRO-1"),
         ([*DS, "deepspeed.config.gradient_clipping=0.5"], "deepspeed.config.gradient_clipping", "optim.grad_clip"),
         ([*DS, "deepspeed.config.train_batch_size=64"], "deepspeed.config.train_batch_size",
          "train.global_batch_size"),
@@ -179,5 +180,8 @@ def test_deepspeed_json_is_generated_from_the_config(data_dir):
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["dump_state"] is False
     assert "offload_optimizer" not in ds["zero_optimization"]
+    assert "managed_gradient_accumulation" not in ds
+    piped = generate(load(data_dir, *DS, *PIPELINE, "parallel.pp=2", "deepspeed.zero_stage=1"))
+    assert piped["managed_gradient_accumulation"] is False  # the schedule accumulates, DeepSpeed steps once
     no_clip = generate(load(data_dir, *DS, "optim.grad_clip=0"))
     assert no_clip["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default would clip at 1.0
