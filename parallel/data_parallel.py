@@ -26,14 +26,19 @@ def buckets(tensors: Iterable[torch.Tensor], bucket_bytes: int) -> list[list[tor
     return out
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes: int = 25 * 2**20) -> None:
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
+def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes: int = 25 * 2**20,
+                      divide_by: int | None = None) -> None:
+    """Sum the grads over `group` and divide by its size (or by `divide_by`)."""
+    world = dist.get_world_size(group) if group is not None else 1
+    divisor = divide_by or world
     grads = [p.grad for p in params if p.grad is not None]
+    if world == 1:
+        if divisor != 1 and grads:
+            torch._foreach_div_(grads, divisor)
+        return
     for bucket in buckets(grads, bucket_bytes):
         flat = _flatten_dense_tensors(bucket)
-        flat.div_(world)
+        flat.div_(divisor)
         dist.all_reduce(flat, group=group)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             g.copy_(synced)

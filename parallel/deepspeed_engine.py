@@ -178,9 +178,9 @@ class DeepSpeedEngine:
         return out
 
     # -- training ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.initialize()
-        return self.engine(input_ids)
+        return self.engine(input_ids, labels)
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps (= accum)

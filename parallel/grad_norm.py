@@ -6,18 +6,31 @@ import torch
 import torch.distributed as dist
 
 
+def _squared_sum(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if grads:
+        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
 def clip_grad_norm(
-    params_counted: list[tuple[torch.nn.Parameter, bool]], max_norm: float, model_parallel_group
+    params_counted: list[tuple[torch.nn.Parameter, bool]], max_norm: float, model_parallel_group,
+    sharded: tuple[list[torch.nn.Parameter], object] | None = None,
 ) -> float:
     """`params_counted` pairs each local parameter with whether this rank's copy counts toward the norm (so
-    that every element of the full model counts exactly once). Returns the global norm before clipping."""
+    that every element of the full model counts exactly once); `sharded`: parameters split over another group
+    (expert weights over the expert-parallel group), every rank counting its own piece. Returns the global norm
+    before clipping."""
     grads = [p.grad for p, _ in params_counted if p.grad is not None]
     counted = [p.grad for p, once in params_counted if once and p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    if counted:
-        sq = torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
-    else:
-        sq = torch.zeros((), dtype=torch.float32, device=device)
+    sq = _squared_sum(counted, device)
+    if sharded is not None:
+        shard_grads = [p.grad for p in sharded[0] if p.grad is not None]
+        shard_sq = _squared_sum(shard_grads, device)
+        if sharded[1] is not None and dist.get_world_size(sharded[1]) > 1:
+            dist.all_reduce(shard_sq, group=sharded[1])
+        sq = sq + shard_sq
+        grads += shard_grads
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
         dist.all_reduce(sq, group=model_parallel_group)
     total = sq.sqrt()

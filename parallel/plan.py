@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import average_gradients
+from parallel.experts import apply_expert_parallel
 from parallel.grad_norm import clip_grad_norm
 from parallel.grid import ProcessGrid
 from parallel.pipeline.partition import plan_stages, stages_of_rank
@@ -51,6 +52,7 @@ class ParallelPlan:
     tied_embedding: bool = False
     not_counted: frozenset[str] = frozenset()  # local copies that another rank already counts in the grad norm
     local_names: set[str] | None = None  # parameters this rank holds, when it holds only some (pipeline)
+    expert_names: frozenset[str] = frozenset()  # expert weights split over the expert-parallel group
 
     @property
     def tp(self) -> int:
@@ -76,13 +78,23 @@ class ParallelPlan:
             if grad is None:
                 grad = model.embed.weight.grad = torch.zeros_like(model.embed.weight)
             dist.all_reduce(grad, group=self.grid.group("embedding"))
+        named = list(model.named_parameters())
         if self.grid.size("dp") > 1:
-            average_gradients(model.parameters(), self.grid.group("dp"), self.grad_bucket_bytes)
+            dense = [p for name, p in named if name not in self.expert_names]
+            average_gradients(dense, self.grid.group("dp"), self.grad_bucket_bytes)
+        if self.expert_names and self.grid.size("dp") > 1:
+            # each expert's grad already holds its whole EP group's tokens (all-to-all backward): sum over the
+            # ranks holding the same experts, divide by all data-parallel ranks
+            experts = [p for name, p in named if name in self.expert_names]
+            average_gradients(experts, self.grid.group("expert_dp"), self.grad_bucket_bytes,
+                              divide_by=self.grid.size("dp"))
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
         counted = [(p, self.specs[name].counted_once and name not in self.not_counted)
-                   for name, p in model.named_parameters()]
-        return clip_grad_norm(counted, max_norm, self.grid.group("model"))
+                   for name, p in model.named_parameters() if name not in self.expert_names]
+        experts = [p for name, p in model.named_parameters() if name in self.expert_names]
+        return clip_grad_norm(counted, max_norm, self.grid.group("model"),
+                              sharded=(experts, self.grid.group("ep")) if experts else None)
 
     def full_tensors(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layout-free tensors from this rank's shards (parameters, or optimizer states named '<param>/<key>').
@@ -90,7 +102,7 @@ class ParallelPlan:
         out = {}
         for name, t in local.items():
             spec = self.spec(name)
-            out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group("tp"))
+            out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group(spec.group))
         if self.pp > 1:  # each stage holds different names; every rank ends up with all of them
             pieces: list[dict[str, torch.Tensor] | None] = [None] * self.pp
             dist.all_gather_object(pieces, out, group=self.grid.group("pp"))
@@ -123,9 +135,16 @@ def parallelize(
         specs = apply_tensor_parallel(model, grid.group("tp"), sequence_parallel)
     else:
         specs = {name: ShardSpec("replicated") for name, _ in model.named_parameters()}
+    expert_names: frozenset[str] = frozenset()
+    if grid.size("ep") > 1:
+        expert_specs = apply_expert_parallel(model, grid.group("ep"))
+        specs = {name: spec for name, spec in specs.items() if not name.endswith(("experts.gate", "experts.up",
+                                                                                     "experts.down"))}
+        specs |= expert_specs
+        expert_names = frozenset(expert_specs)
     sp = sequence_parallel and grid.size("tp") > 1
     plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,
-                        tied_embedding=model.cfg.tie_embeddings)
+                        tied_embedding=model.cfg.tie_embeddings, expert_names=expert_names)
     if grid.size("pp") > 1:
         plan.pipeline, plan.not_counted = _pipeline(model, grid, pipeline or PipelineOptions(), sp)
         plan.local_names = {name for name, _ in model.named_parameters()}

@@ -224,8 +224,17 @@ def validate_parallel(cfg: Config) -> None:
     p, m = cfg.parallel, cfg.model
     for name in ("tp", "dp", "pp", "cp", "ep"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
-    for name, issue in (("cp", "context parallelism"), ("ep", "expert parallelism")):
-        _require(getattr(p, name) == 1, f"parallel.{name}", f"{issue} is not available yet; use 1")
+    _require(p.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
+    if p.ep > 1:
+        _require(m.moe.enabled, "parallel.ep", "expert parallelism needs an MoE model (model.moe.num_experts > 0)")
+        _require(m.moe.num_experts % p.ep == 0, "parallel.ep",
+                 f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={p.ep}")
+        _require(p.dp % p.ep == 0, "parallel.ep",
+                 f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: experts are spread over data-parallel ranks")
+        _require(not cfg.deepspeed.enabled, "parallel.ep",
+                 "expert parallelism with DeepSpeed is not available yet; use deepspeed.enabled=false")
+        _require(p.pp == 1, "parallel.ep", "expert parallelism with pipeline parallelism is not available yet; use "
+                 "parallel.pp=1 (or parallel.ep=1: MoE layers run under PP without expert parallelism)")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     if p.tp > 1:
         for key, value in (("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),
@@ -243,6 +252,45 @@ def validate_parallel(cfg: Config) -> None:
         _require(cfg.data.seq_len % p.tp == 0, "data.seq_len",
                  f"{cfg.data.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
         _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
+
+
+def validate_moe(cfg: Config) -> None:
+    m, e = cfg.model, cfg.model.moe
+    _require(e.num_experts >= 0, "model.moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
+    if not e.enabled:
+        return
+    _require(1 <= e.top_k <= e.num_experts, "model.moe.top_k",
+             f"must be between 1 and model.moe.num_experts={e.num_experts}, got {e.top_k}")
+    _require(e.score_func in ("softmax", "sigmoid"), "model.moe.score_func",
+             f"must be 'softmax' or 'sigmoid', got '{e.score_func}'")
+    _require(e.n_groups >= 1 and e.num_experts % e.n_groups == 0, "model.moe.n_groups",
+             f"{e.num_experts} experts do not split into {e.n_groups} groups")
+    _require(1 <= e.topk_groups <= e.n_groups, "model.moe.topk_groups",
+             f"must be between 1 and model.moe.n_groups={e.n_groups}, got {e.topk_groups}")
+    _require(e.top_k <= e.topk_groups * (e.num_experts // e.n_groups), "model.moe.top_k",
+             f"{e.top_k} experts cannot be picked from {e.topk_groups} group(s) of {e.num_experts // e.n_groups}")
+    _require(0 <= e.first_k_dense <= m.n_layers, "model.moe.first_k_dense",
+             f"must be between 0 and model.n_layers={m.n_layers}, got {e.first_k_dense}")
+    for key in ("expert_hidden", "num_shared_experts", "bias_update_rate", "aux_loss_weight", "router_z_loss",
+                "capacity_factor"):
+        _require(getattr(e, key) >= 0, f"model.moe.{key}", f"must be >= 0, got {getattr(e, key)}")
+    _require(e.routed_scaling > 0, "model.moe.routed_scaling", "must be positive")
+    _require(cfg.parallel.tp == 1, "parallel.tp",
+             "tensor parallelism of MoE layers is not available yet (expert parallelism comes first); use tp=1")
+
+
+def validate_mtp(cfg: Config) -> None:
+    m = cfg.model
+    _require(m.mtp_depth >= 0, "model.mtp_depth", f"must be >= 0 (0 = off), got {m.mtp_depth}")
+    _require(m.mtp_weight >= 0, "model.mtp_weight", f"must be >= 0, got {m.mtp_weight}")
+    if m.mtp_depth == 0:
+        return
+    _require(m.mtp_depth < cfg.data.seq_len, "model.mtp_depth",
+             f"depth {m.mtp_depth} leaves no positions in sequences of data.seq_len={cfg.data.seq_len}")
+    _require(cfg.parallel.tp == 1, "parallel.tp", "multi-token prediction with tensor parallelism is not "
+             "available yet; use tp=1")
+    _require(cfg.parallel.pp == 1, "parallel.pp", "multi-token prediction with pipeline parallelism is not "
+             "available yet; use pp=1")
 
 
 def validate_deepspeed(cfg: Config) -> None:
@@ -359,6 +407,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"sequence length {d.seq_len} is above what the RoPE setup supports ({supported}, model.max_seq_len); "
         "raise model.max_seq_len or configure RoPE scaling",
     )
+    validate_moe(cfg)
+    validate_mtp(cfg)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")

@@ -62,6 +62,11 @@ class Trainer:
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.moe_layers = self.model.moe_layers()
+        # MoE and MTP losses join the gradient inside the model: they get the factor the main loss gets
+        aux_scale = 1.0 if self.plan.pipeline is not None else 1.0 / cfg.grad_accum_steps
+        for module in [self.model, *self.moe_layers.values()]:
+            module.aux_loss_scale = aux_scale
         if cfg.deepspeed.enabled:
             from parallel.deepspeed_engine import DeepSpeedEngine
 
@@ -152,10 +157,10 @@ class Trainer:
     def set_phase(self, phase: str) -> None:
         self.phase = phase
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.engine.name == "deepspeed":
-            return self.engine.forward(input_ids)
-        return self.model(input_ids)
+            return self.engine.forward(input_ids, labels)
+        return self.model(input_ids, labels)
 
     def train_step(self) -> dict[str, float]:
         self.model.train()
@@ -163,6 +168,7 @@ class Trainer:
         accum = self.cfg.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         total_ce = torch.zeros((), device=self.device)
+        total_mtp = torch.zeros(self.cfg.model.mtp_depth, device=self.device)
         self.phase = "forward/backward"
         if self.plan.pipeline is not None:
             self.engine.initialize()
@@ -179,16 +185,21 @@ class Trainer:
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.forward(input_ids)
+                logits = self.forward(input_ids, labels)
             loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+            if self.cfg.model.mtp_depth:
+                total_mtp += torch.stack(self.model.last_mtp_losses).float() / self.cfg.grad_accum_steps
             self.engine.backward(loss, self.cfg.grad_accum_steps)
             total_loss += loss.detach() / self.cfg.grad_accum_steps
             total_ce += parts["ce"].detach() / self.cfg.grad_accum_steps
         grad_norm = self.engine.step(self.set_phase)
+        moe_metrics = self._moe_step_end() if self.cfg.model.moe.enabled else {}
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.phase = "metrics all-reduce"
-        loss_value, ce_value = self.mean_over_dp(torch.stack([total_loss, total_ce])).tolist()
+        loss_value, ce_value, *mtp_values = self.mean_over_dp(torch.cat([torch.stack([total_loss, total_ce]),
+                                                                         total_mtp])).tolist()
+        moe_metrics |= {f"mtp/{depth}": value for depth, value in enumerate(mtp_values, start=1)}
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
         return {
@@ -197,7 +208,41 @@ class Trainer:
             "lr": self.engine.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
+            **moe_metrics,
         }
+
+    def _moe_step_end(self) -> dict[str, float]:
+        """Per MoE layer: this step's load summed over data-parallel ranks drives the auxiliary-loss-free bias
+        update (identical on every rank), and gives the logged statistics."""
+        self.phase = "MoE load statistics"
+        metrics = self._local_moe_metrics() if self.moe_layers else {}
+        if self.plan.pipeline is not None and self.grid.size("pp") > 1:  # each stage knows its own layers
+            pieces: list[dict | None] = [None] * self.grid.size("pp")
+            dist.all_gather_object(pieces, metrics, group=self.grid.group("pp"))
+            metrics = {k: v for piece in pieces for k, v in piece.items()}
+        return metrics
+
+    def _local_moe_metrics(self) -> dict[str, float]:
+        layers = self.moe_layers
+        loads = torch.stack([layer.load_since_update for layer in layers.values()])
+        # per layer: dropped assignments, summed balance loss, summed router z-loss, forwards (micro-batches)
+        extras = torch.tensor([[float(layer.dropped_since_update), layer.aux_since_update["balance_loss"],
+                                layer.aux_since_update["router_z_loss"], float(layer.aux_since_update["forwards"])]
+                               for layer in layers.values()])
+        if self.grid.size("dp") > 1:
+            both = torch.cat([loads.flatten(), extras.flatten()])
+            dist.all_reduce(both, group=self.grid.group("dp"))
+            loads, extras = both[: loads.numel()].view_as(loads), both[loads.numel():].view_as(extras)
+        metrics = {}
+        for (index, layer), load, (drop, balance, z, forwards) in zip(layers.items(), loads, extras, strict=True):
+            layer.bias_update(load)
+            metrics[f"moe/{index}/imbalance"] = float(load.max() / load.mean().clamp(min=1e-9))
+            metrics[f"moe/{index}/dropped_share"] = float(drop / load.sum().clamp(min=1))
+            if layer.cfg.aux_loss_weight > 0:
+                metrics[f"moe/{index}/balance_loss"] = float(balance / forwards.clamp(min=1))
+            if layer.cfg.router_z_loss > 0:
+                metrics[f"moe/{index}/router_z_loss"] = float(z / forwards.clamp(min=1))
+        return metrics
 
     def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
         if self.grid.size("dp") > 1:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from parallel.pipeline.stages import StageModule
+from pretrain.model.moe import moe_statistics_paused
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -54,6 +55,8 @@ class PipelineRunner:
             PipelineStage(module, stage_id, self.num_stages, device, group=self.pp_group)
             for module, stage_id in zip(self.stages, self.stage_ids, strict=True)
         ]
+        for stage, module in zip(pipeline_stages, self.stages, strict=True):
+            _pause_statistics_during_metadata_inference(stage, module)
         cls = SCHEDULES[self.schedule_name]
         loss = lambda output, target: self._loss_fn(output, target)  # noqa: E731 (set per step)
         if self.schedule_name == "interleaved_1f1b":
@@ -112,3 +115,17 @@ class PipelineRunner:
             ce = parts["ce"].float()
         dist.broadcast(ce, src=self.owner(self.num_stages - 1), group=self.pp_group)
         return ce
+
+
+def _pause_statistics_during_metadata_inference(stage: PipelineStage, module: StageModule) -> None:
+    """The first schedule step runs each stage once on example inputs (uninitialized on later stages) to learn
+    the shapes it sends; that pass must not count as training (MoE load statistics)."""
+    inference = getattr(stage, "_forward_metadata_inference", None)
+    if inference is None:
+        return
+
+    def paused(*args, **kwargs):
+        with moe_statistics_paused(module):
+            return inference(*args, **kwargs)
+
+    stage._forward_metadata_inference = paused

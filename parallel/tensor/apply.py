@@ -50,6 +50,8 @@ class ShardSpec:
     head_dim: int = 1
     # Sequence-parallel norm weights: grads are partial sums over sequence shards.
     sequence_parallel: bool = False
+    # The grid group the tensor is split over: "tp", or "ep" for expert weights.
+    group: str = "tp"
 
     @property
     def counted_once(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pretrain.model.moe import MoEConfig
+
 
 @dataclass
 class RopeConfig:
@@ -37,6 +39,12 @@ class ModelConfig:
     sliding_window: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
+    # Mixture-of-Experts feed-forward in every layer from moe.first_k_dense on (num_experts > 0).
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Multi-token prediction (DeepSeek-V3): modules predicting 2..mtp_depth+1 tokens ahead during training;
+    # their mean cross-entropy, times mtp_weight, joins the loss. Inference uses the main model only.
+    mtp_depth: int = 0
+    mtp_weight: float = 0.3
 
     @property
     def head_dim(self) -> int:

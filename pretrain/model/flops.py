@@ -5,16 +5,38 @@ from __future__ import annotations
 from pretrain.model.config import ModelConfig
 
 
-def block_parameters(cfg: ModelConfig) -> int:
-    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = 3 * cfg.d_model * cfg.ffn_dim
-    norms = 2 * cfg.d_model
-    return attn + mlp + norms
+def attention_parameters(cfg: ModelConfig) -> int:
+    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
 
 
-def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Exactly `sum(p.numel())` of the built model (a tied head counted once)."""
-    body = cfg.n_layers * block_parameters(cfg) + cfg.d_model  # blocks + final norm
+def mlp_parameters(cfg: ModelConfig, layer: int, active: bool = False) -> int:
+    """The feed-forward's weights in layer `layer`; `active`: only those one token uses (router, its top-k
+    routed experts and the shared experts)."""
+    moe = cfg.moe
+    if not moe.is_moe_layer(layer):
+        return 3 * cfg.d_model * cfg.ffn_dim
+    expert = 3 * cfg.d_model * moe.hidden(cfg.ffn_dim)
+    routed = (moe.top_k if active else moe.num_experts) * expert
+    return moe.num_experts * cfg.d_model + routed + moe.num_shared_experts * expert
+
+
+def block_parameters(cfg: ModelConfig, layer: int = 0, active: bool = False) -> int:
+    return attention_parameters(cfg) + mlp_parameters(cfg, layer, active) + 2 * cfg.d_model
+
+
+def mtp_parameters(cfg: ModelConfig, active: bool = False) -> int:
+    """The MTP modules (their embedding and output head are the main model's): per depth three norms, the
+    2d -> d projection and one block."""
+    d = cfg.d_model
+    return sum(3 * d + 2 * d * d + block_parameters(cfg, cfg.n_layers + k, active) for k in range(cfg.mtp_depth))
+
+
+def count_parameters(cfg: ModelConfig, include_embedding: bool = True, active: bool = False,
+                     include_mtp: bool = True) -> int:
+    """Exactly `sum(p.numel())` of the built model (a tied head counted once); `active`: the parameters one
+    token uses (MoE: its routed experts only); `include_mtp`: with the multi-token-prediction modules."""
+    body = sum(block_parameters(cfg, i, active) for i in range(cfg.n_layers)) + cfg.d_model  # + final norm
+    body += mtp_parameters(cfg, active) if include_mtp else 0
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     embedding = cfg.vocab_size * cfg.d_model if include_embedding else 0
     return body + head + embedding
@@ -25,10 +47,14 @@ def count_parameters_non_embedding(cfg: ModelConfig) -> int:
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: every linear of the blocks and the LM head
-    (the embedding lookup and the norms do no matmul)."""
-    per_block = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.ffn_dim
-    return cfg.n_layers * per_block + cfg.vocab_size * cfg.d_model
+    """Weights that take part in a matmul per token in training: every linear of the blocks (MoE: the router and
+    the experts the token is routed to), the LM head, and per MTP depth its projection, block and the shared
+    head (the embedding lookup and the norms do no matmul)."""
+    blocks = sum(attention_parameters(cfg) + mlp_parameters(cfg, i, active=True) for i in range(cfg.n_layers))
+    main = blocks + cfg.vocab_size * cfg.d_model
+    mtp = sum(2 * cfg.d_model**2 + attention_parameters(cfg) + mlp_parameters(cfg, cfg.n_layers + k, active=True)
+              + cfg.vocab_size * cfg.d_model for k in range(cfg.mtp_depth))
+    return main + mtp
 
 
 def attention_context(cfg: ModelConfig, seq_len: int) -> float:
@@ -40,7 +66,8 @@ def attention_context(cfg: ModelConfig, seq_len: int) -> float:
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """2 FLOPs per matmul weight, plus QK^T and AV: 2 * 2 * n_layers * d_attn * context."""
     d_attn = cfg.n_heads * cfg.head_dim
-    return 2 * matmul_parameters(cfg) + 4 * cfg.n_layers * d_attn * attention_context(cfg, seq_len)
+    layers = cfg.n_layers + cfg.mtp_depth
+    return 2 * matmul_parameters(cfg) + 4 * layers * d_attn * attention_context(cfg, seq_len)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.loss import lm_loss
+from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU
+from pretrain.model.mtp import MTPModule, mtp_inputs_and_targets
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 
@@ -58,24 +61,20 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+class MLP(SwiGLU):
+    """The dense feed-forward: SwiGLU of the model's ffn size."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, cfg.ffn_dim)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.d_model, cfg.ffn_dim, cfg.moe) if cfg.moe.is_moe_layer(index) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,11 +87,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.d_model, cfg.norm_eps, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth)
+        )
+        self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
+        self.last_mtp_losses: list[torch.Tensor] = []
         self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.head_dim), persistent=False)
         self.reset_parameters()
 
@@ -103,12 +107,28 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for block in self.layers:
-            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj,
-                           block.mlp.up_proj):
+        for module in self.mtp:
+            nn.init.normal_(module.proj.weight, std=std)
+        for block in [*self.layers, *(module.block for module in self.mtp)]:
+            mlp = block.mlp
+            dense = mlp if isinstance(mlp, MLP) else mlp.shared  # the MoE's shared experts are one SwiGLU MLP
+            inputs = [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj]
+            inputs += [dense.gate_proj, dense.up_proj] if dense is not None else []
+            for linear in inputs:
                 nn.init.normal_(linear.weight, std=std)
             nn.init.normal_(block.attn.o_proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp.down_proj.weight, std=residual_std)
+            if dense is not None:
+                nn.init.normal_(dense.down_proj.weight, std=residual_std)
+            if isinstance(mlp, MoE):
+                for weight in (mlp.router.weight, mlp.experts.gate, mlp.experts.up):
+                    nn.init.normal_(weight, std=std)
+                nn.init.normal_(mlp.experts.down, std=residual_std)
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """The MoE feed-forwards this model holds, by name ('layers.3', 'mtp.0')."""
+        blocks = {f"layers.{i}": b for i, b in enumerate(self.layers)}
+        blocks |= {f"mtp.{k}": m.block for k, m in enumerate(self.mtp)}
+        return {name: b.mlp for name, b in blocks.items() if isinstance(getattr(b, "mlp", None), MoE)}
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(self.inv_freq, seq_len)
@@ -120,7 +140,23 @@ class Transformer(nn.Module):
             h = block(h, cos, sin)
         return h
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the main model. In training with `labels`, the MTP modules also run and their loss joins
+        the gradient of the returned logits (per-depth values in `last_mtp_losses`)."""
         h = self.embed(input_ids)
         h = self.forward_layers(h, self.layers, input_ids.shape[1])
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        if len(self.mtp) and labels is not None and self.training and torch.is_grad_enabled():
+            logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels), self.aux_loss_scale)
+        return logits
+
+    def mtp_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """mtp_weight x the mean over depths of each depth's cross-entropy."""
+        cos, sin = self.rope(labels.shape[1])
+        losses = []
+        for depth, module in enumerate(self.mtp, start=1):
+            tokens, targets = mtp_inputs_and_targets(labels, depth)
+            hidden = module(hidden, self.embed(tokens), cos, sin)
+            losses.append(lm_loss(self.lm_head(module.norm(hidden)), targets)[0])
+        self.last_mtp_losses = [loss.detach() for loss in losses]
+        return self.cfg.mtp_weight * torch.stack(losses).mean()

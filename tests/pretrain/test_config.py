@@ -185,3 +185,32 @@ def test_deepspeed_json_is_generated_from_the_config(data_dir):
     assert piped["managed_gradient_accumulation"] is False  # the schedule accumulates, DeepSpeed steps once
     no_clip = generate(load(data_dir, *DS, "optim.grad_clip=0"))
     assert no_clip["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default would clip at 1.0
+
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k", "between 1 and"),
+        ([*MOE, "model.moe.score_func=relu"], "model.moe.score_func", "relu"),
+        ([*MOE, "model.moe.n_groups=3"], "model.moe.n_groups", "do not split into 3 groups"),
+        ([*MOE, "model.moe.n_groups=2", "model.moe.topk_groups=3"], "model.moe.topk_groups", "between 1 and"),
+        (["model.moe.num_experts=4", "model.moe.top_k=3", "model.moe.n_groups=2"], "model.moe.top_k",
+         "cannot be picked from 1 group(s) of 2"),
+        ([*MOE, "model.moe.first_k_dense=9"], "model.moe.first_k_dense", "between 0 and"),
+        ([*MOE, "model.moe.capacity_factor=-1"], "model.moe.capacity_factor", ">= 0"),
+        ([*MOE, "parallel.tp=2"], "parallel.tp", "MoE layers"),
+        (["model.mtp_depth=2", "parallel.tp=2"], "parallel.tp", "multi-token prediction"),
+        (["model.mtp_depth=2", *PIPELINE, "parallel.pp=2"], "parallel.pp", "multi-token prediction"),
+        (["model.mtp_depth=64", "data.seq_len=64", "model.max_seq_len=64"], "model.mtp_depth", "leaves no positions"),
+        (["parallel.ep=2", "parallel.dp=2"], "parallel.ep", "needs an MoE model"),
+        ([*MOE, "model.moe.num_experts=3", "model.moe.top_k=1", "parallel.ep=2", "parallel.dp=2"], "parallel.ep",
+         "not divisible"),
+        ([*MOE, "parallel.ep=2", "parallel.dp=1"], "parallel.ep", "must divide parallel.dp=1"),
+        ([*MOE, "parallel.ep=2", "parallel.dp=2", *DS], "parallel.ep", "DeepSpeed"),
+    ],
+)
+def test_bad_moe_and_mtp_settings(data_dir, overrides, key, match):
+    expect_error(data_dir, key, *overrides, match=match)

@@ -1,0 +1,267 @@
+"""Mixture-of-Experts feed-forward layer, DeepSeek-V3 style. Plain torch, no parallel code.
+
+    router:  scores = softmax or sigmoid of x·W_rᵀ (fp32); selection adds a per-expert bias (auxiliary-loss-free
+             balancing: the bias only picks experts, it never weights them) and may first keep the best
+             `topk_groups` of `n_groups` expert groups (group-limited routing); the top-k experts' unbiased
+             scores are the weights, normalized to sum 1 when `norm_topk`, times `routed_scaling`.
+    experts: fine-grained SwiGLU experts stored as [E, …] weights and computed as grouped matmuls over tokens
+             sorted by expert; dropless by default, or each expert takes at most
+             ceil(capacity_factor · tokens · k / E) tokens (in token order) and the rest are dropped.
+    shared:  `n_shared` always-on experts, one SwiGLU MLP of n_shared × expert_hidden.
+    losses:  optional sequence-level balance loss and router z-loss, attached to the layer output's gradient
+             (`AuxLossInjector`), so they need no plumbing through the model or a pipeline.
+
+The last forward's load statistics are kept on the layer (`last_stats`); `bias_update` applies the
+auxiliary-loss-free update from the loads accumulated since the previous update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # routed experts; 0: every layer is a dense MLP
+    top_k: int = 2
+    expert_hidden: int = 0  # 0: model ffn size / top_k (same active parameters as the dense MLP)
+    num_shared_experts: int = 0
+    first_k_dense: int = 0  # the first k layers keep a dense MLP (DeepSeek-V3: 3)
+    score_func: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk: bool = True
+    routed_scaling: float = 1.0
+    n_groups: int = 1  # group-limited routing: experts in n_groups groups, tokens use the best topk_groups
+    topk_groups: int = 1
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001); 0: off
+    aux_loss_weight: float = 0.0  # sequence-level balance loss weight (DeepSeek-V3: 1e-4)
+    router_z_loss: float = 0.0
+    capacity_factor: float = 0.0  # 0: dropless
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def hidden(self, dense_ffn: int) -> int:
+        return self.expert_hidden if self.expert_hidden > 0 else max(1, dense_ffn // self.top_k)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and index >= self.first_k_dense
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on `output` whose backward also sends `scale` as the gradient of `aux_loss`: the auxiliary loss
+    joins the training loss wherever the output's gradient comes from (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+class GroupedLinear(torch.autograd.Function):
+    """y[rows of group g] = x[rows of group g] @ w[g] for tokens sorted by group; `ends` are the cumulative row
+    counts. One grouped GEMM (torch.nn.functional.grouped_mm) each for the output and both gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, ends):
+        ctx.save_for_backward(x, weight, ends)
+        return F.grouped_mm(x, weight, offs=ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, ends = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = F.grouped_mm(grad, weight.transpose(1, 2), offs=ends)
+        grad_w = F.grouped_mm(x.t(), grad, offs=ends)
+        return grad_x, grad_w, None
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x: [tokens sorted by expert, in]; weight: [E, in, out]; counts: tokens per expert."""
+    if x.shape[0] == 0:
+        return x.new_zeros((0, weight.shape[-1]))
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # a custom op: autocast does not cast it, so do what it would
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    return GroupedLinear.apply(x.to(dtype).contiguous(), weight.to(dtype), ends)
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        # selection bias of auxiliary-loss-free balancing (a buffer: updated from loads, not by gradients)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
+        return logits, scores
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and their weights per token, from [tokens, E] scores."""
+        cfg = self.cfg
+        biased = scores.detach() + self.expert_bias
+        if cfg.n_groups > 1:
+            grouped = biased.view(biased.shape[0], cfg.n_groups, -1)
+            per_group = min(2, grouped.shape[-1])  # a group's score: its best two experts (DeepSeek-V3)
+            group_score = grouped.topk(per_group, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_groups, dim=-1).indices, True)
+            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(biased)
+        ids = biased.topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
+        return ids, weights * cfg.routed_scaling
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights [E, in, out]."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: tokens sorted by expert; counts: how many go to each expert."""
+        return grouped_swiglu(x, self.gate, self.up, self.down, counts)
+
+
+def grouped_swiglu(x, gate, up, down, counts: torch.Tensor) -> torch.Tensor:
+    hidden = F.silu(grouped_linear(x, gate, counts)) * grouped_linear(x, up, counts)
+    return grouped_linear(hidden, down, counts)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, dense_ffn: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden(dense_ffn)
+        self.router = Router(d_model, cfg)
+        self.experts = Experts(cfg.num_experts, d_model, hidden)
+        self.shared = SwiGLU(d_model, hidden * cfg.num_shared_experts) if cfg.num_shared_experts else None
+        self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
+        self.collect_statistics = True  # off for forwards that are not training steps (shape inference)
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
+        self.dropped_since_update = 0
+        self.aux_since_update = {"balance_loss": 0.0, "router_z_loss": 0.0, "forwards": 0}
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Experts' weighted outputs for flat tokens x [N, d] routed to ids/weights [N, k]."""
+        n_tokens, k = ids.shape
+        flat_ids = ids.reshape(-1)
+        token_of = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
+        flat_weights = weights.reshape(-1)
+        kept = torch.ones_like(flat_ids, dtype=torch.bool)
+        if self.cfg.capacity_factor > 0:
+            capacity = math.ceil(self.cfg.capacity_factor * n_tokens * k / self.cfg.num_experts)
+            one_hot = F.one_hot(flat_ids, self.cfg.num_experts)
+            position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of this assignment within its expert
+            kept = position < capacity
+        order = torch.argsort(flat_ids.masked_fill(~kept, self.cfg.num_experts), stable=True)[: int(kept.sum())]
+        counts = torch.bincount(flat_ids[kept], minlength=self.cfg.num_experts)
+        expert_out = self.experts(x[token_of[order]], counts)
+        out = torch.zeros_like(x, dtype=expert_out.dtype)
+        out.index_add_(0, token_of[order], expert_out * flat_weights[order].unsqueeze(-1).to(expert_out.dtype))
+        self.last_stats["dropped"] = (~kept).sum().detach()
+        if self.training and self.collect_statistics:
+            self.dropped_since_update += int(self.last_stats["dropped"])
+        return out.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d = x.shape
+        flat = x.reshape(-1, d)
+        logits, scores = self.router.scores(flat)
+        ids, weights = self.router.select(scores)
+        out = self.dispatch(flat, ids, weights)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        load = torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts).float()
+        counting = self.training and self.collect_statistics
+        if counting:
+            self.load_since_update += load
+        self.last_stats.update(tokens_per_expert=load.detach(), imbalance=(load.max() / load.mean()).detach())
+        out = out.view(batch, seq, d)
+        aux = self._aux_loss(logits, scores, ids, batch, seq)
+        if counting:
+            for key in ("balance_loss", "router_z_loss"):
+                self.aux_since_update[key] += float(self.last_stats.get(key, 0.0))
+            self.aux_since_update["forwards"] += 1
+        if aux is not None and self.training and torch.is_grad_enabled():
+            out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
+        return out
+
+    def _aux_loss(self, logits, scores, ids, batch: int, seq: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        total = None
+        if cfg.aux_loss_weight > 0:
+            # DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i, per sequence, averaged
+            e = cfg.num_experts
+            chosen = F.one_hot(ids, e).sum(1).view(batch, seq, e).float()
+            f = chosen.sum(1) * e / (cfg.top_k * seq)
+            normalized = scores / scores.sum(-1, keepdim=True)
+            p = normalized.view(batch, seq, e).mean(1)
+            balance = (f * p).sum(-1).mean()
+            self.last_stats["balance_loss"] = balance.detach()
+            total = cfg.aux_loss_weight * balance
+        if cfg.router_z_loss > 0:
+            z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            self.last_stats["router_z_loss"] = z.detach()
+            total = cfg.router_z_loss * z if total is None else total + cfg.router_z_loss * z
+        return total
+
+    @torch.no_grad()
+    def bias_update(self, load: torch.Tensor | None = None) -> None:
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower it for over-loaded ones.
+        `load`: tokens per expert since the last update (summed over data-parallel ranks by the caller);
+        default this layer's own count."""
+        load = self.load_since_update if load is None else load
+        if self.cfg.bias_update_rate > 0 and load.sum() > 0:
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.load_since_update.zero_()
+        self.dropped_since_update = 0
+        self.aux_since_update = {"balance_loss": 0.0, "router_z_loss": 0.0, "forwards": 0}
+
+
+@contextlib.contextmanager
+def moe_statistics_paused(module: nn.Module):
+    """Forwards inside do not count toward the load statistics (e.g. a pipeline's metadata inference pass)."""
+    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        layer.collect_statistics = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.collect_statistics = True

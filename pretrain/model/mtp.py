@@ -1,0 +1,35 @@
+"""Multi-token prediction (DeepSeek-V3): D sequential modules after the main model, each predicting one token
+further ahead with the main model's embedding and output head. Plain torch, no parallel code.
+
+Depth k (1..D) at position i combines the previous depth's hidden state h_{k-1}[i] (depth 0: the main model's
+last hidden state) with the embedding of token x[i+k]: RMSNorm both, concatenate, project 2d -> d, run one
+transformer block, and predict x[i+k+1]. With labels y[i] = x[i+1], depth k uses positions i < T-k:
+inputs y[k-1 : T-1] and targets y[k : T].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mtp_inputs_and_targets(labels: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens to embed (x[i+k]) and targets (x[i+k+1]) of depth k, for positions i < T - k. Ignored labels
+    (-100) are embedded as token 0; they stay ignored as targets."""
+    seq = labels.shape[1]
+    return labels[:, depth - 1 : seq - 1].clamp(min=0), labels[:, depth:]
+
+
+class MTPModule(nn.Module):
+    def __init__(self, d_model: int, norm_eps: float, block: nn.Module):
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.embed_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.proj = nn.Linear(2 * d_model, d_model, bias=False)
+        self.block = block
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)  # before the shared output head
+
+    def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor, cos, sin) -> torch.Tensor:
+        seq = token_embedding.shape[1]
+        h = torch.cat([self.hidden_norm(hidden[:, :seq]), self.embed_norm(token_embedding)], dim=-1)
+        return self.block(self.proj(h).to(hidden.dtype), cos, sin)  # the residual stream keeps the model's dtype

@@ -1,0 +1,70 @@
+"""MoE (+ MTP) on several ranks equals one process, through the real `pretrain train` command: DP=2 with the
+plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts),
+and PP=2 (MoE; MTP with pipelines is not available yet). Loss and grad
+norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free expert biases.
+Tolerances as in test_zero.py (fp32): loss 1e-5, grad norm 2e-5 relative, parameters 5e-5, moments 1e-6; the
+biases move in exact steps of ±rate, so they must be equal."""
+
+import pytest
+import torch
+
+from tests.parallel.cli_runs import checkpoint_tensors, train, train_metrics
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32",
+       "model.moe.num_shared_experts=1", "model.moe.first_k_dense=1", "model.moe.score_func=sigmoid",
+       "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0.001", "model.n_layers=4"]
+MTP = ["model.mtp_depth=1"]
+ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def references(parallel_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_reference")
+    train(parallel_data, root / "moe_mtp", *MOE, *MTP)
+    train(parallel_data, root / "moe", *MOE)
+    return root
+
+
+LAYOUTS = {
+    "moe+mtp dp2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2"], 2),
+    "moe+mtp zero1 dp2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", *ZERO1], 2),
+    "moe pp2": ("moe", [*MOE, "parallel.pp=2"], 2),
+    "moe+mtp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2"], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_moe_matches_one_process(parallel_data, references, tmp_path, name):
+    reference, extra, nproc = LAYOUTS[name]
+    ref_dir = references / reference
+    train(parallel_data, tmp_path / "run", *extra, nproc=nproc)
+    got, want = train_metrics(tmp_path / "run"), train_metrics(ref_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step]["loss"] - want[step]["loss"]) < 1e-5, (step, got[step], want[step])
+        assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) < 2e-5 * want[step]["grad_norm"], step
+        for key in want[step]:
+            if key.startswith(("moe/", "mtp/")):  # load statistics and MTP losses, summed over ranks
+                assert abs(got[step][key] - want[step][key]) < 1e-4 * max(1.0, abs(want[step][key])), (step, key)
+    final = "checkpoints/step_00000008"
+    model, optimizer = checkpoint_tensors(tmp_path / "run" / final)
+    ref_model, ref_optimizer = checkpoint_tensors(ref_dir / final)
+    assert model.keys() == ref_model.keys()
+    biases = [k for k in ref_model if k.endswith("expert_bias")]
+    assert biases and max(ref_model[k].abs().max().item() for k in biases) > 0
+    for key in ref_model:
+        atol = 0 if key.endswith("expert_bias") else 5e-5
+        assert torch.allclose(model[key], ref_model[key], rtol=0, atol=atol), key
+    for key in ref_optimizer:
+        atol = 0 if key.endswith("/step") else 1e-6
+        assert torch.allclose(optimizer[key].float(), ref_optimizer[key].float(), rtol=0, atol=atol), key
+
+
+def test_expert_parallel_checkpoint_resumes_on_one_process(parallel_data, references, tmp_path):
+    """The experts split over EP=2 are saved whole (layout-free) and load on one process, optimizer included."""
+    train(parallel_data, tmp_path / "ep2", *MOE, *MTP, "parallel.dp=2", "parallel.ep=2", nproc=2)
+    resumed = train(parallel_data, tmp_path / "one", *MOE, *MTP, resume=tmp_path / "ep2/checkpoints/step_00000004")
+    want = train_metrics(references / "moe_mtp")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert abs(resumed[step] - want[step]["loss"]) < 2e-4, (step, resumed[step], want[step]["loss"])

@@ -1,0 +1,41 @@
+"""MoE + MTP through the trainer: it learns, logs per-layer load statistics and per-depth MTP losses, the
+auxiliary-loss-free biases move and are checkpointed, and a resume reproduces the uninterrupted run exactly."""
+
+import pytest
+import torch
+
+from pretrain.callbacks.metrics_log import read_metrics
+from tests.pretrain.test_train_e2e import COMMON, StopAfter, run, train_losses
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.num_shared_experts=1",
+       "model.moe.first_k_dense=1", "model.moe.score_func=sigmoid", "model.moe.bias_update_rate=0.01",
+       "model.moe.aux_loss_weight=0.001", "model.mtp_depth=2", "model.mtp_weight=0.3"]
+
+
+def test_moe_mtp_training_logs_balances_and_resumes_exactly(tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, *COMMON, *MOE]
+    full = tmp_path / "full"
+    summary = run(overrides, full)
+    records = [r for r in read_metrics(full / "metrics.jsonl") if r["split"] == "train"]
+    first, last = records[0], records[-1]
+    assert last["loss"] < first["loss"] - 0.5  # it learns
+    assert {"moe/layers.1/imbalance", "moe/layers.1/dropped_share", "moe/layers.1/balance_loss", "mtp/1",
+            "mtp/2", "moe/mtp.0/imbalance"} <= set(last)
+    assert last["mtp/2"] > last["mtp/1"] > 0  # predicting further ahead is harder
+    assert summary["val_loss"] is not None
+
+    from safetensors.torch import load_file
+
+    weights = load_file(full / "checkpoints" / "step_00000012" / "model.safetensors")
+    bias = weights["layers.1.mlp.router.expert_bias"]
+    assert bias.abs().max() > 0  # the balancing moved the selection biases, and they are saved
+    steps = bias / 0.01  # every update moves each bias by exactly -0.01, 0 or +0.01
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 12
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run(overrides, crashed, extra_callbacks=[StopAfter(8)])
+    run(overrides, crashed, resume="auto")
+    expected, got = train_losses(full), train_losses(crashed)
+    for step in range(9, 13):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
