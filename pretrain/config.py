@@ -289,8 +289,9 @@ def validate_mtp(cfg: Config) -> None:
              f"depth {m.mtp_depth} leaves no positions in sequences of data.seq_len={cfg.data.seq_len}")
     _require(cfg.parallel.tp == 1, "parallel.tp", "multi-token prediction with tensor parallelism is not "
              "available yet; use tp=1")
-    _require(cfg.parallel.pp == 1, "parallel.pp", "multi-token prediction with pipeline parallelism is not "
-             "available yet; use pp=1")
+    _require(cfg.parallel.pp == 1 or m.tie_embeddings, "model.tie_embeddings",
+             "multi-token prediction under pipeline parallelism embeds tokens on the last stage with the copy of the "
+             "tied embedding kept there; set model.tie_embeddings=true (or parallel.pp=1)")
 
 
 def validate_deepspeed(cfg: Config) -> None:

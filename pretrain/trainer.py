@@ -175,10 +175,9 @@ class Trainer:
             batches = [next(self.train_loader) for _ in range(accum)]
             input_ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
             labels = torch.cat([b["labels"] for b in batches]).to(self.device)
-            loss_fn = lambda logits, target: self.plan.loss(  # noqa: E731
-                logits, target, self.cfg.train.label_smoothing, self.cfg.train.z_loss
-            )
-            total_loss, total_ce = self.plan.pipeline.train_step(input_ids, labels, loss_fn, self.autocast)
+            depth = self.cfg.model.mtp_depth
+            result = self.plan.pipeline.train_step(input_ids, labels, self._pipeline_loss, self.autocast, depth)
+            total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
         for _ in range(accum):
             batch = next(self.train_loader)
@@ -243,6 +242,17 @@ class Trainer:
             if layer.cfg.router_z_loss > 0:
                 metrics[f"moe/{index}/router_z_loss"] = float(z / forwards.clamp(min=1))
         return metrics
+
+    def _pipeline_loss(self, output, target):
+        """The last stage's loss: the main loss, plus the MTP modules' (they live there) when it has them."""
+        logits, hidden = output if isinstance(output, tuple) else (output, None)
+        loss, parts = self.plan.loss(logits, target, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+        if hidden is not None:  # reported like the other paths: the main loss, MTP losses apart
+            parts["reported_loss"] = loss
+            with self.autocast():
+                loss = loss + self.model.mtp_loss(hidden, target)
+            parts["extra"] = torch.stack(self.model.last_mtp_losses)
+        return loss, parts
 
     def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
         if self.grid.size("dp") > 1:

@@ -14,13 +14,14 @@ from pretrain.model.config import ModelConfig
 
 
 def stage_costs(cfg: ModelConfig, seq_len: int) -> tuple[float, float, float]:
-    """(per block, embedding extra, head + loss extra) in training FLOPs per token."""
+    """(per block, embedding extra, head + loss (+ MTP modules) extra) in training FLOPs per token."""
     d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
     attn_params = d * cfg.n_heads * cfg.head_dim * 2 + d * kv * 2
     block = 6 * (attn_params + 3 * d * cfg.ffn_dim) + 12 * cfg.n_heads * cfg.head_dim * seq_len
     embedding = 6 * d  # a gather forward, a scatter-add backward: cheap, but counted
     head = 6 * d * cfg.vocab_size + 10 * cfg.vocab_size  # projection, plus softmax/cross-entropy
-    return float(block), float(embedding), float(head)
+    mtp = cfg.mtp_depth * (block + 6 * 2 * d * d + head)  # MTP modules (last stage): block, projection, head
+    return float(block), float(embedding), float(head + mtp)
 
 
 def balanced_layer_counts(n_layers: int, stages: int, block: float, first_extra: float, last_extra: float) -> list[int]:

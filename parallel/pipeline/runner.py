@@ -69,17 +69,25 @@ class PipelineRunner:
         for stage in self.stages:
             stage.autocast = autocast
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast) -> torch.Tensor:
-        """`input_ids`/`labels`: the step's micro-batches concatenated along dim 0. `loss_fn(logits, labels)`
-        returns (loss, parts). Returns [mean loss, mean plain CE] over the micro-batches, on every rank."""
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast,
+                   n_extra: int = 0) -> torch.Tensor:
+        """`input_ids`/`labels`: the step's micro-batches concatenated along dim 0. `loss_fn(output, labels)`
+        returns (loss, parts); `parts["extra"]` (n_extra values, e.g. MTP losses) is averaged too, and
+        `parts["reported_loss"]` (if given) is what is reported instead of the loss that is backpropagated.
+        Returns [mean loss, mean plain CE, *mean extras] over the micro-batches, on every rank."""
         if self._schedule is None:
             self._build(input_ids.device)
         self._set_autocast(autocast)
+        reported: list[torch.Tensor] = []
         ces: list[torch.Tensor] = []
+        extras: list[torch.Tensor] = []
 
-        def scalar_loss(logits, target):
-            loss, parts = loss_fn(logits, target)
+        def scalar_loss(output, target):
+            loss, parts = loss_fn(output, target)
+            reported.append(parts.get("reported_loss", loss).detach().float())
             ces.append(parts["ce"])
+            if n_extra:
+                extras.append(parts["extra"].float())
             return loss
 
         self._loss_fn = scalar_loss
@@ -88,9 +96,13 @@ class PipelineRunner:
         target = labels if self.has_last_stage else None
         self._schedule.step(*args, target=target, losses=losses if self.has_last_stage else None,
                             return_outputs=False)
-        result = torch.zeros(2, device=input_ids.device)
+        result = torch.zeros(2 + n_extra, device=input_ids.device)
         if self.has_last_stage:
-            result = torch.stack([torch.stack(losses).mean().detach().float(), torch.stack(ces).mean().float()])
+            # the first step also calls the loss once on placeholder outputs (metadata inference): keep the last m
+            m = self.n_microbatches
+            result = torch.stack([torch.stack(reported[-m:]).mean(), torch.stack(ces[-m:]).mean().float()])
+            if n_extra:
+                result = torch.cat([result, torch.stack(extras[-m:]).mean(0)])
         dist.broadcast(result, src=self.owner(self.num_stages - 1), group=self.pp_group)
         return result
 
@@ -118,14 +130,16 @@ class PipelineRunner:
 
 
 def _pause_statistics_during_metadata_inference(stage: PipelineStage, module: StageModule) -> None:
-    """The first schedule step runs each stage once on example inputs (uninitialized on later stages) to learn
-    the shapes it sends; that pass must not count as training (MoE load statistics)."""
-    inference = getattr(stage, "_forward_metadata_inference", None)
-    if inference is None:
-        return
+    """The first schedule step runs each stage (and the last stage's loss) once on example inputs (uninitialized
+    on later stages) to learn the shapes it sends; that pass must not count as training (MoE load statistics,
+    also of the MTP modules that run in the loss)."""
+    for name in ("_forward_metadata_inference", "_prepare_backward_infra"):
+        inference = getattr(stage, name, None)
+        if inference is None:
+            continue
 
-    def paused(*args, **kwargs):
-        with moe_statistics_paused(module):
-            return inference(*args, **kwargs)
+        def paused(*args, _inference=inference, **kwargs):
+            with moe_statistics_paused(module._model):
+                return _inference(*args, **kwargs)
 
-    stage._forward_metadata_inference = paused
+        setattr(stage, name, paused)

@@ -41,15 +41,20 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleList(model.layers[i] for i in layer_ids)
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        # run by the loss on the last stage, but their parameters are this stage's (the schedule scales them)
+        self.mtp = model.mtp if last else None
         object.__setattr__(self, "_model", model)  # for RoPE tables; not a submodule
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """Hidden states for the next stage; on the last stage the logits, and in training with MTP modules
+        (logits, last hidden state) for the loss function, which runs them."""
         with self.autocast():
             h = self.embed(x) if self.first else _ContiguousGrad.apply(x)
             h = self._model.forward_layers(h, self.blocks, self.seq_len)
             if self.last:
-                return self.lm_head(self.norm(h))
+                logits = self.lm_head(self.norm(h))
+                return (logits, h) if len(self._model.mtp) and self._model.training else logits
             return h.contiguous()  # sent to the next stage as is
 
 
@@ -64,3 +69,4 @@ def prune_model(model: nn.Module, kept_layers: set[int], has_first: bool, has_la
     if not has_last:
         model.norm = None
         model.lm_head = None
+        model.mtp = nn.ModuleList()  # the multi-token-prediction modules live on the last stage
