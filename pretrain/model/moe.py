@@ -191,7 +191,7 @@ class MoE(nn.Module):
             kept = position < capacity
         order = torch.argsort(flat_ids.masked_fill(~kept, self.cfg.num_experts), stable=True)[: int(kept.sum())]
         counts = torch.bincount(flat_ids[kept], minlength=self.cfg.num_experts)
-        expert_out = self.experts(x[token_of[order]], counts)
+        expert_out = self.experts(x.index_select(0, token_of[order]), counts)
         out = torch.zeros_like(x, dtype=expert_out.dtype)
         out.index_add_(0, token_of[order], expert_out * flat_weights[order].unsqueeze(-1).to(expert_out.dtype))
         self.last_stats["dropped"] = (~kept).sum().detach()
