@@ -196,23 +196,13 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def _tied_embedding_group(self):
-        grid = self.plan.grid
-        if not self.plan.tied_embedding or grid.size("embedding") < 2:
-            return None
-        return grid.group("embedding")
-
     def _pipelined_step(self, on_phase) -> None:
         self.initialize()
-        group = self._tied_embedding_group()
+        group = self.plan.tied_embedding_group
         on_phase("gradient sync")
-        if group is not None:
-            weight = self.model.embed.weight
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            dist.all_reduce(weight.grad, group=group)
-            if self.tied_copy is not None:
-                self.tied_copy.grad = None  # its sum now lives on the first stage, which DeepSpeed steps
+        self.plan.sync_tied_embedding(self.model)
+        if self.tied_copy is not None:
+            self.tied_copy.grad = None  # its sum now lives on the first stage, which DeepSpeed steps
         on_phase("optimizer step")
         self.engine.step()
         if group is not None:

@@ -70,14 +70,38 @@ class ParallelPlan:
     def pp(self) -> int:
         return self.grid.size("pp")
 
+    @property
+    def tied_embedding_group(self):
+        """The first and last stage of this rank's pipeline, when both hold a copy of the tied embedding."""
+        if self.tied_embedding and self.pp > 1 and self.grid.size("embedding") > 1:
+            return self.grid.group("embedding")
+        return None
+
+    def sync_tied_embedding(self, model: nn.Module) -> None:
+        """Sum the tied embedding's gradient over its first- and last-stage copies (no-op elsewhere)."""
+        group = self.tied_embedding_group
+        if group is not None:
+            if model.embed.weight.grad is None:
+                model.embed.weight.grad = torch.zeros_like(model.embed.weight)
+            dist.all_reduce(model.embed.weight.grad, group=group)
+
+    def merged_over_stages(self, local: dict) -> dict:
+        """Every pipeline stage's entries on every rank (collective over the pipeline group); a name held by
+        several stages (the tied embedding) keeps the first stage's value."""
+        if self.pp == 1:
+            return local
+        pieces: list[dict | None] = [None] * self.pp
+        dist.all_gather_object(pieces, local, group=self.grid.group("pp"))
+        merged: dict = {}
+        for piece in pieces:
+            for name, value in piece.items():
+                merged.setdefault(name, value)
+        return merged
+
     def sync_grads(self, model: nn.Module) -> None:
         if self.tp > 1:
             sync_tensor_parallel_grads(model, self.specs, self.grid.group("tp"))
-        if self.tied_embedding and self.pp > 1 and self.grid.size("embedding") > 1:
-            grad = model.embed.weight.grad
-            if grad is None:
-                grad = model.embed.weight.grad = torch.zeros_like(model.embed.weight)
-            dist.all_reduce(grad, group=self.grid.group("embedding"))
+        self.sync_tied_embedding(model)
         named = list(model.named_parameters())
         if self.grid.size("dp") > 1:
             dense = [p for name, p in named if name not in self.expert_names]
@@ -103,15 +127,7 @@ class ParallelPlan:
         for name, t in local.items():
             spec = self.spec(name)
             out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group(spec.group))
-        if self.pp > 1:  # each stage holds different names; every rank ends up with all of them
-            pieces: list[dict[str, torch.Tensor] | None] = [None] * self.pp
-            dist.all_gather_object(pieces, out, group=self.grid.group("pp"))
-            merged: dict[str, torch.Tensor] = {}
-            for piece in pieces:
-                for name, t in piece.items():
-                    merged.setdefault(name, t)
-            out = merged
-        return out
+        return self.merged_over_stages(out)  # each stage holds different names
 
     def local_tensors(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's shards cut from layout-free tensors (no communication); with pipeline parallelism, only

@@ -215,19 +215,13 @@ class Trainer:
         update (identical on every rank), and gives the logged statistics."""
         self.phase = "MoE load statistics"
         metrics = self._local_moe_metrics() if self.moe_layers else {}
-        if self.plan.pipeline is not None and self.grid.size("pp") > 1:  # each stage knows its own layers
-            pieces: list[dict | None] = [None] * self.grid.size("pp")
-            dist.all_gather_object(pieces, metrics, group=self.grid.group("pp"))
-            metrics = {k: v for piece in pieces for k, v in piece.items()}
-        return metrics
+        return self.plan.merged_over_stages(metrics)  # each stage knows its own layers
 
     def _local_moe_metrics(self) -> dict[str, float]:
         layers = self.moe_layers
         loads = torch.stack([layer.load_since_update for layer in layers.values()])
-        # per layer: dropped assignments, summed balance loss, summed router z-loss, forwards (micro-batches)
-        extras = torch.tensor([[float(layer.dropped_since_update), layer.aux_since_update["balance_loss"],
-                                layer.aux_since_update["router_z_loss"], float(layer.aux_since_update["forwards"])]
-                               for layer in layers.values()])
+        # per layer, in SUMMED_STATS order: dropped assignments, balance loss, router z-loss, forwards
+        extras = torch.stack([layer.stats_since_update for layer in layers.values()])
         if self.grid.size("dp") > 1:
             both = torch.cat([loads.flatten(), extras.flatten()])
             dist.all_reduce(both, group=self.grid.group("dp"))

@@ -54,6 +54,10 @@ class MoEConfig:
         return self.enabled and index >= self.first_k_dense
 
 
+# what `MoE.stats_since_update` sums, in order: dropped assignments, balance loss, router z-loss, forwards
+SUMMED_STATS = ("dropped", "balance_loss", "router_z_loss", "forwards")
+
+
 class AuxLossInjector(torch.autograd.Function):
     """Identity on `output` whose backward also sends `scale` as the gradient of `aux_loss`: the auxiliary loss
     joins the training loss wherever the output's gradient comes from (Megatron's MoEAuxLossAutoScaler)."""
@@ -174,8 +178,8 @@ class MoE(nn.Module):
         self.collect_statistics = True  # off for forwards that are not training steps (shape inference)
         self.last_stats: dict[str, torch.Tensor] = {}
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
-        self.dropped_since_update = 0
-        self.aux_since_update = {"balance_loss": 0.0, "router_z_loss": 0.0, "forwards": 0}
+        # sums since the last bias update, kept on the device (no host sync per forward)
+        self.register_buffer("stats_since_update", torch.zeros(len(SUMMED_STATS)), persistent=False)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Experts' weighted outputs for flat tokens x [N, d] routed to ids/weights [N, k]."""
@@ -195,8 +199,6 @@ class MoE(nn.Module):
         out = torch.zeros_like(x, dtype=expert_out.dtype)
         out.index_add_(0, token_of[order], expert_out * flat_weights[order].unsqueeze(-1).to(expert_out.dtype))
         self.last_stats["dropped"] = (~kept).sum().detach()
-        if self.training and self.collect_statistics:
-            self.dropped_since_update += int(self.last_stats["dropped"])
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,9 +217,10 @@ class MoE(nn.Module):
         out = out.view(batch, seq, d)
         aux = self._aux_loss(logits, scores, ids, batch, seq)
         if counting:
-            for key in ("balance_loss", "router_z_loss"):
-                self.aux_since_update[key] += float(self.last_stats.get(key, 0.0))
-            self.aux_since_update["forwards"] += 1
+            zero = torch.zeros((), device=load.device)
+            self.stats_since_update += torch.stack(
+                [self.last_stats["dropped"].float(), self.last_stats.get("balance_loss", zero),
+                 self.last_stats.get("router_z_loss", zero), torch.ones((), device=load.device)])
         if aux is not None and self.training and torch.is_grad_enabled():
             out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
         return out
@@ -250,8 +253,7 @@ class MoE(nn.Module):
         if self.cfg.bias_update_rate > 0 and load.sum() > 0:
             self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_since_update.zero_()
-        self.dropped_since_update = 0
-        self.aux_since_update = {"balance_loss": 0.0, "router_z_loss": 0.0, "forwards": 0}
+        self.stats_since_update.zero_()
 
 
 @contextlib.contextmanager
