@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tools.bench_report import micro_batch_for_dp, torchrun
 
 
 def layer_benchmark(cfg, repeats: int) -> dict:
@@ -101,12 +101,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def ep_overrides(config: str, overrides: list[str]) -> list[str]:
-    from pretrain.config import load_config
-
-    base = load_config(config, [*overrides, "tracking.mlflow=false"])
-    micro = base.train.micro_batch_size
-    if base.train.global_batch_size % (micro * 2):
-        micro = max(1, micro // 2)
+    micro = micro_batch_for_dp(config, overrides, 2)
     return ["parallel.dp=2", "parallel.ep=2", f"train.micro_batch_size={micro}", "tracking.mlflow=false",
             "deepspeed.enabled=false"]
 
@@ -138,11 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     layer = layer_benchmark(cfg, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "ep.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-               "tools.bench_moe", "--worker", "--result", str(result), "--run-dir", str(Path(tmp) / "runs"),
-               args.config, *args.overrides]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env)
+        torchrun("tools.bench_moe", 2, ["--worker", "--result", str(result), "--run-dir", str(Path(tmp) / "runs"),
+                                        args.config, *args.overrides])
         ep = json.loads(result.read_text())
     per_rank = ep["all_to_all_per_rank"]
     a2a = sum(per_rank) / len(per_rank)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tools.bench_report import torchrun
 
 DEFAULT_LAYOUTS = ["tp=1,dp=1", "tp=2,dp=1", "tp=2,dp=1,sp", "tp=1,dp=2"]
 
@@ -106,11 +106,9 @@ def worker(args: argparse.Namespace) -> None:
 def run_layout(layout_text: str, args: argparse.Namespace, result: Path, run_dir: Path) -> None:
     layout = parse_layout(layout_text)
     nproc = layout["tp"] * layout["dp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "tools.bench_parallel", "--worker", "--layout", layout_text, "--result", str(result),
-           "--run-dir", str(run_dir / layout_text), "--steps", str(args.steps), args.config, *args.overrides]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run(cmd, check=True, env=env)
+    torchrun("tools.bench_parallel", nproc, ["--worker", "--layout", layout_text, "--result", str(result),
+                                             "--run-dir", str(run_dir / layout_text), "--steps", str(args.steps),
+                                             args.config, *args.overrides], one_thread=False)
 
 
 def fmt_elements(n: float) -> str:

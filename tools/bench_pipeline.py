@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from tools.bench_report import torchrun
 
 SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("gpipe", 1)]
 
@@ -253,12 +252,10 @@ def main(argv: list[str] | None = None) -> None:
                                           f"train.global_batch_size={args.micro_batch * m}"])
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "results.jsonl"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.pp}",
-               "-m", "tools.bench_pipeline", "--worker", "--result", str(result), "--run-dir", str(Path(tmp) / "runs"),
-               "--pp", str(args.pp), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-               "--microbatches", *map(str, args.microbatches), "--", args.config, *args.overrides]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env)
+        torchrun("tools.bench_pipeline", args.pp, [
+            "--worker", "--result", str(result), "--run-dir", str(Path(tmp) / "runs"), "--pp", str(args.pp),
+            "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+            "--microbatches", *map(str, args.microbatches), "--", args.config, *args.overrides])
         rows = [json.loads(line) for line in result.read_text().splitlines()]
     r0 = rows[0][0]
     body = "\n".join([

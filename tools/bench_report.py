@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: describe the machine, and replace one named section of BENCHMARKS.md."""
+"""Shared by the benchmarks: describe the machine, replace one named section of BENCHMARKS.md, launch workers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import datetime
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -39,3 +41,26 @@ def write_section(path: Path, name: str, title: str, machine: str, body: str) ->
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def torchrun(module: str, nproc: int, args: list[str], one_thread: bool = True) -> None:
+    """`python -m module args` under torchrun (standalone rendezvous) with `nproc` processes and this repository
+    on the path; `one_thread`: one OpenMP thread per process (else the worker sets its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
+           *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    subprocess.run(cmd, check=True, env=env)
+
+
+def micro_batch_for_dp(config: str, overrides: list[str], dp: int) -> int:
+    """The config's micro-batch size, halved (divided by dp) only when the global batch does not split over dp
+    ranks with it."""
+    from pretrain.config import load_config
+
+    base = load_config(config, [*overrides, "tracking.mlflow=false"])
+    micro = base.train.micro_batch_size
+    if base.train.global_batch_size % (micro * dp):
+        micro = max(1, micro // dp)
+    return micro

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tools.bench_report import micro_batch_for_dp, torchrun
 
 ENGINES = ["plain", "zero0", "zero1", "zero2", "zero3"]
 
@@ -38,12 +37,7 @@ def engine_overrides(engine: str) -> list[str]:
 
 def layout_overrides(config: str, overrides: list[str], dp: int) -> list[str]:
     """DP over `dp` ranks with the config's global batch: the micro-batch shrinks by dp when it must."""
-    from pretrain.config import load_config
-
-    base = load_config(config, [*overrides, "tracking.mlflow=false"])
-    micro = base.train.micro_batch_size
-    if base.train.global_batch_size % (micro * dp):
-        micro = max(1, micro // dp)
+    micro = micro_batch_for_dp(config, overrides, dp)
     return [f"parallel.dp={dp}", f"train.micro_batch_size={micro}", "tracking.mlflow=false"]
 
 
@@ -196,12 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         result = Path(tmp) / "results.jsonl"
         for engine in ENGINES:
             print(f"== {engine}", flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.dp}",
-                   "-m", "tools.bench_zero", "--worker", "--engine", engine, "--result", str(result),
-                   "--run-dir", str(Path(tmp) / engine), "--dp", str(args.dp), "--steps", str(args.steps),
-                   args.config, *args.overrides]
-            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-            subprocess.run(cmd, check=True, env=env)
+            torchrun("tools.bench_zero", args.dp, [
+                "--worker", "--engine", engine, "--result", str(result), "--run-dir", str(Path(tmp) / engine),
+                "--dp", str(args.dp), "--steps", str(args.steps), args.config, *args.overrides])
         records = [json.loads(line) for line in result.read_text().splitlines()]
     first = records[0]
     body = "\n".join([
