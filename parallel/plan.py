@@ -161,6 +161,8 @@ def parallelize(
     sp = sequence_parallel and grid.size("tp") > 1
     plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,
                         tied_embedding=model.cfg.tie_embeddings, expert_names=expert_names)
+    if grid.size("tp") > 1:
+        model.mtp_loss_function = plan.loss  # the MTP depths' logits are split over the vocabulary too
     if grid.size("pp") > 1:
         plan.pipeline, plan.not_counted = _pipeline(model, grid, pipeline or PipelineOptions(), sp)
         plan.local_names = {name for name, _ in model.named_parameters()}

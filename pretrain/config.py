@@ -233,6 +233,8 @@ def validate_parallel(cfg: Config) -> None:
                  f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: experts are spread over data-parallel ranks")
         _require(not cfg.deepspeed.enabled, "parallel.ep",
                  "expert parallelism with DeepSpeed is not available yet; use deepspeed.enabled=false")
+        _require(p.tp == 1, "parallel.ep", "expert parallelism with tensor parallelism is not available yet; use "
+                 "parallel.ep=1 (MoE layers then split every expert over the tensor-parallel ranks) or parallel.tp=1")
         _require(p.pp == 1, "parallel.ep", "expert parallelism with pipeline parallelism is not available yet; use "
                  "parallel.pp=1 (or parallel.ep=1: MoE layers run under PP without expert parallelism)")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
@@ -275,8 +277,10 @@ def validate_moe(cfg: Config) -> None:
                 "capacity_factor"):
         _require(getattr(e, key) >= 0, f"model.moe.{key}", f"must be >= 0, got {getattr(e, key)}")
     _require(e.routed_scaling > 0, "model.moe.routed_scaling", "must be positive")
-    _require(cfg.parallel.tp == 1, "parallel.tp",
-             "tensor parallelism of MoE layers is not available yet (expert parallelism comes first); use tp=1")
+    hidden = e.hidden(m.ffn_dim)
+    _require(hidden % cfg.parallel.tp == 0, "model.moe.expert_hidden",
+             f"expert hidden size {hidden} is not divisible by parallel.tp={cfg.parallel.tp} (each expert is split "
+             "over the tensor-parallel ranks)")
 
 
 def validate_mtp(cfg: Config) -> None:
@@ -287,8 +291,6 @@ def validate_mtp(cfg: Config) -> None:
         return
     _require(m.mtp_depth < cfg.data.seq_len, "model.mtp_depth",
              f"depth {m.mtp_depth} leaves no positions in sequences of data.seq_len={cfg.data.seq_len}")
-    _require(cfg.parallel.tp == 1, "parallel.tp", "multi-token prediction with tensor parallelism is not "
-             "available yet; use tp=1")
     _require(cfg.parallel.pp == 1 or m.tie_embeddings, "model.tie_embeddings",
              "multi-token prediction under pipeline parallelism embeds tokens on the last stage with the copy of the "
              "tied embedding kept there; set model.tie_embeddings=true (or parallel.pp=1)")

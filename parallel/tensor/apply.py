@@ -5,6 +5,9 @@
     o_proj           → RowParallelLinear
     gate/up_proj     → ColumnParallelLinear
     down_proj        → RowParallelLinear
+    MoE layers       → TensorParallelMoE (parallel/tensor/moe.py): experts' hidden size split, router replicated
+    MTP modules      → their blocks as above; the norm before the shared head enters the TP region; the
+                       projection and the other norms are replicated (sequence-parallel like the block norms)
     lm_head          → ColumnParallelLinear over the vocabulary (tied: shares the embedding's shard)
     norms            → unchanged; with sequence parallelism they run on sequence shards and their grads
                        are summed over the tensor-parallel group. The norms feeding column-parallel layers
@@ -31,6 +34,8 @@ from parallel.tensor.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from parallel.tensor.moe import TensorParallelMoE, tensor_parallel_moe_specs
+from pretrain.model.moe import MoE
 
 
 class TensorParallelError(ValueError):
@@ -41,7 +46,7 @@ class TensorParallelError(ValueError):
 class ShardSpec:
     """How a full tensor relates to this rank's piece of it."""
 
-    kind: str  # "replicated" | "rows" | "cols" | "kv_rows"
+    kind: str  # "replicated" | "rows" | "cols" | "kv_rows" | "split" (along `dim`)
     rank: int = 0
     world: int = 1
     # kv_rows: this rank holds KV head `kv_head` of `n_kv_heads`, each `head_dim` rows.
@@ -52,6 +57,11 @@ class ShardSpec:
     sequence_parallel: bool = False
     # The grid group the tensor is split over: "tp", or "ep" for expert weights.
     group: str = "tp"
+    dim: int = 0  # "split": the dimension cut into `world` equal pieces (rows: 0, cols: 1)
+
+    @property
+    def split_dim(self) -> int | None:
+        return {"rows": 0, "cols": 1, "split": self.dim}.get(self.kind)
 
     @property
     def counted_once(self) -> bool:
@@ -103,6 +113,9 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     cfg = model.cfg
     check_divisibility(cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.d_model, cfg.ffn_dim, world)
+    if cfg.moe.enabled and cfg.moe.hidden(cfg.ffn_dim) % world:
+        raise TensorParallelError(f"parallel.tp={world} does not divide the expert hidden size "
+                                  f"{cfg.moe.hidden(cfg.ffn_dim)} (model.moe.expert_hidden)")
     if sequence_parallel and cfg.dropout > 0:
         raise TensorParallelError("sequence parallelism with dropout needs per-rank RNG streams; set model.dropout=0")
     specs: dict[str, ShardSpec] = {}
@@ -115,23 +128,32 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     column = lambda linear: ColumnParallelLinear.from_linear(  # noqa: E731
         linear, group, sequence_parallel, enters_region=False
     )
-    for i, block in enumerate(model.layers):
+    blocks = {f"layers.{i}": block for i, block in enumerate(model.layers)}
+    blocks |= {f"mtp.{k}.block": module.block for k, module in enumerate(model.mtp)}
+    for p, block in blocks.items():
         attn, mlp = block.attn, block.mlp
         block.attn_norm.register_forward_hook(entry)
-        block.mlp_norm.register_forward_hook(entry)
         attn.q_proj = column(attn.q_proj)
         attn.k_proj, k_spec = _kv_projection(attn.k_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
         attn.v_proj, v_spec = _kv_projection(attn.v_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sequence_parallel)
+        specs.update({
+            f"{p}.attn.q_proj.weight": rows, f"{p}.attn.k_proj.weight": k_spec, f"{p}.attn.v_proj.weight": v_spec,
+            f"{p}.attn.o_proj.weight": cols,
+        })
+        if isinstance(mlp, MoE):  # enters and leaves the TP region itself (the router stays outside it)
+            block.mlp = TensorParallelMoE(mlp, group, sequence_parallel)
+            specs.update(tensor_parallel_moe_specs(f"{p}.mlp", rank, world, ShardSpec))
+            continue
+        block.mlp_norm.register_forward_hook(entry)
         mlp.gate_proj = column(mlp.gate_proj)
         mlp.up_proj = column(mlp.up_proj)
         mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group, sequence_parallel)
-        p = f"layers.{i}"
         specs.update({
-            f"{p}.attn.q_proj.weight": rows, f"{p}.attn.k_proj.weight": k_spec, f"{p}.attn.v_proj.weight": v_spec,
-            f"{p}.attn.o_proj.weight": cols, f"{p}.mlp.gate_proj.weight": rows, f"{p}.mlp.up_proj.weight": rows,
-            f"{p}.mlp.down_proj.weight": cols,
+            f"{p}.mlp.gate_proj.weight": rows, f"{p}.mlp.up_proj.weight": rows, f"{p}.mlp.down_proj.weight": cols,
         })
+    for module in model.mtp:  # the norm before the shared (column-parallel) head
+        module.norm.register_forward_hook(entry)
     model.norm.register_forward_hook(entry)
     lm_head = column(model.lm_head)
     if tied:
@@ -141,7 +163,9 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     model.lm_head = lm_head
 
     replicated = ShardSpec("replicated", rank, world, sequence_parallel=sequence_parallel)
-    for name, _ in model.named_parameters():
+    names = {name for name, _ in model.named_parameters()}
+    specs = {name: spec for name, spec in specs.items() if name in names}
+    for name in names:
         specs.setdefault(name, replicated)
     return specs
 
@@ -188,10 +212,8 @@ def gather_full(tensor: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:
     """The full tensor from every rank's shard (collective: all TP ranks must call it)."""
     if spec.kind == "replicated" or group is None:
         return tensor.detach().clone()
-    if spec.kind == "rows":
-        return comm.all_gather(tensor.detach(), 0, group)
-    if spec.kind == "cols":
-        return comm.all_gather(tensor.detach(), 1, group)
+    if spec.split_dim is not None:
+        return comm.all_gather(tensor.detach(), spec.split_dim, group)
     rows = spec.head_dim
     full = torch.zeros((spec.n_kv_heads * rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     if spec.rank == first_rank_with_kv_head(spec.kv_head, spec.n_kv_heads, spec.world):
@@ -204,8 +226,6 @@ def shard_of(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     """This rank's piece of a full tensor (no communication)."""
     if spec.kind == "replicated":
         return full
-    if spec.kind == "rows":
-        return full.chunk(spec.world, dim=0)[spec.rank]
-    if spec.kind == "cols":
-        return full.chunk(spec.world, dim=1)[spec.rank]
+    if spec.split_dim is not None:
+        return full.chunk(spec.world, dim=spec.split_dim)[spec.rank]
     return full[spec.kv_head * spec.head_dim : (spec.kv_head + 1) * spec.head_dim]

@@ -7,6 +7,10 @@
     gather_sequence            all-gather (dim 1)          reduce-scatter (dim 1)
     reduce_scatter_sequence    reduce-scatter (dim 1)      all-gather (dim 1)
     split_sequence             take own slice (dim 1)      all-gather (dim 1)
+    gather_sequence_whole      all-gather (dim 1)          take own slice (dim 1)
+
+`gather_sequence_whole` is for consumers that then compute the same thing on every rank (an MoE router on all
+tokens): their input gradients are already complete and equal on every rank, so nothing is summed.
 
 Activations are [batch, seq, hidden]; sequence parallelism shards dim 1. Collectives use dim-0
 concatenation only (what gloo supports), so tensors are moved to dim 0 and back around them.
@@ -126,6 +130,17 @@ class _SplitSequence(torch.autograd.Function):
         return all_gather(grad, 1, ctx.group), None
 
 
+class _GatherSequenceWhole(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, 1, ctx.group), None
+
+
 def copy_to_tp(x, group):
     return _CopyToTP.apply(x, group)
 
@@ -148,3 +163,7 @@ def reduce_scatter_sequence(x, group):
 
 def split_sequence(x, group):
     return _SplitSequence.apply(x, group)
+
+
+def gather_sequence_whole(x, group):
+    return _GatherSequenceWhole.apply(x, group)

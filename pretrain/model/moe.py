@@ -204,17 +204,28 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, d = x.shape
         flat = x.reshape(-1, d)
+        logits, scores, ids, weights = self.route(flat)
+        out = self.experts_output(flat, ids, weights)
+        return self.finish(out.view(batch, seq, d), logits, scores, ids, batch, seq)
+
+    def route(self, flat: torch.Tensor):
+        """Router logits and scores [N, E], and each token's top-k expert ids and weights [N, k]."""
         logits, scores = self.router.scores(flat)
         ids, weights = self.router.select(scores)
+        return logits, scores, ids, weights
+
+    def experts_output(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted outputs plus the shared experts', [N, d]."""
         out = self.dispatch(flat, ids, weights)
-        if self.shared is not None:
-            out = out + self.shared(flat)
+        return out + self.shared(flat) if self.shared is not None else out
+
+    def finish(self, out: torch.Tensor, logits, scores, ids, batch: int, seq: int) -> torch.Tensor:
+        """Records the load statistics of this forward and attaches the auxiliary losses to `out`'s gradient."""
         load = torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts).float()
         counting = self.training and self.collect_statistics
         if counting:
             self.load_since_update += load
         self.last_stats.update(tokens_per_expert=load.detach(), imbalance=(load.max() / load.mean()).detach())
-        out = out.view(batch, seq, d)
         aux = self._aux_loss(logits, scores, ids, batch, seq)
         if counting:
             zero = torch.zeros((), device=load.device)

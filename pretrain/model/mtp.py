@@ -3,8 +3,11 @@ further ahead with the main model's embedding and output head. Plain torch, no p
 
 Depth k (1..D) at position i combines the previous depth's hidden state h_{k-1}[i] (depth 0: the main model's
 last hidden state) with the embedding of token x[i+k]: RMSNorm both, concatenate, project 2d -> d, run one
-transformer block, and predict x[i+k+1]. With labels y[i] = x[i+1], depth k uses positions i < T-k:
-inputs y[k-1 : T-1] and targets y[k : T].
+transformer block, and predict x[i+k+1]. With labels y[i] = x[i+1], depth k has targets at positions i < T-k:
+inputs y[k-1 : T-1] and targets y[k : T]. They are kept at the full length T (the inputs padded with token 0, the
+targets with the ignore index) so that every depth's positions line up with the main model's: a sequence shard
+(sequence parallelism) holds the same positions at every depth, and causal attention keeps the padding out of
+the positions that count.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ import torch
 from torch import nn
 
 
-def mtp_inputs_and_targets(labels: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens to embed (x[i+k]) and targets (x[i+k+1]) of depth k, for positions i < T - k. Ignored labels
-    (-100) are embedded as token 0; they stay ignored as targets."""
+def mtp_inputs_and_targets(
+    labels: torch.Tensor, depth: int, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens to embed (x[i+k]) and targets (x[i+k+1]) of depth k at every position i < T; positions i >= T - k
+    have no target (ignore_index). Ignored labels are embedded as token 0; they stay ignored as targets."""
     seq = labels.shape[1]
-    return labels[:, depth - 1 : seq - 1].clamp(min=0), labels[:, depth:]
+    tokens = torch.zeros_like(labels)
+    tokens[:, : seq - depth] = labels[:, depth - 1 : seq - 1].clamp(min=0)
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, : seq - depth] = labels[:, depth:]
+    return tokens, targets
 
 
 class MTPModule(nn.Module):

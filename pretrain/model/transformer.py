@@ -97,6 +97,8 @@ class Transformer(nn.Module):
         )
         self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
         self.last_mtp_losses: list[torch.Tensor] = []
+        # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
+        self.mtp_loss_function = lm_loss
         self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.head_dim), persistent=False)
         self.reset_parameters()
 
@@ -157,6 +159,6 @@ class Transformer(nn.Module):
         for depth, module in enumerate(self.mtp, start=1):
             tokens, targets = mtp_inputs_and_targets(labels, depth)
             hidden = module(hidden, self.embed(tokens), cos, sin)
-            losses.append(lm_loss(self.lm_head(module.norm(hidden)), targets)[0])
+            losses.append(self.mtp_loss_function(self.lm_head(module.norm(hidden)), targets)[0])
         self.last_mtp_losses = [loss.detach() for loss in losses]
         return self.cfg.mtp_weight * torch.stack(losses).mean()

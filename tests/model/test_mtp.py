@@ -14,16 +14,18 @@ def test_depth_k_embeds_token_i_plus_k_and_predicts_token_i_plus_k_plus_1():
     seq = input_ids.shape[1]
     for depth in (1, 2, 3):
         embedded, targets = mtp_inputs_and_targets(labels, depth)
+        assert embedded.shape == targets.shape == labels.shape  # full length: positions line up with the main model
         positions = torch.arange(seq - depth)
-        assert torch.equal(embedded[0], positions + depth), depth
-        assert torch.equal(targets[0], positions + depth + 1), depth
+        assert torch.equal(embedded[0, : seq - depth], positions + depth), depth
+        assert torch.equal(targets[0, : seq - depth], positions + depth + 1), depth
+        assert (targets[0, seq - depth :] == -100).all() and (embedded[0, seq - depth :] == 0).all(), depth
 
 
 def test_ignored_labels_stay_ignored_targets():
     labels = torch.tensor([[5, -100, 7, 8]])
     embedded, targets = mtp_inputs_and_targets(labels, 1)
-    assert torch.equal(embedded, torch.tensor([[5, 0, 7]]))
-    assert torch.equal(targets, torch.tensor([[-100, 7, 8]]))
+    assert torch.equal(embedded, torch.tensor([[5, 0, 7, 0]]))
+    assert torch.equal(targets, torch.tensor([[-100, 7, 8, -100]]))
 
 
 def tiny(**overrides) -> Transformer:
@@ -48,10 +50,9 @@ def test_mtp_loss_joins_the_gradient_of_the_logits_with_the_trainers_scale():
     hidden = model.forward_layers(model.embed(ids), model.layers, 12)
     cos, sin = model.rope(12)
     losses, h = [], hidden
-    for depth, module in enumerate(model.mtp, start=1):
-        tokens, targets = mtp_inputs_and_targets(labels, depth)
-        h = module(h, model.embed(tokens), cos, sin)
-        losses.append(lm_loss(model.lm_head(module.norm(h)), targets)[0])
+    for depth, module in enumerate(model.mtp, start=1):  # the definition: depth k on positions i < T - k only
+        h = module(h[:, : 12 - depth], model.embed(labels[:, depth - 1 : 11]), cos, sin)
+        losses.append(lm_loss(model.lm_head(module.norm(h)), labels[:, depth:])[0])
     (0.25 * 0.5 * torch.stack(losses).mean()).backward()
     for name, grad in got.items():
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name

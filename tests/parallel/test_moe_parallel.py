@@ -1,7 +1,9 @@
 """MoE (+ MTP) on several ranks equals one process, through the real `pretrain train` command: DP=2 with the
 plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts),
-PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding). Loss and grad
-norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free expert biases.
+PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding), TP=2 with
+and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), and TP=2+SP with PP=2.
+Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
+expert biases.
 Tolerances as in test_zero.py (fp32): loss 1e-5, grad norm 2e-5 relative, parameters 5e-5, moments 1e-6; the
 biases move in exact steps of ±rate, so they must be equal."""
 
@@ -31,6 +33,10 @@ LAYOUTS = {
     "moe pp2": ("moe", [*MOE, "parallel.pp=2"], 2),
     "moe+mtp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2"], 2),
     "moe+mtp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2"], 2),
+    "moe+mtp tp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2"], 2),
+    "moe+mtp tp2 sp": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
+    "moe+mtp tp2 sp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true",
+                                       "parallel.pp=2"], 4),
 }
 
 
