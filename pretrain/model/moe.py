@@ -74,6 +74,33 @@ class AuxLossInjector(torch.autograd.Function):
         return grad, torch.full_like(aux_loss, ctx.scale), None
 
 
+_TORCH_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """What grouped_mm computes, one matmul per group: 2-D a [rows, k] with 3-D b [G, k, n] -> [rows, n]; 2-D a
+    [m, rows] with 2-D b [rows, n] -> [G, m, n] (the weight gradient)."""
+    starts = [0, *ends.tolist()[:-1]]
+    pieces = list(zip(starts, ends.tolist(), strict=True))
+    if b.dim() == 3:
+        out = a.new_zeros((a.shape[0], b.shape[-1]))
+        for g, (start, end) in enumerate(pieces):
+            out[start:end] = a[start:end] @ b[g]
+        return out
+    return torch.stack([a[:, start:end] @ b[start:end] for start, end in pieces])
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM where this torch build has one for the device, dtype and strides (some builds only for
+    bf16 on recent GPUs; all need 16-byte aligned rows), else the same product as a loop over groups."""
+    if _TORCH_GROUPED_MM is not None:
+        try:
+            return _TORCH_GROUPED_MM(a, b, offs=ends)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _grouped_mm_loop(a, b, ends)
+
+
 class GroupedLinear(torch.autograd.Function):
     """y[rows of group g] = x[rows of group g] @ w[g] for tokens sorted by group; `ends` are the cumulative row
     counts. One grouped GEMM (torch.nn.functional.grouped_mm) each for the output and both gradients."""
@@ -81,14 +108,14 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, ends):
         ctx.save_for_backward(x, weight, ends)
-        return F.grouped_mm(x, weight, offs=ends)
+        return grouped_mm(x, weight, ends)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, ends = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = F.grouped_mm(grad, weight.transpose(1, 2), offs=ends)
-        grad_w = F.grouped_mm(x.t(), grad, offs=ends)
+        grad_x = grouped_mm(grad, weight.transpose(1, 2), ends)
+        grad_w = grouped_mm(x.t(), grad, ends)
         return grad_x, grad_w, None
 
 
@@ -182,23 +209,29 @@ class MoE(nn.Module):
         self.register_buffer("stats_since_update", torch.zeros(len(SUMMED_STATS)), persistent=False)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Experts' weighted outputs for flat tokens x [N, d] routed to ids/weights [N, k]."""
+        """Experts' weighted outputs for flat tokens x [N, d] routed to ids/weights [N, k].
+
+        Assignments (token n, slot j) are flattened to n·k + j, sorted by expert, computed, put back in slot order
+        and summed with their weights per token: no atomic scatter-add, so the result is deterministic on GPUs too;
+        dropless routing needs no host synchronization."""
         n_tokens, k = ids.shape
         flat_ids = ids.reshape(-1)
-        token_of = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
-        flat_weights = weights.reshape(-1)
-        kept = torch.ones_like(flat_ids, dtype=torch.bool)
         if self.cfg.capacity_factor > 0:
             capacity = math.ceil(self.cfg.capacity_factor * n_tokens * k / self.cfg.num_experts)
             one_hot = F.one_hot(flat_ids, self.cfg.num_experts)
             position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of this assignment within its expert
             kept = position < capacity
-        order = torch.argsort(flat_ids.masked_fill(~kept, self.cfg.num_experts), stable=True)[: int(kept.sum())]
-        counts = torch.bincount(flat_ids[kept], minlength=self.cfg.num_experts)
-        expert_out = self.experts(x.index_select(0, token_of[order]), counts)
-        out = torch.zeros_like(x, dtype=expert_out.dtype)
-        out.index_add_(0, token_of[order], expert_out * flat_weights[order].unsqueeze(-1).to(expert_out.dtype))
-        self.last_stats["dropped"] = (~kept).sum().detach()
+            order = torch.argsort(flat_ids.masked_fill(~kept, self.cfg.num_experts), stable=True)[: int(kept.sum())]
+            counts = torch.bincount(flat_ids[kept], minlength=self.cfg.num_experts)
+            self.last_stats["dropped"] = (~kept).sum().detach()
+        else:
+            order = torch.argsort(flat_ids, stable=True)
+            counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts)
+            self.last_stats["dropped"] = torch.zeros((), dtype=torch.long, device=x.device)
+        expert_out = self.experts(x[order // k], counts)
+        per_slot = expert_out.new_zeros((n_tokens * k, expert_out.shape[-1]))  # dropped assignments stay zero
+        per_slot[order] = expert_out
+        out = (per_slot.view(n_tokens, k, -1) * weights.unsqueeze(-1).to(per_slot.dtype)).sum(1)
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -161,3 +161,17 @@ def test_moe_model_parameter_counts():
     assert count_parameters(cfg) - count_parameters(cfg, active=True) == 2 * (4 - 2) * expert
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.shape == (2, 16, 64)
+
+
+def test_grouped_mm_loop_fallback_equals_torch_grouped_mm():
+    """The per-group loop (used where torch has no grouped GEMM for the device and dtype) computes the same
+    products as torch's grouped_mm, for the output and for the weight-gradient form."""
+    from pretrain.model.moe import _TORCH_GROUPED_MM, _grouped_mm_loop, grouped_mm
+
+    torch.manual_seed(0)
+    ends = torch.tensor([3, 3, 10, 16], dtype=torch.int32)  # an empty group included
+    x, w, g = torch.randn(16, 8), torch.randn(4, 8, 12), torch.randn(16, 12)
+    assert torch.allclose(_grouped_mm_loop(x, w, ends), _TORCH_GROUPED_MM(x, w, offs=ends), atol=1e-5)
+    assert torch.allclose(_grouped_mm_loop(x.t(), g, ends), _TORCH_GROUPED_MM(x.t(), g, offs=ends), atol=1e-5)
+    odd = torch.randn(4, 8, 5)  # rows of 20 bytes: torch refuses, the loop computes it
+    assert torch.allclose(grouped_mm(x, odd, ends)[3:10], x[3:10] @ odd[2], atol=1e-5)
