@@ -7,6 +7,7 @@ the rest (names stay the full model's)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -126,17 +127,26 @@ class ParallelPlan:
         out = {}
         for name, t in local.items():
             spec = self.spec(name)
-            out[name] = t.detach().clone() if t.dim() == 0 else gather_full(t, spec, self.grid.group(spec.group))
+            if t.dim() == 0:
+                out[name] = t.detach().clone()
+                continue
+            out[name] = gather_full(t, spec, self.grid.group(spec.group))
+            if spec.outer is not None:
+                out[name] = gather_full(out[name], spec.outer, self.grid.group(spec.outer.group))
         return self.merged_over_stages(out)  # each stage holds different names
 
     def local_tensors(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's shards cut from layout-free tensors (no communication); with pipeline parallelism, only
         those of the parameters this rank's stages hold."""
-        return {
-            name: t if t.dim() == 0 else shard_of(t, self.spec(name)).clone()
-            for name, t in full.items()
-            if self.local_names is None or name.split("/", 1)[0] in self.local_names
-        }
+        out = {}
+        for name, t in full.items():
+            if self.local_names is not None and name.split("/", 1)[0] not in self.local_names:
+                continue
+            spec = self.spec(name)
+            if t.dim() > 0 and spec.outer is not None:
+                t = shard_of(t, spec.outer)
+            out[name] = t if t.dim() == 0 else shard_of(t, spec).clone()
+        return out
 
     def spec(self, name: str) -> ShardSpec:
         return self.specs.get(name.split("/", 1)[0], ShardSpec("replicated"))
@@ -154,9 +164,10 @@ def parallelize(
     expert_names: frozenset[str] = frozenset()
     if grid.size("ep") > 1:
         expert_specs = apply_expert_parallel(model, grid.group("ep"))
-        specs = {name: spec for name, spec in specs.items() if not name.endswith(("experts.gate", "experts.up",
-                                                                                     "experts.down"))}
-        specs |= expert_specs
+        for name, ep_spec in expert_specs.items():  # under TP each expert is also split along its hidden size
+            tp_spec = specs.get(name)
+            split_by_tp = tp_spec is not None and tp_spec.kind != "replicated"
+            specs[name] = dataclasses.replace(tp_spec, outer=ep_spec) if split_by_tp else ep_spec
         expert_names = frozenset(expert_specs)
     sp = sequence_parallel and grid.size("tp") > 1
     plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,

@@ -58,6 +58,9 @@ class ShardSpec:
     # The grid group the tensor is split over: "tp", or "ep" for expert weights.
     group: str = "tp"
     dim: int = 0  # "split": the dimension cut into `world` equal pieces (rows: 0, cols: 1)
+    # A second cut, over another group, made before this one (an expert weight: experts over "ep", then each
+    # expert's hidden size over "tp"): the full tensor is cut by `outer` first, that piece by this spec.
+    outer: ShardSpec | None = None
 
     @property
     def split_dim(self) -> int | None:

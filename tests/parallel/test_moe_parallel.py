@@ -37,6 +37,8 @@ LAYOUTS = {
     "moe+mtp tp2 sp": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "moe+mtp tp2 sp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true",
                                        "parallel.pp=2"], 4),
+    "moe+mtp tp2 sp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp=2",
+                                       "parallel.ep=2"], 4),
 }
 
 
@@ -75,3 +77,15 @@ def test_expert_parallel_checkpoint_resumes_on_one_process(parallel_data, refere
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in range(5, 9):
         assert abs(resumed[step] - want[step]["loss"]) < 2e-4, (step, resumed[step], want[step]["loss"])
+
+
+def test_one_process_checkpoint_resumes_split_over_tp_and_ep_ranks(parallel_data, references, tmp_path):
+    """The reverse cut: a one-process checkpoint loads into TP=2 x EP=2 (each expert weight cut over the experts,
+    then over its hidden size) and training continues as one process would."""
+    layout = [*MOE, *MTP, "parallel.tp=2", "parallel.dp=2", "parallel.ep=2"]
+    resumed = train(parallel_data, tmp_path / "split", *layout, nproc=4,
+                    resume=references / "moe_mtp/checkpoints/step_00000004")
+    want = train_metrics(references / "moe_mtp")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert abs(resumed[step] - want[step]["loss"]) < 1e-5, (step, resumed[step], want[step]["loss"])
