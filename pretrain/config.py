@@ -233,8 +233,6 @@ def validate_parallel(cfg: Config) -> None:
                  f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: experts are spread over data-parallel ranks")
         _require(not cfg.deepspeed.enabled, "parallel.ep",
                  "expert parallelism with DeepSpeed is not available yet; use deepspeed.enabled=false")
-        _require(p.pp == 1, "parallel.ep", "expert parallelism with pipeline parallelism is not available yet; use "
-                 "parallel.pp=1 (or parallel.ep=1: MoE layers run under PP without expert parallelism)")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     if p.tp > 1:
         for key, value in (("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),

@@ -1,7 +1,8 @@
 """MoE (+ MTP) on several ranks equals one process, through the real `pretrain train` command: DP=2 with the
 plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts),
 PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding), TP=2 with
-and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), and TP=2+SP with PP=2.
+and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and
+EP=2 with PP=2 and with TP=2+SP.
 Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
 expert biases.
 Tolerances as in test_zero.py (fp32): loss 1e-5, grad norm 2e-5 relative, parameters 5e-5, moments 1e-6; the
@@ -37,6 +38,8 @@ LAYOUTS = {
     "moe+mtp tp2 sp": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "moe+mtp tp2 sp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true",
                                        "parallel.pp=2"], 4),
+    "moe+mtp pp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
+                                    "train.micro_batch_size=2"], 4),
     "moe+mtp tp2 sp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp=2",
                                        "parallel.ep=2"], 4),
 }
