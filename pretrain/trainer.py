@@ -63,6 +63,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.moe_layers = self.model.moe_layers()
+        self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step
         # MoE and MTP losses join the gradient inside the model: they get the factor the main loss gets
         aux_scale = 1.0 if self.plan.pipeline is not None else 1.0 / cfg.grad_accum_steps
         for module in [self.model, *self.moe_layers.values()]:
@@ -215,7 +216,10 @@ class Trainer:
         update (identical on every rank), and gives the logged statistics."""
         self.phase = "MoE load statistics"
         metrics = self._local_moe_metrics() if self.moe_layers else {}
-        return self.plan.merged_over_stages(metrics)  # each stage knows its own layers
+        merged = self.plan.merged_over_stages(metrics)  # each stage knows its own layers
+        self.expert_loads = {k.removeprefix("tokens_per_expert/"): merged.pop(k) for k in sorted(merged)
+                             if k.startswith("tokens_per_expert/")}
+        return merged
 
     def _local_moe_metrics(self) -> dict[str, float]:
         layers = self.moe_layers
@@ -229,6 +233,7 @@ class Trainer:
         metrics = {}
         for (index, layer), load, (drop, balance, z, forwards) in zip(layers.items(), loads, extras, strict=True):
             layer.bias_update(load)
+            metrics[f"tokens_per_expert/{index}"] = [int(n) for n in load.tolist()]  # written by ExpertLoadLog
             metrics[f"moe/{index}/imbalance"] = float(load.max() / load.mean().clamp(min=1e-9))
             metrics[f"moe/{index}/dropped_share"] = float(drop / load.sum().clamp(min=1))
             if layer.cfg.aux_loss_weight > 0:

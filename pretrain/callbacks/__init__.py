@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pretrain.callbacks.base import Callback
 from pretrain.callbacks.checkpointing import Checkpointing
+from pretrain.callbacks.expert_load_log import ExpertLoadLog
 from pretrain.callbacks.metrics_log import MetricsLog
 from pretrain.callbacks.progress import Progress
 from pretrain.config import Config
@@ -16,6 +17,8 @@ def default_callbacks(cfg: Config, run_dir: Path, main_rank: bool = True) -> lis
     if not main_rank:
         return [Checkpointing()]
     callbacks: list[Callback] = [MetricsLog(Path(run_dir) / "metrics.jsonl"), Progress(cfg.tracking.progress_bar)]
+    if cfg.model.moe.enabled:
+        callbacks.append(ExpertLoadLog(Path(run_dir) / "moe_load.jsonl"))
     if cfg.tracking.mlflow:
         from pretrain.callbacks.mlflow_tracking import MLflowTracking
 

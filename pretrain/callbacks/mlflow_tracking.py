@@ -103,7 +103,7 @@ class MLflowTracking(Callback):
         self.flush()
         curve = self.run_dir / "loss_curve.png"
         plot_loss_curve(self.run_dir / "metrics.jsonl", curve)
-        for name in ("config.yaml", "loss_curve.png", "summary.json"):
+        for name in ("config.yaml", "loss_curve.png", "summary.json", "moe_load.jsonl"):
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         self.client.set_terminated(self.run_id, status="FINISHED")

@@ -1,6 +1,8 @@
 """MoE + MTP through the trainer: it learns, logs per-layer load statistics and per-depth MTP losses, the
 auxiliary-loss-free biases move and are checkpointed, and a resume reproduces the uninterrupted run exactly."""
 
+import json
+
 import pytest
 import torch
 
@@ -22,6 +24,11 @@ def test_moe_mtp_training_logs_balances_and_resumes_exactly(tiny_overrides, tmp_
     assert {"moe/layers.1/imbalance", "moe/layers.1/dropped_share", "moe/layers.1/balance_loss", "mtp/1",
             "mtp/2", "moe/mtp.0/imbalance"} <= set(last)
     assert last["mtp/2"] > last["mtp/1"] > 0  # predicting further ahead is harder
+    loads = [json.loads(line) for line in (full / "moe_load.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in loads] == [r["step"] for r in records]  # one line per logged step
+    routed = summary["tokens"] // summary["steps"] * 2  # every token of the step goes to top_k=2 experts
+    assert all(len(r["layers.1"]) == 4 and sum(r["layers.1"]) == routed for r in loads)
+    assert all(sum(r["mtp.0"]) == routed for r in loads)
     assert summary["val_loss"] is not None
 
     from safetensors.torch import load_file
@@ -39,3 +46,4 @@ def test_moe_mtp_training_logs_balances_and_resumes_exactly(tiny_overrides, tmp_
     expected, got = train_losses(full), train_losses(crashed)
     for step in range(9, 13):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+    assert (crashed / "moe_load.jsonl").read_text() == (full / "moe_load.jsonl").read_text()
