@@ -119,6 +119,13 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype autocast computes in (unchanged outside autocast): cast once, before tokens are copied k
+    times (and, with expert parallelism, sent), instead of after."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x: [tokens sorted by expert, in]; weight: [E, in, out]; counts: tokens per expert."""
     if x.shape[0] == 0:  # still in the graph: expert parallelism needs every rank to run the same backward
@@ -228,7 +235,7 @@ class MoE(nn.Module):
             order = torch.argsort(flat_ids, stable=True)
             counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts)
             self.last_stats["dropped"] = torch.zeros((), dtype=torch.long, device=x.device)
-        expert_out = self.experts(x[order // k], counts)
+        expert_out = self.experts(in_autocast_dtype(x)[order // k], counts)
         per_slot = expert_out.new_zeros((n_tokens * k, expert_out.shape[-1]))  # dropped assignments stay zero
         per_slot[order] = expert_out
         out = (per_slot.view(n_tokens, k, -1) * weights.unsqueeze(-1).to(per_slot.dtype)).sum(1)
