@@ -32,6 +32,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     launcher = env_from_launcher()
     world = args.nproc if args.nproc else launcher.world_size
+    if args.dry_run:  # the layout is checked against --nproc (or a launcher's world), not against one process
+        if args.nproc or launcher.world_size > 1:
+            validate_world_size(cfg, world)
+        from pretrain.dry_run import dry_run_report
+
+        print("\n".join(dry_run_report(cfg)), flush=True)
+        return 0
     validate_world_size(cfg, world)  # before any process or process group starts
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     has_checkpoints = any((run_dir / "checkpoints").glob("step_*"))
@@ -108,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     train.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
     train.add_argument("--nproc", type=int, help="launch this many local processes (torchrun, free port)")
+    train.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the config (and the layout against --nproc), build the model on the meta device, print "
+        "parameter counts, FLOPs and tokens per step, and exit without starting processes or reading data",
+    )
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     train.set_defaults(func=cmd_train)
 

@@ -252,6 +252,25 @@ def validate_parallel(cfg: Config) -> None:
         _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
 
 
+ATTENTION_TYPES = ("gqa", "mla")
+
+
+def validate_attention(cfg: Config) -> None:
+    m, a = cfg.model, cfg.model.mla
+    _require(m.attention in ATTENTION_TYPES, "model.attention",
+             f"'{m.attention}' is not one of {', '.join(ATTENTION_TYPES)}")
+    if m.attention != "mla":
+        return
+    _require(a.q_lora_rank >= 0, "model.mla.q_lora_rank", f"must be >= 0 (0 = a plain q_proj), got {a.q_lora_rank}")
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _require(getattr(a, key) > 0, f"model.mla.{key}", f"must be a positive integer, got {getattr(a, key)}")
+    _require(a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
+             f"{a.qk_rope_head_dim} must be even for RoPE (it rotates pairs)")
+    _require(cfg.parallel.tp == 1, "parallel.tp",
+             "tensor parallelism of MLA is not available yet; use parallel.tp=1 (data, pipeline and expert "
+             "parallelism work) or model.attention=gqa")
+
+
 def validate_moe(cfg: Config) -> None:
     m, e = cfg.model, cfg.model.moe
     _require(e.num_experts >= 0, "model.moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
@@ -406,6 +425,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"sequence length {d.seq_len} is above what the RoPE setup supports ({supported}, model.max_seq_len); "
         "raise model.max_seq_len or configure RoPE scaling",
     )
+    validate_attention(cfg)
     validate_moe(cfg)
     validate_mtp(cfg)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -11,13 +11,14 @@ from __future__ import annotations
 from functools import cache
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.flops import attention_matmul_parameters, attention_score_flops
 
 
 def stage_costs(cfg: ModelConfig, seq_len: int) -> tuple[float, float, float]:
     """(per block, embedding extra, head + loss (+ MTP modules) extra) in training FLOPs per token."""
-    d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-    attn_params = d * cfg.n_heads * cfg.head_dim * 2 + d * kv * 2
-    block = 6 * (attn_params + 3 * d * cfg.ffn_dim) + 12 * cfg.n_heads * cfg.head_dim * seq_len
+    d = cfg.d_model
+    # the attention's projections (GQA or MLA) and its QK^T/AV over the full sequence, times 3 for the backward
+    block = 6 * (attention_matmul_parameters(cfg) + 3 * d * cfg.ffn_dim) + 3 * attention_score_flops(cfg, seq_len)
     embedding = 6 * d  # a gather forward, a scatter-add backward: cheap, but counted
     head = 6 * d * cfg.vocab_size + 10 * cfg.vocab_size  # projection, plus softmax/cross-entropy
     mtp = cfg.mtp_depth * (block + 6 * 2 * d * d + head)  # MTP modules (last stage): block, projection, head

@@ -22,12 +22,33 @@ class RopeConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3), used when model.attention = "mla"; defaults are DeepSeek-V3's
+    sizes. Per head, queries and keys are [qk_nope_head_dim | qk_rope_head_dim] (RoPE on the second part only) and
+    values v_head_dim; keys and values come from one kv_lora_rank latent."""
+
+    q_lora_rank: int = 1536  # 0: no query compression, a plain q_proj (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 8
-    n_kv_heads: int = 4
+    n_kv_heads: int = 4  # GQA only: MLA gives every head its own keys and values
+    # "gqa": grouped-query attention (n_kv_heads groups; n_kv_heads = n_heads is plain multi-head attention);
+    # "mla": DeepSeek's Multi-head Latent Attention with the sizes in `mla` (head_dim is then unused).
+    attention: str = "gqa"
+    mla: MLAConfig = field(default_factory=MLAConfig)
     # 0 means "derive": SwiGLU's 8/3 * d_model rounded up to a multiple of `ffn_multiple_of`.
     ffn_hidden: int = 0
     ffn_multiple_of: int = 64
@@ -49,6 +70,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The part of a query/key head that RoPE rotates: the whole GQA head, MLA's qk_rope_head_dim."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def ffn_dim(self) -> int:

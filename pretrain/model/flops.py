@@ -5,8 +5,31 @@ from __future__ import annotations
 from pretrain.model.config import ModelConfig
 
 
+def attention_matmul_parameters(cfg: ModelConfig) -> int:
+    """The attention's projection weights (every one takes part in a matmul per token)."""
+    d, h = cfg.d_model, cfg.n_heads
+    if cfg.attention != "mla":
+        return d * cfg.head_dim * (2 * h + 2 * cfg.n_kv_heads)
+    m = cfg.mla
+    q = d * m.q_lora_rank + m.q_lora_rank * h * m.qk_head_dim if m.q_lora_rank > 0 else d * h * m.qk_head_dim
+    kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+    return q + kv + h * m.v_head_dim * d
+
+
 def attention_parameters(cfg: ModelConfig) -> int:
-    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    """All of the attention's weights: the projections, and MLA's RMSNorms of the query and KV latents."""
+    norms = cfg.mla.q_lora_rank + cfg.mla.kv_lora_rank if cfg.attention == "mla" else 0
+    return attention_matmul_parameters(cfg) + norms
+
+
+def attention_score_flops(cfg: ModelConfig, context: float) -> float:
+    """Forward FLOPs per token and layer of QK^T and AV over `context` keys: 2 * n_heads * (qk dim + v dim) * context
+    (GQA: both dims are head_dim; MLA: qk_nope + qk_rope, and v_head_dim)."""
+    if cfg.attention == "mla":
+        qk, v = cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    return 2 * cfg.n_heads * (qk + v) * context
 
 
 def mlp_parameters(cfg: ModelConfig, layer: int, active: bool = False) -> int:
@@ -50,9 +73,10 @@ def matmul_parameters(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token in training: every linear of the blocks (MoE: the router and
     the experts the token is routed to), the LM head, and per MTP depth its projection, block and the shared
     head (the embedding lookup and the norms do no matmul)."""
-    blocks = sum(attention_parameters(cfg) + mlp_parameters(cfg, i, active=True) for i in range(cfg.n_layers))
+    attention = attention_matmul_parameters(cfg)
+    blocks = sum(attention + mlp_parameters(cfg, i, active=True) for i in range(cfg.n_layers))
     main = blocks + cfg.vocab_size * cfg.d_model
-    mtp = sum(2 * cfg.d_model**2 + attention_parameters(cfg) + mlp_parameters(cfg, cfg.n_layers + k, active=True)
+    mtp = sum(2 * cfg.d_model**2 + attention + mlp_parameters(cfg, cfg.n_layers + k, active=True)
               + cfg.vocab_size * cfg.d_model for k in range(cfg.mtp_depth))
     return main + mtp
 
@@ -64,12 +88,11 @@ def attention_context(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """2 FLOPs per matmul weight, plus QK^T and AV: 2 * 2 * n_layers * d_attn * context."""
-    d_attn = cfg.n_heads * cfg.head_dim
+    """2 FLOPs per matmul weight, plus QK^T and AV in every block (GQA: 2 * 2 * n_layers * d_attn * context)."""
     layers = cfg.n_layers + cfg.mtp_depth
-    return 2 * matmul_parameters(cfg) + 4 * layers * d_attn * attention_context(cfg, seq_len)
+    return 2 * matmul_parameters(cfg) + layers * attention_score_flops(cfg, attention_context(cfg, seq_len))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 3x forward (backward is 2x), i.e. 6N + 12 * n_layers * d_attn * T."""
+    """Training FLOPs per token: 3x forward (backward is 2x), i.e. 6N + 12 * n_layers * d_attn * T for GQA."""
     return 3 * forward_flops_per_token(cfg, seq_len)

@@ -1,4 +1,5 @@
-"""Decoder-only transformer: RMSNorm, GQA attention with RoPE, SwiGLU. Plain torch, no parallel code.
+"""Decoder-only transformer: RMSNorm, GQA attention (or DeepSeek's MLA, `mla.py`) with RoPE, SwiGLU (or MoE).
+Plain torch, no parallel code.
 
 Modules are kept separate and named like Hugging Face Llama so that `parallel/` can swap them for sharded
 versions (attention reads its head counts from the projection sizes, not the config) and so that export
@@ -10,24 +11,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
 from pretrain.model.loss import lm_loss
+from pretrain.model.mla import MLA
 from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU
 from pretrain.model.mtp import MTPModule, mtp_inputs_and_targets
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
-
-
-def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean [seq, seq], True where attention is allowed: j <= i, and i - j < window when window > 0."""
-    i = torch.arange(seq_len, device=device).unsqueeze(1)
-    j = torch.arange(seq_len, device=device).unsqueeze(0)
-    allowed = j <= i
-    if window > 0:
-        allowed &= (i - j) < window
-    return allowed
+from pretrain.model.sdpa import causal_attention
 
 
 class Attention(nn.Module):
@@ -41,6 +33,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
+    def input_projections(self) -> list[nn.Module]:
+        """The linears that read the block input (initialised with the plain std)."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch, seq = q.shape[0], q.shape[1]  # seq from the projection: full length even if x is a sequence shard
@@ -53,12 +49,14 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if self.sliding_window > 0 and self.sliding_window < seq:
-            mask = causal_mask(seq, self.sliding_window, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        out = causal_attention(q, k, v, self.sliding_window, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "mla":
+        return MLA(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps, cfg.sliding_window, cfg.dropout)
+    return Attention(cfg)
 
 
 class MLP(SwiGLU):
@@ -72,7 +70,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = build_attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MoE(cfg.d_model, cfg.ffn_dim, cfg.moe) if cfg.moe.is_moe_layer(index) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -99,7 +97,7 @@ class Transformer(nn.Module):
         self.last_mtp_losses: list[torch.Tensor] = []
         # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
         self.mtp_loss_function = lm_loss
-        self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.head_dim), persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.rope_dim), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,7 +112,7 @@ class Transformer(nn.Module):
         for block in [*self.layers, *(module.block for module in self.mtp)]:
             mlp = block.mlp
             dense = mlp if isinstance(mlp, MLP) else mlp.shared  # the MoE's shared experts are one SwiGLU MLP
-            inputs = [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj]
+            inputs = block.attn.input_projections()  # GQA: q/k/v; MLA: the down- and up-projections
             inputs += [dense.gate_proj, dense.up_proj] if dense is not None else []
             for linear in inputs:
                 nn.init.normal_(linear.weight, std=std)

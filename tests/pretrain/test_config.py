@@ -1,6 +1,7 @@
 """Every config error is caught at load time, with a message naming the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,45 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
 )
 def test_bad_moe_and_mtp_settings(data_dir, overrides, key, match):
     expect_error(data_dir, key, *overrides, match=match)
+
+
+MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
+       "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=8"]
+
+
+@pytest.mark.parametrize(
+    "overrides,key,match",
+    [
+        (["model.attention=mha"], "model.attention", "'mha' is not one of gqa, mla"),
+        ([*MLA, "model.mla.qk_rope_head_dim=5"], "model.mla.qk_rope_head_dim", "must be even"),
+        ([*MLA, "model.mla.kv_lora_rank=0"], "model.mla.kv_lora_rank", "positive"),
+        ([*MLA, "model.mla.qk_nope_head_dim=-8"], "model.mla.qk_nope_head_dim", "positive"),
+        ([*MLA, "model.mla.v_head_dim=0"], "model.mla.v_head_dim", "positive"),
+        ([*MLA, "model.mla.q_lora_rank=-1"], "model.mla.q_lora_rank", ">= 0"),
+        ([*MLA, "parallel.tp=2"], "parallel.tp", "tensor parallelism of MLA is not available yet"),
+    ],
+)
+def test_bad_attention_settings(data_dir, overrides, key, match):
+    expect_error(data_dir, key, *overrides, match=match)
+
+
+def test_mla_layouts_that_load(data_dir):
+    cfg = load(data_dir, *MLA, "model.mla.q_lora_rank=0")
+    assert cfg.model.attention == "mla" and cfg.model.rope_dim == 4 and cfg.model.mla.qk_head_dim == 12
+    assert load(data_dir).model.rope_dim == load(data_dir).model.head_dim  # GQA (the default) rotates whole heads
+    load(data_dir, *MLA, *PIPELINE, "parallel.pp=2")
+    load(data_dir, *MLA, *MOE, "parallel.dp=2", "parallel.ep=2")
+
+
+def test_deepseek_v3_config_loads(data_dir):
+    cfg = load(data_dir, path=Path(__file__).resolve().parents[2] / "configs" / "deepseek_v3.yaml")
+    m = cfg.model
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.max_seq_len) == (129280, 7168, 61, 128, 4096)
+    assert m.attention == "mla" and (m.mla.q_lora_rank, m.mla.kv_lora_rank) == (1536, 512)
+    assert (m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim) == (128, 64, 128)
+    e = m.moe
+    assert (e.num_experts, e.top_k, e.expert_hidden, e.num_shared_experts, e.first_k_dense) == (256, 8, 2048, 1, 3)
+    assert (e.score_func, e.n_groups, e.topk_groups, e.routed_scaling, e.norm_topk) == ("sigmoid", 8, 4, 2.5, True)
+    assert (e.bias_update_rate, e.aux_loss_weight) == (0.001, 1e-4)
+    assert m.ffn_dim == 18432 and m.mtp_depth == 1 and not m.tie_embeddings
+    assert cfg.parallel.world_size == 1024 and cfg.train.global_batch_size * cfg.data.seq_len == 62_914_560

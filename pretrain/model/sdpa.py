@@ -1,0 +1,27 @@
+"""Causal (optionally sliding-window) scaled dot-product attention, shared by GQA and MLA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean [seq, seq], True where attention is allowed: j <= i, and i - j < window when window > 0."""
+    i = torch.arange(seq_len, device=device).unsqueeze(1)
+    j = torch.arange(seq_len, device=device).unsqueeze(0)
+    allowed = j <= i
+    if window > 0:
+        allowed &= (i - j) < window
+    return allowed
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int = 0,
+                     dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """q, k: [batch, heads, seq, qk_dim], v: [batch, heads, seq, v_dim] -> [batch, heads, seq, v_dim]; each
+    position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0)."""
+    seq = q.shape[2]
+    if 0 < sliding_window < seq:
+        mask = causal_mask(seq, sliding_window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)

@@ -1,0 +1,52 @@
+"""`pretrain train CONFIG --dry-run`: validates, counts and exits without processes, data or a run folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def manifest_only(tmp_path):
+    """A data folder with a manifest and no shards: validation reads the manifest, a dry run nothing more."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"vocab_size": 512}))
+    return d
+
+
+def dry_run(config, *args):
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", "train", config, "--dry-run", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_deepseek_v3(manifest_only, tmp_path):
+    run_dir = tmp_path / "run"
+    result = dry_run("configs/deepseek_v3.yaml", "--run-dir", str(run_dir), f"data.dir={manifest_only}")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "parameters (without MTP):   671,026,404,352 (671.03B)" in out
+    assert "activated per token:        37,552,282,624 (37.55B); without the input embedding 36,625,603,584" in out
+    assert "MTP modules (own weights):  11,610,067,968 (11.61B)" in out
+    assert "tokens per step:            62,914,560 (15360 sequences x 4096)" in out
+    assert "training FLOPs per token:   2.918e+11" in out
+    assert not run_dir.exists()
+    assert dry_run("configs/deepseek_v3.yaml", "--nproc", "1024", f"data.dir={manifest_only}").returncode == 0
+    wrong = dry_run("configs/deepseek_v3.yaml", "--nproc", "8", f"data.dir={manifest_only}")
+    assert wrong.returncode == 2 and "1024 processes, but 8 were launched" in wrong.stderr
+    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={manifest_only}", "parallel.tp=2", "parallel.dp=512")
+    assert bad.returncode == 2 and "tensor parallelism of MLA" in bad.stderr
+
+
+def test_tiny(manifest_only, tmp_path):
+    run_dir = tmp_path / "run"
+    result = dry_run("configs/tiny.yaml", "--run-dir", str(run_dir), f"data.dir={manifest_only}", "train.steps=5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "GQA (4 KV heads)" in out and "parameters (without MTP):   4,000,000 (4.00M)" in out
+    assert "4,096 (16 sequences x 256)" in out and "MTP modules" not in out
+    assert not run_dir.exists()
