@@ -29,7 +29,7 @@ def default_run_dir(config_path: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.distributed import env_from_launcher
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     launcher = env_from_launcher()
     world = args.nproc if args.nproc else launcher.world_size
     if args.dry_run:  # the layout is checked against --nproc (or a launcher's world), not against one process

@@ -162,8 +162,10 @@ def _schema_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(key, f"{msg} ({origin})")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge the dataclass defaults, the YAML file and `a.b=value` overrides, then validate."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                check_paths: bool = True) -> Config:
+    """Merge the dataclass defaults, the YAML file and `a.b=value` overrides, then validate (`check_paths`: also
+    that the data folders exist and fit the model's vocabulary; a dry run on a laptop has no data)."""
     schema = OmegaConf.structured(Config)
     merged = schema
     if path is not None:
@@ -192,7 +194,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _schema_error(exc, "while resolving") from exc
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 

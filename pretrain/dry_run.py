@@ -2,8 +2,8 @@
 
 The config has been loaded and validated by then; this builds the model on the meta device (no memory, no
 initialisation cost: DeepSeek-V3 takes about a second), checks that its size equals the formula the cost
-estimates use, and reports parameters, training FLOPs per token and tokens per step. No process starts, no shard
-is read (validation reads the data folder's manifest.json) and no run folder is created.
+estimates use, and reports parameters, training FLOPs per token and tokens per step. No process starts, no data
+is read (the data folders need not exist) and no run folder is created.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def dry_run_report(cfg: Config) -> list[str]:
         f"tokens per step:            {tokens:,} ({t.global_batch_size} sequences x {cfg.data.seq_len})",
         f"layout: tp={p.tp} pp={p.pp} dp={p.dp} ep={p.ep} -> {p.world_size} process(es), "
         f"{cfg.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per rank and step",
-        "dry run: config valid; no process started, no shard read (only the data folder's manifest), "
-        "no run folder created",
+        "dry run: config valid; no process started, no data read, no run folder created",
     ]
     return lines

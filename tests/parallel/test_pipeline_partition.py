@@ -41,3 +41,16 @@ def test_explicit_and_interleaved_plans():
     assert plan_stages(cfg, 32, 2, 2) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     # stage s lives on pipeline rank s % pp: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3
     assert stages_of_rank(0, 2, 2) == [0, 2] and stages_of_rank(1, 2, 2) == [1, 3]
+
+
+def test_moe_layers_cost_their_active_experts_and_dense_layers_their_mlp():
+    """DeepSeek-style: dense first layers cost more than the MoE layers after them (a token uses 2 small experts),
+    so the balanced split gives the first stage fewer layers than an even split would."""
+    from pretrain.model.moe import MoEConfig
+
+    cfg = ModelConfig(vocab_size=256, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=4096,
+                      moe=MoEConfig(num_experts=16, top_k=2, expert_hidden=64, first_k_dense=3))
+    blocks, _, _ = stage_costs(cfg, 64)
+    assert blocks[0] == blocks[2] > 2 * blocks[3] and blocks[3] == blocks[7]
+    counts = balanced_layer_counts(8, 2, blocks, 0.0, 0.0)
+    assert counts[0] < 4 and sum(counts) == 8

@@ -1,6 +1,5 @@
 """`pretrain train CONFIG --dry-run`: validates, counts and exits without processes, data or a run folder."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def manifest_only(tmp_path):
-    """A data folder with a manifest and no shards: validation reads the manifest, a dry run nothing more."""
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"vocab_size": 512}))
-    return d
+def no_data(tmp_path):
+    """A data folder that does not exist: a dry run (on a laptop, say) needs none."""
+    return tmp_path / "not_prepared"
 
 
 def dry_run(config, *args):
@@ -24,9 +20,9 @@ def dry_run(config, *args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_deepseek_v3(manifest_only, tmp_path):
+def test_deepseek_v3(no_data, tmp_path):
     run_dir = tmp_path / "run"
-    result = dry_run("configs/deepseek_v3.yaml", "--run-dir", str(run_dir), f"data.dir={manifest_only}")
+    result = dry_run("configs/deepseek_v3.yaml", "--run-dir", str(run_dir), f"data.dir={no_data}")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "parameters (without MTP):   671,026,404,352 (671.03B)" in out
@@ -34,17 +30,17 @@ def test_deepseek_v3(manifest_only, tmp_path):
     assert "MTP modules (own weights):  11,610,067,968 (11.61B)" in out
     assert "tokens per step:            62,914,560 (15360 sequences x 4096)" in out
     assert "training FLOPs per token:   2.918e+11" in out
-    assert not run_dir.exists()
-    assert dry_run("configs/deepseek_v3.yaml", "--nproc", "1024", f"data.dir={manifest_only}").returncode == 0
-    wrong = dry_run("configs/deepseek_v3.yaml", "--nproc", "8", f"data.dir={manifest_only}")
+    assert not run_dir.exists() and not no_data.exists()
+    assert dry_run("configs/deepseek_v3.yaml", "--nproc", "1024", f"data.dir={no_data}").returncode == 0
+    wrong = dry_run("configs/deepseek_v3.yaml", "--nproc", "8", f"data.dir={no_data}")
     assert wrong.returncode == 2 and "1024 processes, but 8 were launched" in wrong.stderr
-    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={manifest_only}", "parallel.tp=2", "parallel.dp=512")
+    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={no_data}", "parallel.tp=2", "parallel.dp=512")
     assert bad.returncode == 2 and "tensor parallelism of MLA" in bad.stderr
 
 
-def test_tiny(manifest_only, tmp_path):
+def test_tiny(no_data, tmp_path):
     run_dir = tmp_path / "run"
-    result = dry_run("configs/tiny.yaml", "--run-dir", str(run_dir), f"data.dir={manifest_only}", "train.steps=5")
+    result = dry_run("configs/tiny.yaml", "--run-dir", str(run_dir), f"data.dir={no_data}", "train.steps=5")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "GQA (4 KV heads)" in out and "parameters (without MTP):   4,000,000 (4.00M)" in out
