@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pretrain.model import ModelConfig, Transformer, lm_loss
+from pretrain.model.config import MLAConfig
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.model.moe import MoE, MoEConfig, SwiGLU
 from tools.bench_report import machine_description, write_section
@@ -204,14 +206,18 @@ def run_all(quick: bool, smoke: bool = False, moe_only: bool = False) -> dict:
                           moe=MoEConfig(num_experts=64, top_k=6, expert_hidden=512, num_shared_experts=2,
                                         first_k_dense=1, score_func="sigmoid", bias_update_rate=1e-3),
                           mtp_depth=1)
+    mla_cfg = dataclasses.replace(moe_cfg, attention="mla", mla=MLAConfig(q_lora_rank=384, kv_lora_rank=256,
+                                                                          qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                                                          v_head_dim=64))
     runs = [("dense 125M-class", dense_small, 16, 1024, False), ("dense 125M-class", dense_small, 16, 1024, True),
-            ("dense 1B-class", dense_1b, 8, 2048, False), ("MoE 64x top-6 + MTP", moe_cfg, 8, 2048, False)]
+            ("dense 1B-class", dense_1b, 8, 2048, False), ("MoE 64x top-6 + MTP", moe_cfg, 8, 2048, False),
+            ("MLA + MoE 64x top-6 + MTP", mla_cfg, 8, 2048, False)]
     if smoke:  # toy sizes: the same code paths, minutes less
         shrink = dict(vocab_size=512, d_model=64, n_layers=2, max_seq_len=64)
         runs = [(name, ModelConfig(**{**cfg.__dict__, **shrink, "n_heads": 4, "n_kv_heads": 2}), 2, 64, compiled)
                 for name, cfg, _, _, compiled in runs[:2] + runs[3:]]
     if moe_only:
-        runs = [r for r in runs if r[0].startswith("MoE")]
+        runs = [r for r in runs if "MoE" in r[0]]
     results["throughput"] = []
     for name, cfg, batch, seq, compiled in runs:
         _guarded(results, "_last", lambda: train_throughput(name, cfg, batch, seq, peak, compiled, steps))  # noqa: B023
