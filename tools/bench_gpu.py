@@ -281,6 +281,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['config']} | {r['num_parameters'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | "
                          f"{r['mfu']:.1%} | {r['wall_seconds']:.0f} s | {r['final_train_loss']:.3f} | "
                          f"{r['val_loss']:.3f} |")
+    if results.get("notes"):
+        lines += ["", results["notes"]]
     return "\n".join(lines) + "\n"
 
 
