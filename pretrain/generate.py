@@ -1,11 +1,14 @@
-"""Greedy decoding, and self-speculative decoding with the model's own MTP modules (no KV cache yet: every
-forward runs the whole sequence, which keeps both decoders simple and exactly comparable).
+"""Greedy decoding, and self-speculative decoding with the model's own MTP modules.
+
+Both keep a KV cache of the main model by default (each forward runs only the new positions); `use_cache=False`
+recomputes the whole sequence every forward (the reference the cache is tested against). The MTP modules run
+without a cache: each depth is one block over the sequence, and the positions they see change with every draft.
 
 Self-speculative decoding: one forward of the main model gives the next token t1 and the last hidden state;
 the MTP modules then draft t2..t(D+1) (depth k embeds the token the previous depth produced), and one more
-forward of the main model over the sequence plus t1 and the drafts verifies them: drafts are kept while they
-equal the main model's own greedy choice, and the first disagreement is replaced by that choice. The output is
-exactly greedy decoding's; what changes is how many main-model forwards it takes.
+forward of the main model over t1 and the drafts verifies them: drafts are kept while they equal the main
+model's own greedy choice, the first disagreement is replaced by that choice, and the cache drops the rejected
+positions. The output is exactly greedy decoding's; what changes is how many main-model forwards it takes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.transformer import Transformer
 
 
@@ -29,20 +33,29 @@ class DecodeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _hidden_and_logits(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = model.forward_layers(model.embed(ids), model.layers, ids.shape[1])
+def _hidden_and_logits(model: Transformer, ids: torch.Tensor, cache: KVCache | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and logits of `ids` (with a cache: the positions after the cached ones, which it then holds)."""
+    h = model.forward_layers(model.embed(ids), model.layers, ids.shape[1], cache)
     return h, model.lm_head(model.norm(h))
 
 
+def new_cache(model: Transformer, use_cache: bool) -> KVCache | None:
+    return KVCache(len(model.layers)) if use_cache else None
+
+
 @torch.no_grad()
-def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, DecodeStats]:
+def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_cache: bool = True
+           ) -> tuple[torch.Tensor, DecodeStats]:
     """prompt: [1, T] token ids. Returns the prompt followed by `new_tokens` greedy tokens."""
     model.eval()
-    ids, stats = prompt, DecodeStats()
+    ids, stats, cache = prompt, DecodeStats(), new_cache(model, use_cache)
+    pending = prompt  # the positions the model has not seen yet
     for _ in range(new_tokens):
-        _, logits = _hidden_and_logits(model, ids)
+        _, logits = _hidden_and_logits(model, pending if cache is not None else ids, cache)
         stats.main_forwards += 1
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        pending = logits[:, -1:].argmax(-1)
+        ids = torch.cat([ids, pending], dim=1)
     stats.tokens = new_tokens
     return ids, stats
 
@@ -65,35 +78,40 @@ def draft_with_mtp(model: Transformer, ids: torch.Tensor, hidden: torch.Tensor, 
 
 
 @torch.no_grad()
-def self_speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, DecodeStats]:
+def self_speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_cache: bool = True
+                     ) -> tuple[torch.Tensor, DecodeStats]:
     """Exactly `greedy`'s tokens, with one main-model forward per 1 + (accepted drafts) tokens."""
     if not len(model.mtp):
         raise ValueError("self-speculative decoding needs MTP modules (model.mtp_depth > 0)")
     model.eval()
     target = prompt.shape[1] + new_tokens
-    ids, stats = prompt, DecodeStats()
-    hidden, logits = _hidden_and_logits(model, ids)
+    ids, stats, cache = prompt, DecodeStats(), new_cache(model, use_cache)
+    hidden, logits = _hidden_and_logits(model, ids, cache)  # hidden: every position so far (the MTP input)
     stats.main_forwards += 1
     while ids.shape[1] < target:
         first = logits[:, -1:].argmax(-1)  # greedy's next token
         room = target - ids.shape[1] - 1
-        drafts = draft_with_mtp(model, ids, hidden, first)[:, :room] if room > 0 else first[:, :0]
-        base = ids.shape[1]  # position of `first` in the candidate
-        candidate = torch.cat([ids, first, drafts], dim=1)
-        if drafts.shape[1] == 0:
-            ids = candidate
-            if ids.shape[1] < target:
-                hidden, logits = _hidden_and_logits(model, ids)
-                stats.main_forwards += 1
-            continue
-        hidden, logits = _hidden_and_logits(model, candidate)  # verifies every draft in one forward
+        if room == 0:
+            ids = torch.cat([ids, first], dim=1)
+            break
+        drafts = draft_with_mtp(model, ids, hidden, first)[:, :room]
+        base = ids.shape[1]  # position of `first`
+        candidate = torch.cat([first, drafts], dim=1)
+        if cache is not None:  # verifies every draft in one forward over the new positions
+            new_hidden, new_logits = _hidden_and_logits(model, candidate, cache)
+        else:
+            new_hidden, new_logits = (t[:, base:] for t in _hidden_and_logits(model, torch.cat([ids, candidate], 1)))
         stats.main_forwards += 1
         stats.drafted += drafts.shape[1]
-        predicted = logits[0, base : base + drafts.shape[1]].argmax(-1)  # the main model's token after each
+        predicted = new_logits[0, : drafts.shape[1]].argmax(-1)  # the main model's token after first, d1, ...
         agree = (predicted == drafts[0]).long().cumprod(0)
         accepted = int(agree.sum())
         stats.accepted += accepted
-        keep = base + 1 + accepted  # causal: the states of this prefix do not depend on the rejected tail
-        ids, hidden, logits = candidate[:, :keep], hidden[:, :keep], logits[:, :keep]
+        kept = 1 + accepted  # causal: the states of this prefix do not depend on the rejected tail
+        if cache is not None:
+            cache.truncate(base + kept)
+        ids = torch.cat([ids, candidate[:, :kept]], dim=1)
+        hidden = torch.cat([hidden, new_hidden[:, :kept]], dim=1)
+        logits = new_logits[:, kept - 1 : kept]
     stats.tokens = new_tokens
     return ids, stats

@@ -19,8 +19,14 @@ def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int = 0,
                      dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """q, k: [batch, heads, seq, qk_dim], v: [batch, heads, seq, v_dim] -> [batch, heads, seq, v_dim]; each
-    position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0)."""
-    seq = q.shape[2]
+    position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0). With more keys
+    than queries (a KV cache), the queries are the last positions."""
+    seq, keys = q.shape[2], k.shape[2]
+    if keys > seq:
+        i = torch.arange(keys - seq, keys, device=q.device).unsqueeze(1)
+        j = torch.arange(keys, device=q.device).unsqueeze(0)
+        allowed = (j <= i) & ((i - j < sliding_window) if sliding_window > 0 else True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
     if 0 < sliding_window < seq:
         mask = causal_mask(seq, sliding_window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.loss import lm_loss
 from pretrain.model.mla import MLA
 from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU
@@ -37,13 +38,19 @@ class Attention(nn.Module):
         """The linears that read the block input (initialised with the plain std)."""
         return [self.q_proj, self.k_proj, self.v_proj]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        """cos/sin from position 0; with a `cache`, x holds the positions after the cached ones."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch, seq = q.shape[0], q.shape[1]  # seq from the projection: full length even if x is a sequence shard
+        start = cache.length if cache is not None else 0
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        cos, sin = cos[start : start + seq], sin[start : start + seq]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -75,8 +82,11 @@ class Block(nn.Module):
         self.mlp = MoE(cfg.d_model, cfg.ffn_dim, cfg.moe) if cfg.moe.is_moe_layer(index) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        attn_in = self.attn_norm(x)
+        attn_out = self.attn(attn_in, cos, sin) if cache is None else self.attn(attn_in, cos, sin, cache)
+        x = x + self.dropout(attn_out)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -133,8 +143,14 @@ class Transformer(nn.Module):
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(self.inv_freq, seq_len)
 
-    def forward_layers(self, h: torch.Tensor, layers, seq_len: int) -> torch.Tensor:
-        """Runs a slice of the blocks (a pipeline stage runs its own slice)."""
+    def forward_layers(self, h: torch.Tensor, layers, seq_len: int, cache: KVCache | None = None) -> torch.Tensor:
+        """Runs a slice of the blocks (a pipeline stage runs its own slice). With a `cache` (inference over the whole
+        model), h holds the `seq_len` positions after the cached ones."""
+        if cache is not None:
+            cos, sin = self.rope(cache.length + seq_len)
+            for block, layer_cache in zip(layers, cache.layers, strict=True):
+                h = block(h, cos, sin, layer_cache)
+            return h
         cos, sin = self.rope(seq_len)
         for block in layers:
             h = block(h, cos, sin)
