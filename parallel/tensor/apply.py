@@ -2,6 +2,7 @@
 
     embed            → VocabParallelEmbedding (vocab rows split)
     q/k/v_proj       → ColumnParallelLinear (split by heads; KV heads replicated when fewer than TP ranks)
+    MLA              → q_b/kv_b column-parallel by heads, the down-projections replicated (see _shard_mla)
     o_proj           → RowParallelLinear
     gate/up_proj     → ColumnParallelLinear
     down_proj        → RowParallelLinear
@@ -35,6 +36,7 @@ from parallel.tensor.layers import (
     VocabParallelEmbedding,
 )
 from parallel.tensor.moe import TensorParallelMoE, tensor_parallel_moe_specs
+from pretrain.model.mla import MLA
 from pretrain.model.moe import MoE
 
 
@@ -55,6 +57,9 @@ class ShardSpec:
     head_dim: int = 1
     # Sequence-parallel norm weights: grads are partial sums over sequence shards.
     sequence_parallel: bool = False
+    # A replicated weight whose output feeds only this rank's heads (MLA's down-projections): its grad is a partial
+    # sum over the tensor-parallel ranks, with or without sequence parallelism.
+    partial_grad: bool = False
     # The grid group the tensor is split over: "tp", or "ep" for expert weights.
     group: str = "tp"
     dim: int = 0  # "split": the dimension cut into `world` equal pieces (rows: 0, cols: 1)
@@ -136,14 +141,18 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     for p, block in blocks.items():
         attn, mlp = block.attn, block.mlp
         block.attn_norm.register_forward_hook(entry)
-        attn.q_proj = column(attn.q_proj)
-        attn.k_proj, k_spec = _kv_projection(attn.k_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
-        attn.v_proj, v_spec = _kv_projection(attn.v_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
-        attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sequence_parallel)
-        specs.update({
-            f"{p}.attn.q_proj.weight": rows, f"{p}.attn.k_proj.weight": k_spec, f"{p}.attn.v_proj.weight": v_spec,
-            f"{p}.attn.o_proj.weight": cols,
-        })
+        if isinstance(attn, MLA):
+            specs.update(_shard_mla(attn, p, column, RowParallelLinear.from_linear(attn.o_proj, group,
+                                                                                    sequence_parallel), rank, world))
+        else:
+            attn.q_proj = column(attn.q_proj)
+            attn.k_proj, k_spec = _kv_projection(attn.k_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
+            attn.v_proj, v_spec = _kv_projection(attn.v_proj, cfg.n_kv_heads, cfg.head_dim, group, sequence_parallel)
+            attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sequence_parallel)
+            specs.update({
+                f"{p}.attn.q_proj.weight": rows, f"{p}.attn.k_proj.weight": k_spec, f"{p}.attn.v_proj.weight": v_spec,
+                f"{p}.attn.o_proj.weight": cols,
+            })
         if isinstance(mlp, MoE):  # enters and leaves the TP region itself (the router stays outside it)
             block.mlp = TensorParallelMoE(mlp, group, sequence_parallel)
             specs.update(tensor_parallel_moe_specs(f"{p}.mlp", rank, world, ShardSpec))
@@ -173,8 +182,29 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     return specs
 
 
+def _shard_mla(attn: MLA, prefix: str, column, o_proj: nn.Module, rank: int, world: int) -> dict[str, ShardSpec]:
+    """MLA split by heads (as Megatron does): the up-projections q_b_proj (or q_proj) and kv_b_proj are
+    column-parallel, o_proj row-parallel; the down-projections (q_a_proj, kv_a_proj_with_mqa, whose output also
+    carries the rope key every head shares) and the latent norms run replicated on the gathered input, and as
+    each rank's heads use their output, their grads are partial sums completed over the TP group."""
+    rows, cols = ShardSpec("rows", rank, world), ShardSpec("cols", rank, world)
+    partial = ShardSpec("replicated", rank, world, partial_grad=True)
+    a = f"{prefix}.attn"
+    specs = {f"{a}.kv_a_proj_with_mqa.weight": partial, f"{a}.kv_a_layernorm.weight": partial,
+             f"{a}.kv_b_proj.weight": rows, f"{a}.o_proj.weight": cols}
+    attn.kv_b_proj = column(attn.kv_b_proj)
+    if hasattr(attn, "q_a_proj"):
+        attn.q_b_proj = column(attn.q_b_proj)
+        specs |= {f"{a}.q_a_proj.weight": partial, f"{a}.q_a_layernorm.weight": partial, f"{a}.q_b_proj.weight": rows}
+    else:
+        attn.q_proj = column(attn.q_proj)
+        specs[f"{a}.q_proj.weight"] = rows
+    attn.o_proj = o_proj
+    return specs
+
+
 def _needs_tensor_parallel_sync(spec: ShardSpec) -> bool:
-    return (spec.kind == "replicated" and spec.sequence_parallel) or spec.kind == "kv_rows"
+    return (spec.kind == "replicated" and (spec.sequence_parallel or spec.partial_grad)) or spec.kind == "kv_rows"
 
 
 def _complete_grad(grad: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:

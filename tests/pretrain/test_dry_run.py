@@ -34,8 +34,8 @@ def test_deepseek_v3(no_data, tmp_path):
     assert dry_run("configs/deepseek_v3.yaml", "--nproc", "1024", f"data.dir={no_data}").returncode == 0
     wrong = dry_run("configs/deepseek_v3.yaml", "--nproc", "8", f"data.dir={no_data}")
     assert wrong.returncode == 2 and "1024 processes, but 8 were launched" in wrong.stderr
-    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={no_data}", "parallel.tp=2", "parallel.dp=512")
-    assert bad.returncode == 2 and "tensor parallelism of MLA" in bad.stderr
+    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={no_data}", "parallel.tp=3", "parallel.dp=512")
+    assert bad.returncode == 2 and "not divisible by parallel.tp=3" in bad.stderr
 
 
 def test_tiny(no_data, tmp_path):
