@@ -47,8 +47,10 @@ def generate(cfg) -> dict[str, Any]:
     if ds.zero_stage == 3:
         zero |= {"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 0}
     pipelined = cfg.parallel.pp > 1
-    if pipelined:  # gradients come from the pipeline schedule, not from DeepSpeed's backward
+    if pipelined and cfg.parallel.ep == 1:  # gradients come from the pipeline schedule, not from DeepSpeed's backward
         zero["contiguous_gradients"] = False
+    # with expert parallelism they must stay contiguous: only that path reduces expert gradients over the
+    # expert-data-parallel group (the other falls back to reducing every gradient over `dp`)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     generated: dict[str, Any] = {

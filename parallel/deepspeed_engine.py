@@ -16,6 +16,9 @@
   gradients over `dp` and steps once (`managed_gradient_accumulation: false`). With tied embeddings, the last
   stage's copy of the embedding is left out of DeepSpeed's optimizer: its gradient is summed into the first
   stage's, which DeepSpeed updates (and counts once in the grad norm), and the updated weight is broadcast back.
+- With expert parallelism (ZeRO-1/2), DeepSpeed's MoE support reduces and partitions the expert weights over our
+  `expert_dp` group and the rest over `dp` (parallel/deepspeed_moe.py); the checkpoint gathers each rank's experts
+  whole over `expert_dp` here, and `ParallelPlan.full_tensors` assembles them over `ep`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import deepspeed_moe
 from parallel.deepspeed_config import generate
 from parallel.plan import ParallelPlan
 from parallel.tensor.apply import register_tensor_parallel_grad_hooks
@@ -135,6 +139,9 @@ class DeepSpeedEngine:
             p.tensor_model_parallel = spec.kind != "replicated" and spec.counted_once
         if plan.tp > 1:
             register_tensor_parallel_grad_hooks(model, plan.specs, plan.grid.group("tp"))
+        self.moe = deepspeed_moe.uses_deepspeed_moe(plan)
+        if self.moe:
+            deepspeed_moe.mark_expert_params(model, plan)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -142,10 +149,19 @@ class DeepSpeedEngine:
             return
         deepspeed = import_deepspeed()
         ensure_process_group()
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.torch_optimizer, config=self.ds_config, mpu=GridMPU(self.plan),
-            dist_init_required=False,
-        )
+        if self.moe:
+            deepspeed_moe.register_groups(self.plan)
+            deepspeed_moe.split_optimizer_groups(self.torch_optimizer, self.plan)
+            deepspeed_moe.attach_marker(self.model, self.plan)
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=self.torch_optimizer, config=self.ds_config, mpu=GridMPU(self.plan),
+                dist_init_required=False,
+            )
+        finally:
+            deepspeed_moe.detach_marker(self.model)
+        if self.moe:
+            deepspeed_moe.check_groups(self.engine, self.optimizer, self.plan)
         self._materialize_optimizer_state()
 
     def _materialize_optimizer_state(self) -> None:

@@ -233,8 +233,9 @@ def validate_parallel(cfg: Config) -> None:
                  f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={p.ep}")
         _require(p.dp % p.ep == 0, "parallel.ep",
                  f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: experts are spread over data-parallel ranks")
-        _require(not cfg.deepspeed.enabled, "parallel.ep",
-                 "expert parallelism with DeepSpeed is not available yet; use deepspeed.enabled=false")
+        _require(not cfg.deepspeed.enabled or cfg.deepspeed.zero_stage in (1, 2), "parallel.ep",
+                 f"expert parallelism with DeepSpeed needs deepspeed.zero_stage=1 or 2 (ZeRO-1/2 reduce and "
+                 f"partition the expert weights over the expert-data-parallel group), got {cfg.deepspeed.zero_stage}")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     if p.tp > 1:
         for key, value in (("model.n_heads", m.n_heads), ("model.vocab_size", m.vocab_size),

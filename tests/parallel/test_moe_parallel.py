@@ -2,7 +2,8 @@
 plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts),
 PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding), TP=2 with
 and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and
-EP=2 with PP=2 and with TP=2+SP.
+EP=2 with PP=2 and with TP=2+SP; DeepSpeed ZeRO-1/2 with EP=2 (expert weights reduced and partitioned over the
+expert-data-parallel group: DP=2 and DP=4, with TP=2+SP, with PP=2, with optimizer offload).
 Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
 expert biases.
 Tolerances as in test_zero.py (fp32): loss 1e-5, grad norm 2e-5 relative, parameters 5e-5, moments 1e-6; the
@@ -18,6 +19,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
        "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0.001", "model.n_layers=4"]
 MTP = ["model.mtp_depth=1"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
+ZERO2 = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,18 @@ LAYOUTS = {
     "moe pp2": ("moe", [*MOE, "parallel.pp=2"], 2),
     "moe+mtp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2"], 2),
     "moe+mtp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2"], 2),
+    "moe+mtp zero1 dp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO1], 2),
+    "moe+mtp zero2 dp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO2], 2),
+    "moe+mtp zero2 dp2 ep2, optimizer offload": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO2,
+                                                             "deepspeed.offload_optimizer=true"], 2),
+    "moe+mtp zero1 dp4 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=4", "parallel.ep=2", "train.micro_batch_size=2",
+                                          *ZERO1], 4),
+    "moe+mtp zero2 dp4 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=4", "parallel.ep=2", "train.micro_batch_size=2",
+                                          *ZERO2], 4),
+    "moe+mtp zero1 tp2 sp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true",
+                                             "parallel.dp=2", "parallel.ep=2", *ZERO1], 4),
+    "moe+mtp zero1 pp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
+                                          "train.micro_batch_size=2", *ZERO1], 4),
     "moe+mtp tp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2"], 2),
     "moe+mtp tp2 sp": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "moe+mtp tp2 sp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true",
@@ -80,6 +94,19 @@ def test_expert_parallel_checkpoint_resumes_on_one_process(parallel_data, refere
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in range(5, 9):
         assert abs(resumed[step] - want[step]["loss"]) < 2e-4, (step, resumed[step], want[step]["loss"])
+
+
+def test_one_process_checkpoint_resumes_under_zero_with_experts_over_ep_and_expert_dp(parallel_data, references,
+                                                                                    tmp_path):
+    """DeepSpeed ZeRO-2 with DP=4 x EP=2: each rank's experts are set whole over its expert-data-parallel pair
+    (safe_set_full_*), cut from a one-process checkpoint over EP, and training continues as one process would."""
+    layout = [*MOE, *MTP, "parallel.dp=4", "parallel.ep=2", "train.micro_batch_size=2", *ZERO2]
+    resumed = train(parallel_data, tmp_path / "zero", *layout, nproc=4,
+                    resume=references / "moe_mtp/checkpoints/step_00000004")
+    want = train_metrics(references / "moe_mtp")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert abs(resumed[step] - want[step]["loss"]) < 1e-5, (step, resumed[step], want[step]["loss"])
 
 
 def test_one_process_checkpoint_resumes_split_over_tp_and_ep_ranks(parallel_data, references, tmp_path):

@@ -210,11 +210,20 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
         ([*MOE, "model.moe.num_experts=3", "model.moe.top_k=1", "parallel.ep=2", "parallel.dp=2"], "parallel.ep",
          "not divisible"),
         ([*MOE, "parallel.ep=2", "parallel.dp=1"], "parallel.ep", "must divide parallel.dp=1"),
-        ([*MOE, "parallel.ep=2", "parallel.dp=2", *DS], "parallel.ep", "DeepSpeed"),
+        ([*MOE, "parallel.ep=2", "parallel.dp=2", *DS, "deepspeed.zero_stage=3"], "parallel.ep",
+         "DeepSpeed needs deepspeed.zero_stage=1 or 2"),
+        ([*MOE, "parallel.ep=2", "parallel.dp=2", *DS, "deepspeed.zero_stage=0"], "parallel.ep",
+         "DeepSpeed needs deepspeed.zero_stage=1 or 2"),
     ],
 )
 def test_bad_moe_and_mtp_settings(data_dir, overrides, key, match):
     expect_error(data_dir, key, *overrides, match=match)
+
+
+def test_expert_parallelism_with_zero_1_and_2_loads(data_dir):
+    for stage in (1, 2):
+        cfg = load(data_dir, *MOE, "parallel.ep=2", "parallel.dp=2", *DS, f"deepspeed.zero_stage={stage}")
+        assert cfg.parallel.ep == 2 and cfg.deepspeed.zero_stage == stage
 
 
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
