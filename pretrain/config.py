@@ -269,9 +269,6 @@ def validate_attention(cfg: Config) -> None:
         _require(getattr(a, key) > 0, f"model.mla.{key}", f"must be a positive integer, got {getattr(a, key)}")
     _require(a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
              f"{a.qk_rope_head_dim} must be even for RoPE (it rotates pairs)")
-    _require(cfg.parallel.tp == 1, "parallel.tp",
-             "tensor parallelism of MLA is not available yet; use parallel.tp=1 (data, pipeline and expert "
-             "parallelism work) or model.attention=gqa")
 
 
 def validate_moe(cfg: Config) -> None:

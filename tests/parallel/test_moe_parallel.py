@@ -3,7 +3,8 @@ plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; ea
 PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding), TP=2 with
 and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and
 EP=2 with PP=2 and with TP=2+SP; DeepSpeed ZeRO-1/2 with EP=2 (expert weights reduced and partitioned over the
-expert-data-parallel group: DP=2 and DP=4, with TP=2+SP, with PP=2, with optimizer offload).
+expert-data-parallel group: DP=2 and DP=4, with TP=2+SP, with PP=2, with optimizer offload), and a
+DeepSeek-V3-like MLA + MoE + MTP model under TP=2+SP (MLA split by heads) and PP=2 x EP=2.
 Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
 expert biases.
 Tolerances as in test_zero.py (fp32): loss 1e-5, grad norm 2e-5 relative, parameters 5e-5, moments 1e-6; the
@@ -20,6 +21,8 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
 MTP = ["model.mtp_depth=1"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
 ZERO2 = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
+MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=16",
+       "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=16"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,7 @@ def references(parallel_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_reference")
     train(parallel_data, root / "moe_mtp", *MOE, *MTP)
     train(parallel_data, root / "moe", *MOE)
+    train(parallel_data, root / "mla_moe_mtp", *MLA, *MOE, *MTP)
     return root
 
 
@@ -54,6 +58,9 @@ LAYOUTS = {
                                        "parallel.pp=2"], 4),
     "moe+mtp pp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
                                     "train.micro_batch_size=2"], 4),
+    "mla+moe+mtp tp2 sp": ("mla_moe_mtp", [*MLA, *MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
+    "mla+moe+mtp pp2 ep2": ("mla_moe_mtp", [*MLA, *MOE, *MTP, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
+                                            "train.micro_batch_size=2"], 4),
     "moe+mtp tp2 sp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp=2",
                                        "parallel.ep=2"], 4),
 }

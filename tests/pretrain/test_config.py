@@ -239,7 +239,6 @@ MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_ran
         ([*MLA, "model.mla.qk_nope_head_dim=-8"], "model.mla.qk_nope_head_dim", "positive"),
         ([*MLA, "model.mla.v_head_dim=0"], "model.mla.v_head_dim", "positive"),
         ([*MLA, "model.mla.q_lora_rank=-1"], "model.mla.q_lora_rank", ">= 0"),
-        ([*MLA, "parallel.tp=2"], "parallel.tp", "tensor parallelism of MLA is not available yet"),
     ],
 )
 def test_bad_attention_settings(data_dir, overrides, key, match):
