@@ -1,8 +1,8 @@
 """Greedy decoding, and self-speculative decoding with the model's own MTP modules.
 
-Both keep a KV cache of the main model by default (each forward runs only the new positions); `use_cache=False`
-recomputes the whole sequence every forward (the reference the cache is tested against). The MTP modules run
-without a cache: each depth is one block over the sequence, and the positions they see change with every draft.
+Both keep KV caches by default (each forward runs only the new positions; the MTP modules' caches keep the
+positions that depend on accepted tokens only, see `MTPDrafter`); `use_cache=False` recomputes the whole
+sequence every forward (the reference the caches are tested against).
 
 Self-speculative decoding: one forward of the main model gives the next token t1 and the last hidden state;
 the MTP modules then draft t2..t(D+1) (depth k embeds the token the previous depth produced), and one more
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.model.kv_cache import KVCache
+from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.transformer import Transformer
 
 
@@ -60,17 +60,38 @@ def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_cache:
     return ids, stats
 
 
+class MTPDrafter:
+    """KV caches of the MTP modules across drafting rounds. Depth k at position i reads depth k-1's state at i and
+    token x[i+k]: with L accepted tokens and x[L] (greedy's next token) known, positions i <= L - k depend on
+    accepted tokens only and stay cached; the last k - 1 positions read drafts and are recomputed next round."""
+
+    def __init__(self, model: Transformer):
+        self.caches = [LayerCache() for _ in model.mtp]
+        self.outputs: list[torch.Tensor | None] = [None] * len(model.mtp)  # each depth's cached positions' states
+
+
 @torch.no_grad()
-def draft_with_mtp(model: Transformer, ids: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+def draft_with_mtp(model: Transformer, ids: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor,
+                   drafter: MTPDrafter | None = None) -> torch.Tensor:
     """Draft tokens t2..t(D+1) after `first` (= t1, the token after `ids`). Depth k at the last position i = L-1
-    combines h_(k-1)[i] with the embedding of x[i+k] and predicts x[i+k+1], as in training; each depth runs its
-    block over all L positions (tokens x[k : L+k]), the sequence extended by the tokens drafted so far."""
+    combines h_(k-1)[i] with the embedding of x[i+k] and predicts x[i+k+1], as in training; each depth's block
+    covers all L positions (tokens x[k : L+k]), the sequence extended by the tokens drafted so far, running only the
+    positions its cache lacks when a `drafter` is given."""
     length = ids.shape[1]
     x = torch.cat([ids, first], dim=1)
     cos, sin = model.rope(length)
     h, drafts = hidden, []
     for depth, module in enumerate(model.mtp, start=1):
-        h = module(h, model.embed(x[:, depth : length + depth]), cos, sin)
+        if drafter is None:
+            h = module(h, model.embed(x[:, depth : length + depth]), cos, sin)
+        else:
+            cache, start = drafter.caches[depth - 1], drafter.caches[depth - 1].length
+            new = module(h[:, start:length], model.embed(x[:, start + depth : length + depth]), cos, sin, cache)
+            cached = drafter.outputs[depth - 1]
+            h = new if cached is None or start == 0 else torch.cat([cached[:, :start], new], dim=1)
+            settled = max(0, length - depth + 1)  # positions whose inputs are all accepted tokens
+            cache.truncate(settled)
+            drafter.outputs[depth - 1] = h[:, :settled]
         token = model.lm_head(module.norm(h[:, -1:])).argmax(-1)
         drafts.append(token)
         x = torch.cat([x, token], dim=1)
@@ -86,6 +107,7 @@ def self_speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int, 
     model.eval()
     target = prompt.shape[1] + new_tokens
     ids, stats, cache = prompt, DecodeStats(), new_cache(model, use_cache)
+    drafter = MTPDrafter(model) if use_cache else None
     hidden, logits = _hidden_and_logits(model, ids, cache)  # hidden: every position so far (the MTP input)
     stats.main_forwards += 1
     while ids.shape[1] < target:
@@ -94,7 +116,7 @@ def self_speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int, 
         if room == 0:
             ids = torch.cat([ids, first], dim=1)
             break
-        drafts = draft_with_mtp(model, ids, hidden, first)[:, :room]
+        drafts = draft_with_mtp(model, ids, hidden, first, drafter)[:, :room]
         base = ids.shape[1]  # position of `first`
         candidate = torch.cat([first, drafts], dim=1)
         if cache is not None:  # verifies every draft in one forward over the new positions

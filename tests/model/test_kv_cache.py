@@ -66,5 +66,30 @@ def test_decoders_give_the_same_tokens_with_and_without_the_cache(variant):
     got, cached_stats = greedy(m, prompt, 16)
     assert torch.equal(got, want) and cached_stats.main_forwards == plain_stats.main_forwards == 16
     if m.cfg.mtp_depth:
-        assert torch.equal(self_speculative(m, prompt, 16)[0], want)
-        assert torch.equal(self_speculative(m, prompt, 16, use_cache=False)[0], want)
+        (cached, cached_stats), (plain, plain_stats) = (self_speculative(m, prompt, 16, use_cache=c) for c in (1, 0))
+        assert torch.equal(cached, want) and torch.equal(plain, want)
+        # the MTP caches change no draft: the same drafts are proposed and accepted (a stale cached position would
+        # still give greedy's tokens, only with other drafts)
+        assert (cached_stats.drafted, cached_stats.accepted) == (plain_stats.drafted, plain_stats.accepted)
+
+
+@torch.no_grad()
+def test_mtp_drafts_with_caches_equal_drafts_without_over_many_rounds():
+    from pretrain.generate import MTPDrafter, draft_with_mtp
+
+    m = model(**VARIANTS["moe + mtp"])
+    ids = torch.randint(0, 64, (1, 20))
+    drafter = MTPDrafter(m)
+    for length in (5, 6, 9, 10, 14, 20):  # rounds accepting 1, 3, 1, 4, 6 tokens
+        prefix = ids[:, :length - 1]
+        hidden = m.forward_layers(m.embed(prefix), m.layers, length - 1)
+        first = ids[:, length - 1 : length]
+        want = draft_with_mtp(m, prefix, hidden, first)
+        assert torch.equal(draft_with_mtp(m, prefix, hidden, first, drafter), want), length
+        # what each depth keeps cached equals its states computed afresh from the true tokens: nothing that read a
+        # draft (which the next round may reject) stays
+        cos, sin, h, L = *m.rope(length - 1), hidden, length - 1
+        for depth, module in enumerate(m.mtp, start=1):
+            h = module(h, m.embed(ids[:, depth : L + depth]), cos, sin)
+            kept = drafter.outputs[depth - 1]
+            assert kept.shape[1] == L - depth + 1 and torch.allclose(kept, h[:, : kept.shape[1]], atol=1e-5), length
