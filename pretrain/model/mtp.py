@@ -43,4 +43,4 @@ class MTPModule(nn.Module):
         seq = token_embedding.shape[1]
         h = torch.cat([self.hidden_norm(hidden[:, :seq]), self.embed_norm(token_embedding)], dim=-1)
         h = self.proj(h).to(hidden.dtype)  # the residual stream keeps the model's dtype
-        return self.block(h, cos, sin) if cache is None else self.block(h, cos, sin, cache)
+        return self.block(h, cos, sin, cache)

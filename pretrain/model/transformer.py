@@ -84,9 +84,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
                 ) -> torch.Tensor:
-        attn_in = self.attn_norm(x)
-        attn_out = self.attn(attn_in, cos, sin) if cache is None else self.attn(attn_in, cos, sin, cache)
-        x = x + self.dropout(attn_out)
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
