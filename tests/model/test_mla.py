@@ -1,5 +1,6 @@
-"""Multi-head Latent Attention: shapes, causality, RoPE on the rope part only, the softmax scale, exact parameter
-counts and FLOPs, training with MoE and MTP, and DeepSeek-V3's published sizes."""
+"""Multi-head Latent Attention: shapes, RoPE on the rope part only, the softmax scale, exact parameter counts and
+FLOPs, training with MoE and MTP, and DeepSeek-V3's published sizes (causality and the sliding window run for
+MLA in tests/model/test_transformer.py)."""
 
 import math
 from pathlib import Path
@@ -14,9 +15,9 @@ from pretrain.model.flops import attention_parameters, count_parameters_non_embe
 from pretrain.model.mla import MLA
 from pretrain.model.moe import MoEConfig
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+from tests.model.test_transformer import SMALL_MLA
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -51,28 +52,6 @@ def test_shapes_and_module_names(q_lora_rank):
     model = build(mla=MLAConfig(**{**SMALL_MLA.__dict__, "q_lora_rank": q_lora_rank}))
     assert model(torch.randint(0, 128, (2, 10))).shape == (2, 10, 128)
     assert model.inv_freq.numel() == 2  # RoPE frequencies from qk_rope_head_dim (4), not d_model / n_heads (16)
-
-
-def test_causal_future_tokens_do_not_change_past_logits():
-    model = build(mtp_depth=1, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16))
-    ids = torch.randint(0, 128, (2, 16))
-    changed = ids.clone()
-    changed[:, 10] = (changed[:, 10] + 1) % 128
-    a, b = model(ids), model(changed)
-    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
-    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-4)
-
-
-def test_sliding_window_limits_what_a_position_sees():
-    model = build(sliding_window=4)
-    ids = torch.randint(0, 128, (1, 20))
-    base = model(ids)
-    far = ids.clone()
-    far[0, 0] = (far[0, 0] + 1) % 128
-    assert torch.allclose(model(far)[0, 15:], base[0, 15:], atol=1e-6)  # 2 layers of window 4: 6 positions back
-    near = ids.clone()
-    near[0, 13] = (near[0, 13] + 1) % 128
-    assert not torch.allclose(model(near)[0, 15], base[0, 15], atol=1e-4)
 
 
 def test_rope_rotates_the_rope_part_only_and_the_shared_key_is_the_same_for_every_head():

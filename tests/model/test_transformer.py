@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import ModelConfig, Transformer, count_parameters, flops_per_token, lm_loss
+from pretrain.model.config import MLAConfig
 from pretrain.model.flops import count_parameters_non_embedding
+from pretrain.model.moe import MoEConfig
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+# small MLA sizes (d_model 64, 4 heads), also used by tests/model/test_mla.py
+SMALL_MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -22,8 +27,17 @@ def build(seed=0, **kw) -> Transformer:
     return Transformer(tiny(**kw)).eval()
 
 
-def test_causal_future_tokens_do_not_change_past_logits():
-    model = build()
+# the attention variants the causality and window tests run on: GQA, and MLA inside an MoE + MTP model
+ATTENTION = {
+    "gqa": {},
+    "mla + moe + mtp": {"attention": "mla", "mla": SMALL_MLA, "n_kv_heads": 4, "mtp_depth": 1,
+                        "moe": MoEConfig(num_experts=4, top_k=2, expert_hidden=16)},
+}
+
+
+@pytest.mark.parametrize("variant", list(ATTENTION))
+def test_causal_future_tokens_do_not_change_past_logits(variant):
+    model = build(**ATTENTION[variant])
     ids = torch.randint(0, 128, (2, 16))
     changed = ids.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 128
@@ -32,8 +46,9 @@ def test_causal_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-4)
 
 
-def test_sliding_window_limits_what_a_position_sees():
-    model = build(sliding_window=4)
+@pytest.mark.parametrize("variant", list(ATTENTION))
+def test_sliding_window_limits_what_a_position_sees(variant):
+    model = build(sliding_window=4, **ATTENTION[variant])
     ids = torch.randint(0, 128, (1, 20))
     base = model(ids)
     far = ids.clone()

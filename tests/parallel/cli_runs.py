@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from pretrain.callbacks.metrics_log import read_metrics
 
 ROOT = Path(__file__).parents[2]
@@ -44,3 +46,33 @@ def checkpoint_tensors(checkpoint_dir) -> tuple[dict, dict]:
     checkpoint_dir = Path(checkpoint_dir)
     return load_file(checkpoint_dir / "model.safetensors"), load_file(checkpoint_dir / "optimizer.safetensors")
 
+
+
+def assert_curve_matches(run_dir, ref_dir, also: tuple[str, ...] = ()) -> None:
+    """Every one of the 8 training steps: loss within 1e-5, grad norm within 2e-5 relative (fp32), and the
+    metrics whose names start with one of `also` within 1e-4 (relative above 1)."""
+    got, want = train_metrics(run_dir), train_metrics(ref_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step]["loss"] - want[step]["loss"]) < 1e-5, (step, got[step], want[step])
+        assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) < 2e-5 * want[step]["grad_norm"], step
+        for key in want[step]:
+            if also and key.startswith(also):
+                assert abs(got[step][key] - want[step][key]) < 1e-4 * max(1.0, abs(want[step][key])), (step, key)
+
+
+def assert_final_checkpoint_matches(run_dir, ref_dir, exact: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+    """The step-8 checkpoints: the same parameter names, parameters within 5e-5 (those ending in one of `exact`
+    equal), every reference AdamW state within 1e-6 (step counts equal). Returns (run's optimizer tensors,
+    reference parameters, reference optimizer tensors) for further checks."""
+    final = "checkpoints/step_00000008"
+    model, optimizer = checkpoint_tensors(Path(run_dir) / final)
+    ref_model, ref_optimizer = checkpoint_tensors(Path(ref_dir) / final)
+    assert model.keys() == ref_model.keys()
+    for key in ref_model:
+        atol = 0 if exact and key.endswith(exact) else 5e-5
+        assert torch.allclose(model[key], ref_model[key], rtol=0, atol=atol), key
+    for key in ref_optimizer:
+        atol = 0 if key.endswith("/step") else 1e-6
+        assert torch.allclose(optimizer[key].float(), ref_optimizer[key].float(), rtol=0, atol=atol), key
+    return optimizer, ref_model, ref_optimizer
