@@ -133,23 +133,30 @@ def train_throughput(name: str, cfg: ModelConfig, batch: int, seq: int, peak_tfl
     return result
 
 
-def moe_layer_vs_dense(d: int, experts: int, top_k: int, hidden: int, shared: int, tokens: int) -> dict:
+def _moe_layer_and_pass(d: int, experts: int, top_k: int, hidden: int, shared: int, tokens: int):
+    """An MoE layer on the device, and a function running one forward + backward (bf16 autocast) of a layer on
+    the same tokens, gradients written afresh as a training step does."""
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=hidden, num_shared_experts=shared,
                     score_func="sigmoid")
     moe = MoE(d, hidden, cfg).to(DEVICE)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    dense = SwiGLU(d, (top_k + shared) * hidden).to(DEVICE)
     x = torch.randn(1, tokens, d, device=DEVICE, requires_grad=True)
 
     def run(layer):
-        layer.zero_grad(set_to_none=True)  # as a training step does: gradients written, not accumulated
+        layer.zero_grad(set_to_none=True)
         x.grad = None
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = layer(x)
         out.float().sum().backward()
 
+    return moe, run
+
+
+def moe_layer_vs_dense(d: int, experts: int, top_k: int, hidden: int, shared: int, tokens: int) -> dict:
+    moe, run = _moe_layer_and_pass(d, experts, top_k, hidden, shared, tokens)
+    dense = SwiGLU(d, (top_k + shared) * hidden).to(DEVICE)
     t_moe = _time(lambda: run(moe), 3, 20)
     t_dense = _time(lambda: run(dense), 3, 20)
     return {"d_model": d, "experts": experts, "top_k": top_k, "expert_hidden": hidden, "shared": shared,
@@ -167,19 +174,10 @@ def _guarded(results: dict, key: str, fn) -> None:
 
 def profile_moe_layer(d: int, experts: int, top_k: int, hidden: int, shared: int, tokens: int) -> str:
     """The MoE layer's forward + backward under torch.profiler: its kernels by total device time."""
-    cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=hidden, num_shared_experts=shared,
-                    score_func="sigmoid")
-    moe = MoE(d, hidden, cfg).to(DEVICE)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, tokens, d, device=DEVICE, requires_grad=True)
+    moe, run_layer = _moe_layer_and_pass(d, experts, top_k, hidden, shared, tokens)
 
     def run():
-        moe.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            out = moe(x)
-        out.float().sum().backward()
+        run_layer(moe)
 
     _time(run, 3, 1)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -237,6 +235,11 @@ def run_all(quick: bool, smoke: bool = False, moe_only: bool = False) -> dict:
     return results
 
 
+def _error_row(record: dict, columns: int) -> str:
+    """A table row for a section that failed on the device: its error in the first column."""
+    return f"| error: {record['error'][:120]} |" + " |" * (columns - 1)
+
+
 def markdown(results: dict) -> str:
     c = results.get("ceilings", {})
     lines = [f"Measured ceilings: bf16 matmul {c.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
@@ -256,7 +259,7 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for r in results.get("throughput", []):
         if "error" in r:
-            lines.append(f"| error: {r['error'][:120]} | | | | | | | |")
+            lines.append(_error_row(r, 8))
             continue
         lines.append(f"| {r['name']} | {r['params_m']:.0f}M ({r['active_m']:.0f}M) | {r['batch']} x {r['seq']} | "
                      f"{'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
@@ -267,7 +270,7 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for r in results.get("moe_layer", []):
         if "error" in r:
-            lines.append(f"| error: {r['error'][:120]} | | | | | | |")
+            lines.append(_error_row(r, 7))
             continue
         lines.append(f"| {r['d_model']} | {r['experts']} ({r['top_k']}, {r['shared']}) | {r['expert_hidden']} | "
                      f"{r['tokens']:,} | {r['moe_tokens_per_s']:,.0f} | {r['dense_tokens_per_s']:,.0f} | "
