@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | {denv.world_size} process(es) "
             f"tp={p.tp} pp={p.pp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
-            f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps",
+            f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps\n{trainer.precision.describe()}",
             flush=True,
         )
     summary = trainer.fit(resume=args.resume)

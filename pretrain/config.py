@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.model.config import ModelConfig, RopeConfig  # noqa: F401  (re-exported)
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (resolved per device by pretrain/precision.py)
+
 
 class ConfigError(ValueError):
     """A config value that is unknown, of the wrong type, or inconsistent with another."""
@@ -74,7 +76,9 @@ class TrainConfig:
     # Sequences per rank per forward pass, and sequences per optimizer step over all data-parallel ranks.
     micro_batch_size: int = 8
     global_batch_size: int = 16
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # auto: bf16 autocast where the hardware runs bf16 natively (CUDA, CPUs with AMX/AVX512-BF16), else fp32;
+    # fp32; bf16 (autocast; on a CPU without native bf16 it works, tens of times slower, with a warning).
+    precision: str = "auto"
     seed: int = 1234
     deterministic: bool = True
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -440,7 +444,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(o.schedule in ("cosine", "wsd"), "optim.schedule", f"must be 'cosine' or 'wsd', got '{o.schedule}'")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
-    _require(t.precision in ("fp32", "bf16"), "train.precision", f"must be 'fp32' or 'bf16', got '{t.precision}'")
+    _require(t.precision in PRECISIONS, "train.precision",
+             f"must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")

@@ -24,8 +24,9 @@ def precision_key(precision: str) -> str:
 @functools.cache
 def measured_matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """Best sustained square-matmul FLOP/s on this CPU: the practical peak MFU is measured against."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # leaves the global RNG (and so training) untouched
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     torch.matmul(a, b)
     best = 0.0
     deadline = time.perf_counter() + seconds

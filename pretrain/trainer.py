@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pretrain.config import Config, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,19 @@ class Trainer:
     def __init__(
         self, cfg: Config, run_dir: Path, callbacks: list[Callback] | None = None, grid: ProcessGrid | None = None
     ):
-        self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or []
         self.grid = grid or ProcessGrid.single()
         self.is_main = self.grid.rank == 0
         self.phase = "setup"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with warnings.catch_warnings():  # a slow-precision warning once, from the main rank
+            if not self.is_main:
+                warnings.simplefilter("ignore", SlowPrecisionWarning)
+            self.precision = self._agree_on_precision(choose_precision(cfg.train.precision, self.device))
+        # the run's config says what it computes in (written to RUN_DIR/config.yaml, given to DeepSpeed)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=self.precision.precision))
+        self.cfg = cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -98,6 +107,16 @@ class Trainer:
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
         self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+
+    def _agree_on_precision(self, choice: PrecisionChoice) -> PrecisionChoice:
+        """Every rank computes in the same precision: bf16 only if every rank's device runs it natively."""
+        if self.grid.shape.world_size == 1 or choice.requested != "auto":
+            return choice
+        flag = torch.tensor([1 if choice.precision == "bf16" else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 1 or choice.precision == "fp32":
+            return choice
+        return PrecisionChoice(choice.requested, "fp32", "another rank's device has no native bf16: fp32")
 
     # -- helpers the callbacks use -------------------------------------------------------------
     def should_log(self) -> bool:
@@ -365,4 +384,7 @@ class Trainer:
             "num_parameters": self.num_parameters,
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops,
+            "precision": self.precision.precision,
+            "precision_requested": self.precision.requested,
+            "precision_reason": self.precision.reason,
         }

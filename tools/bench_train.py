@@ -6,7 +6,9 @@ In one process and one run it measures, alternating blocks in ABBA order so mach
   - ours:      `Trainer.train_step` (loader, schedule, loss module, clipping, accumulation, metrics);
   - reference: a nanoGPT-style loop over the same model and optimizer with batches already in memory;
   - loader:    micro-batches per second of `TokenWindowLoader` alone, against what training consumes.
-Results go to a table in BENCHMARKS.md (its own section, replaced on each run) with the machine described.
+Results go to a table in BENCHMARKS.md with the machine described, one section per kind of CPU (with native bf16:
+AMX or AVX512-BF16; without: AVX2 class, or a newer CPU capped with ONEDNN_MAX_CPU_ISA=AVX2), replaced on each run
+on that kind. The config's precision is resolved as in training (`auto`: bf16 only where native).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import load_config
+from pretrain.hardware import measured_matmul_flops
+from pretrain.precision import CpuFeatures
 from pretrain.trainer import Trainer
 from tools.bench_report import machine_description, write_section
 
@@ -104,14 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n".join(
         [
             f"Config `{args.config}` {' '.join(args.overrides)}: {trainer.num_parameters / 1e6:.2f}M parameters, "
-            f"{cfg.train.precision}, {trainer.tokens_per_step:,} tokens/step, median of {args.blocks} ABBA-alternating "
-            f"blocks of {args.steps} steps. MFU uses {trainer.flops_per_token / 1e6:.1f} MFLOP/token against a "
-            f"measured matmul peak of {trainer.peak_flops / 1e9:.0f} GFLOP/s.",
+            f"{trainer.precision.describe()}, {trainer.tokens_per_step:,} tokens/step, median of {args.blocks} "
+            f"ABBA-alternating blocks of {args.steps} steps. MFU uses {trainer.flops_per_token / 1e6:.1f} MFLOP/token "
+            f"against a measured matmul peak of {trainer.peak_flops / 1e9:.0f} GFLOP/s.",
             "",
             *rows,
         ]
     )
-    write_section(Path(args.out), "bench_train", "Training step and loader (issue 3)", machine_description(), body)
+    cpu = CpuFeatures.probe()
+    native, _ = cpu.native_bf16()
+    body += (f"\n\nMatmul peak on this CPU (1,024², measured): fp32 {measured_matmul_flops(torch.float32) / 1e9:.0f} "
+             f"GFLOP/s, bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.1f} GFLOP/s.")
+    section = "bench_train" if native else "bench_train_no_native_bf16"
+    title = f"Training step and loader, CPU: {cpu.kind()}"
+    write_section(Path(args.out), section, title, machine_description(), body)
     print(body)
 
 
