@@ -18,6 +18,7 @@ import torch.distributed as dist
 from data.loader import TokenWindowLoader
 from parallel.engine import PlainEngine
 from parallel.grid import ProcessGrid
+from parallel.materialize import materialize
 from parallel.plan import PipelineOptions, parallelize
 from pretrain.callbacks.base import Callback
 from pretrain.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, restore_rng
@@ -61,7 +62,9 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-        model = cfg.model.build()  # the same full model on every rank (same seed), then sharded
+        with torch.device("meta"):  # no memory yet: each rank materializes only its own shards below
+            model = cfg.model.build()
+        init_rules = model.init_rules()
         p = cfg.parallel
         pipeline = PipelineOptions(
             schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
@@ -69,7 +72,7 @@ class Trainer:
             n_microbatches=cfg.grad_accum_steps,
         )
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
-        self.model = model.to(self.device)
+        self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.moe_layers = self.model.moe_layers()
         self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step

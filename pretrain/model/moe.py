@@ -314,6 +314,12 @@ class MoE(nn.Module):
         self.load_since_update.zero_()
         self.stats_since_update.zero_()
 
+    def reset_buffers(self) -> None:
+        """Balancing state as at construction: no selection bias, nothing counted."""
+        self.router.expert_bias.zero_()
+        self.load_since_update.zero_()
+        self.stats_since_update.zero_()
+
 
 @contextlib.contextmanager
 def moe_statistics_paused(module: nn.Module):

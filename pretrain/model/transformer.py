@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.init import InitRule, initial_value
 from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.loss import lm_loss
 from pretrain.model.mla import MLA
@@ -106,31 +107,56 @@ class Transformer(nn.Module):
         # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
         self.mtp_loss_function = lm_loss
         self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.rope_dim), persistent=False)
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:  # on `meta` (sharded initialization) values come later, per shard
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual-branch outputs scaled by 1/sqrt(2 * n_layers)."""
+    def init_rules(self) -> dict[str, InitRule]:
+        """Every parameter's initial distribution, by name: Normal(0, init_std); residual-branch outputs scaled by
+        1/sqrt(2 * n_layers); norm weights ones. Computed from the module structure, so it also works on `meta`."""
         std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for module in self.mtp:
-            nn.init.normal_(module.proj.weight, std=std)
+        stds: dict[int, float] = {}  # by id(parameter)
+
+        def set_std(value: float, *params: nn.Parameter) -> None:
+            stds.update({id(param): value for param in params})
+
+        set_std(std, self.embed.weight, self.lm_head.weight, *(module.proj.weight for module in self.mtp))
         for block in [*self.layers, *(module.block for module in self.mtp)]:
             mlp = block.mlp
             dense = mlp if isinstance(mlp, MLP) else mlp.shared  # the MoE's shared experts are one SwiGLU MLP
             inputs = block.attn.input_projections()  # GQA: q/k/v; MLA: the down- and up-projections
             inputs += [dense.gate_proj, dense.up_proj] if dense is not None else []
-            for linear in inputs:
-                nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(block.attn.o_proj.weight, std=residual_std)
+            set_std(std, *(linear.weight for linear in inputs))
+            set_std(residual_std, block.attn.o_proj.weight)
             if dense is not None:
-                nn.init.normal_(dense.down_proj.weight, std=residual_std)
+                set_std(residual_std, dense.down_proj.weight)
             if isinstance(mlp, MoE):
-                for weight in (mlp.router.weight, mlp.experts.gate, mlp.experts.up):
-                    nn.init.normal_(weight, std=std)
-                nn.init.normal_(mlp.experts.down, std=residual_std)
+                set_std(std, mlp.router.weight, mlp.experts.gate, mlp.experts.up)
+                set_std(residual_std, mlp.experts.down)
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, nn.RMSNorm)}
+        rules = {}
+        for name, param in self.named_parameters():
+            if id(param) not in stds and id(param) not in norms:
+                raise ValueError(f"parameter {name} has no initialization rule")
+            rules[name] = InitRule(tuple(param.shape), stds.get(id(param)))
+        return rules
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Every parameter from its own name and `seed` (default: torch's current seed), independent of creation
+        order and of how the model is later cut: `parallel/` initializes a shard with the same values."""
+        seed = torch.initial_seed() if seed is None else seed
+        with torch.no_grad():
+            for name, rule in self.init_rules().items():
+                param = self.get_parameter(name)
+                param.copy_(initial_value(name, rule, seed, param.dtype))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """The buffers that are not learned (RoPE frequencies, MoE balancing state), e.g. after materializing a
+        model built on the `meta` device."""
+        self.inv_freq = rope_frequencies(self.cfg.rope, self.cfg.rope_dim).to(self.inv_freq.device)
+        for layer in self.moe_layers().values():
+            layer.reset_buffers()
 
     def moe_layers(self) -> dict[str, MoE]:
         """The MoE feed-forwards this model holds, by name ('layers.3', 'mtp.0')."""

@@ -1,0 +1,80 @@
+"""Sharded initialization: a model built on `meta`, parallelized, then materialized shard by shard holds exactly
+what the whole model, initialized on one process and then cut by the same plan, holds — on every rank of a
+TP=2 x PP=2 x EP=2 (DP=2) layout of the MoE + MTP model, simulated in one process with torch's fake process group
+(sharded initialization needs no communication)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from parallel.grid import GridShape, ProcessGrid
+from parallel.materialize import materialize
+from parallel.plan import PipelineOptions, parallelize
+from pretrain.config import load_config
+
+SEED = 1234
+LAYOUT = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]
+SMALL = ["model.vocab_size=512", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
+         "data.seq_len=64", "model.moe.expert_hidden=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+
+def rank_state(cfg, rank: int, sharded: bool) -> dict[str, torch.Tensor]:
+    """This rank's parameters and buffers after building the model the sharded way or the whole way."""
+    p = cfg.parallel
+    shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
+    dist.init_process_group("fake", rank=rank, world_size=shape.world_size, store=FakeStore())
+    try:
+        grid = ProcessGrid.build(shape, shape.world_size, rank)
+        pipeline = PipelineOptions(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                                   n_microbatches=cfg.grad_accum_steps)
+        torch.manual_seed(SEED)
+        if sharded:
+            with torch.device("meta"):
+                model = cfg.model.build()
+            rules = model.init_rules()
+            plan = parallelize(model, grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
+            materialize(model, plan, rules, SEED, torch.device("cpu"))
+        else:
+            model = cfg.model.build()  # the whole model, initialized on this process, then cut
+            parallelize(model, grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        return {name: t.detach().clone() for name, t in tensors.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("extra", [[], ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16",
+                                        "model.mla.qk_rope_head_dim=8", "model.mla.qk_nope_head_dim=8",
+                                        "model.mla.v_head_dim=16"]], ids=["gqa", "mla"])
+def test_every_rank_materializes_the_slices_of_the_whole_model(extra):
+    cfg = load_config("configs/tiny_moe.yaml", [*SMALL, *LAYOUT, *extra], check_paths=False)
+    with torch.device("meta"):
+        full = cfg.model.build()
+    full_names = {n for n, _ in full.named_parameters()} | {n for n, _ in full.named_buffers()}
+    param_names = {n for n, _ in full.named_parameters()}
+    full_elements = sum(p.numel() for p in full.parameters())
+    held = set()
+    for rank in range(cfg.parallel.world_size):
+        sharded, whole = rank_state(cfg, rank, sharded=True), rank_state(cfg, rank, sharded=False)
+        assert sharded.keys() == whole.keys()
+        for name, tensor in whole.items():
+            assert sharded[name].shape == tensor.shape, name
+            assert torch.equal(sharded[name], tensor), f"rank {rank}: {name} differs"
+        held |= sharded.keys()
+        held_elements = sum(t.numel() for name, t in sharded.items() if name in param_names)
+        assert held_elements < full_elements / 2  # shards, not the whole model
+    # between them the ranks hold every parameter and buffer (RoPE table, expert biases, MoE counters, norms)
+    assert full_names <= held
+
+
+def test_init_depends_on_names_not_on_construction_order():
+    """The same parameter gets the same initial value in models of different depth (values come from the seed
+    and the name alone), and different parameters get different values."""
+    torch.manual_seed(SEED)
+    small = load_config(None, [*SMALL, "model.n_layers=2"], check_paths=False).model.build()
+    torch.manual_seed(SEED)
+    deep = load_config(None, [*SMALL, "model.n_layers=3"], check_paths=False).model.build()
+    assert torch.equal(small.embed.weight, deep.embed.weight)
+    assert torch.equal(small.layers[1].attn.q_proj.weight, deep.layers[1].attn.q_proj.weight)
+    assert not torch.equal(small.layers[0].attn.q_proj.weight, small.layers[1].attn.q_proj.weight)
