@@ -32,7 +32,7 @@ def materialize(model: nn.Module, plan: ParallelPlan, rules: dict[str, InitRule]
             if name not in rules:
                 raise ValueError(f"parameter {name} of the parallelized model has no initialization rule")
             whole = initial_value(name, rules[name], seed, param.dtype)
-            shard = plan.local_tensors({name: whole})[name]
+            shard = plan.local_tensors({name: whole}, copy=False)[name]
             if shard.shape != param.shape:
                 raise ValueError(f"parameter {name}: shard {tuple(shard.shape)} does not fit {tuple(param.shape)}")
             param.copy_(shard)

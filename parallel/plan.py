@@ -135,9 +135,9 @@ class ParallelPlan:
                 out[name] = gather_full(out[name], spec.outer, self.grid.group(spec.outer.group))
         return self.merged_over_stages(out)  # each stage holds different names
 
-    def local_tensors(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def local_tensors(self, full: dict[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
         """This rank's shards cut from layout-free tensors (no communication); with pipeline parallelism, only
-        those of the parameters this rank's stages hold."""
+        those of the parameters this rank's stages hold. `copy=False`: views of `full` where possible."""
         out = {}
         for name, t in full.items():
             if self.local_names is not None and name.split("/", 1)[0] not in self.local_names:
@@ -145,7 +145,8 @@ class ParallelPlan:
             spec = self.spec(name)
             if t.dim() > 0 and spec.outer is not None:
                 t = shard_of(t, spec.outer)
-            out[name] = t if t.dim() == 0 else shard_of(t, spec).clone()
+            shard = t if t.dim() == 0 else shard_of(t, spec)
+            out[name] = shard.clone() if copy and shard.dim() > 0 else shard
         return out
 
     def spec(self, name: str) -> ShardSpec:

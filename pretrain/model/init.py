@@ -28,4 +28,4 @@ def initial_value(name: str, rule: InitRule, seed: int, dtype: torch.dtype = tor
     if rule.std is None:
         return torch.ones(rule.shape, dtype=dtype)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
-    return (torch.randn(rule.shape, generator=generator) * rule.std).to(dtype)
+    return torch.randn(rule.shape, generator=generator).mul_(rule.std).to(dtype)
