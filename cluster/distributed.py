@@ -17,13 +17,39 @@ class DistEnv:
     local_rank: int
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ('node[03-05,9],gpu1' -> 'node03'), as `scontrol show hostnames` would
+    list it first."""
+    first = nodelist.strip()
+    depth = 0
+    for i, char in enumerate(first):  # the first comma outside brackets ends the first entry
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            first = first[:i]
+            break
+    if "[" not in first:
+        return first
+    prefix, ranges = first.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
+    """MASTER_ADDR and MASTER_PORT under srun: as set, else the job's first node and a port derived from the job id
+    (jobs sharing a node get different ports)."""
+    addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 30000)
+    return addr, port
+
+
 def env_from_launcher() -> DistEnv:
-    """Rank and world size from torchrun's variables, else from SLURM's (srun), else a single process."""
+    """Rank and world size from torchrun's variables, else from SLURM's (one srun task per process, with
+    SLURM_STEP_NUM_TASKS > 1), else a single process."""
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    tasks = env.get("SLURM_STEP_NUM_TASKS")  # set by srun for its tasks, not in the batch script itself
+    if tasks and int(tasks) > 1 and "SLURM_PROCID" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(tasks), int(env.get("SLURM_LOCALID", 0)))
     return DistEnv(0, 1, 0)
 
 
@@ -34,6 +60,8 @@ def init_distributed(timeout_s: float) -> DistEnv:
     if denv.world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(denv.rank))
         os.environ.setdefault("WORLD_SIZE", str(denv.world_size))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:  # srun: derived from the job
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_rendezvous(dict(os.environ))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(denv.local_rank)

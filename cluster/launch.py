@@ -1,31 +1,59 @@
-"""Local multi-process launch: `pretrain train … --nproc N` re-runs itself under torchrun."""
+"""Launching: `pretrain train … --nproc N` re-runs itself under torchrun, on this machine alone or as one node of a
+multi-node job (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`: torchrun's static rendezvous, every
+node started with the same command and its own `--node-rank`)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+
+# The launch options that the re-run under torchrun must not see again (flag -> takes a value).
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
 
 
-def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:
-    """Standalone rendezvous on a free local port, so parallel jobs on one machine never clash."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+@dataclass(frozen=True)
+class Nodes:
+    """Where this launcher sits in a multi-node job; one node: a standalone rendezvous on a free local port."""
+
+    count: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def check(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.count}")
+        if not 0 <= self.rank < self.count:
+            raise ValueError(f"--node-rank must be in [0, {self.count}), got {self.rank}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"--master-port must be a TCP port, got {self.master_port}")
+
+
+def torchrun_command(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    if nodes.count == 1:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", f"--master-addr={nodes.master_addr}",
+                      f"--master-port={nodes.master_port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
             "-m", "pretrain.cli", *cli_args]
 
 
-def launch_local(nproc: int, cli_args: list[str]) -> int:
+def launch(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(nproc, cli_args), env=env)
+    return subprocess.call(torchrun_command(nproc, cli_args, nodes), env=env)
 
 
-def strip_nproc(argv: list[str]) -> list[str]:
+def strip_launch_options(argv: list[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in LAUNCH_OPTIONS:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
             out.append(arg)
     return out

@@ -80,6 +80,11 @@ def layout(shape: GridShape) -> dict[str, list[list[int]]]:
     return {k: [sorted(g) for g in v] for k, v in groups.items()}
 
 
+def own_groups(shape: GridShape, rank: int) -> dict[str, list[int]]:
+    """The members of `rank`'s group of every kind."""
+    return {kind: next(g for g in groups if rank in g) for kind, groups in layout(shape).items()}
+
+
 def coordinates(shape: GridShape, rank: int) -> dict[str, int]:
     tp = rank % shape.tp
     cp = (rank // shape.tp) % shape.cp
@@ -100,7 +105,9 @@ class ProcessGrid:
 
     @classmethod
     def build(cls, shape: GridShape, world_size: int, rank: int, timeout_s: float | None = None) -> ProcessGrid:
-        """Creates every group on every rank (torch requires all ranks to call new_group in the same order).
+        """Creates this rank's group of each kind, and only those: members create a group together
+        (`use_local_synchronization`), so a rank makes at most one group per kind whatever the world size (at
+        2,048 ranks, not the thousands of groups of every kind). Kinds with the same members share one group.
         Subgroups do not inherit the world group's timeout, so it is passed to each."""
         import datetime
 
@@ -108,13 +115,13 @@ class ProcessGrid:
 
         shape.check(world_size)
         grid = cls(shape=shape, rank=rank, coords=coordinates(shape, rank))
-        for kind, all_groups in layout(shape).items():
-            for members in all_groups:
-                timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-                group = dist.new_group(members, timeout=timeout) if world_size > 1 else None
-                if rank in members:
-                    grid.groups[kind] = group
-                    grid.group_ranks[kind] = members
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        created: dict[tuple[int, ...], object] = {}
+        for kind, members in own_groups(shape, rank).items():
+            if world_size > 1 and tuple(members) not in created:
+                created[tuple(members)] = dist.new_group(members, timeout=timeout, use_local_synchronization=True)
+            grid.groups[kind] = created.get(tuple(members))
+            grid.group_ranks[kind] = members
         return grid
 
     @classmethod

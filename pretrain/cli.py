@@ -28,10 +28,18 @@ def default_run_dir(config_path: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.distributed import env_from_launcher
+    from cluster.launch import Nodes
 
     cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     launcher = env_from_launcher()
-    world = args.nproc if args.nproc else launcher.world_size
+    nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    try:
+        nodes.check()
+    except ValueError as exc:
+        raise ConfigError("--nnodes", str(exc)) from exc
+    if nodes.count > 1 and not args.nproc:
+        raise ConfigError("--nnodes", "a multi-node launch needs --nproc (processes on each node)")
+    world = args.nproc * nodes.count if args.nproc else launcher.world_size
     if args.dry_run:  # the layout is checked against --nproc (or a launcher's world), not against one process
         if args.nproc or launcher.world_size > 1:
             validate_world_size(cfg, world)
@@ -48,9 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or a new --run-dir",
         )
     if args.nproc and launcher.world_size == 1:
-        from cluster.launch import launch_local, strip_nproc
+        from cluster.launch import launch, strip_launch_options
 
-        return launch_local(args.nproc, strip_nproc(args.argv))
+        return launch(args.nproc, strip_launch_options(args.argv), nodes)
 
     from cluster.distributed import init_distributed
     from parallel.grid import GridShape, ProcessGrid
@@ -114,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     train.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
-    train.add_argument("--nproc", type=int, help="launch this many local processes (torchrun, free port)")
+    train.add_argument("--nproc", type=int, help="launch this many processes on this node (torchrun; alone on one "
+                       "node: a free local port)")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node job (run the same command on "
+                       "each, with its own --node-rank)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
+    train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node rendezvous)")
+    train.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (multi-node)")
     train.add_argument(
         "--dry-run", action="store_true",
         help="validate the config (and the layout against --nproc), build the model on the meta device, print "

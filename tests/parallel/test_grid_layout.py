@@ -47,3 +47,37 @@ def test_sizes_must_multiply_to_world():
 def test_ep_must_divide_dp():
     with pytest.raises(GridError, match="parallel.ep=3"):
         GridShape(dp=4, ep=3).check(4)
+
+
+def test_a_rank_creates_only_its_own_groups_at_2048_ranks(monkeypatch):
+    """DeepSeek-V3's layout (16 pipeline stages, EP=64 over 128 data-parallel ranks) at 2,048 ranks, built under
+    torch's fake process group: each rank creates one group per distinct group it belongs to (kinds with the same
+    members share one), never the other ranks' — the whole layout has thousands of groups."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel.grid import ProcessGrid
+
+    shape = GridShape(pp=16, dp=128, ep=64)
+    total = sum(len(groups) for groups in layout(shape).values())
+    created: list[list[int]] = []
+    real_new_group = dist.new_group
+
+    def counting_new_group(ranks, **kwargs):
+        created.append(list(ranks))
+        return real_new_group(ranks, **kwargs)
+
+    monkeypatch.setattr(dist, "new_group", counting_new_group)
+    for rank in (0, 777, 2047):
+        created.clear()
+        dist.init_process_group("fake", rank=rank, world_size=shape.world_size, store=FakeStore())
+        try:
+            grid = ProcessGrid.build(shape, shape.world_size, rank)
+        finally:
+            dist.destroy_process_group()
+        assert all(rank in members for members in created)
+        assert len(created) == len({tuple(m) for m in grid.group_ranks.values()}) <= len(grid.group_ranks)
+        assert grid.size("pp") == 16 and grid.size("ep") == 64 and grid.size("expert_dp") == 2
+        assert grid.size("dp") == 128 and grid.size("tp") == 1
+        print(f"rank {rank}: {len(created)} groups created of {total} in the layout")
+    assert total > 5000

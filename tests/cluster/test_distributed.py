@@ -1,0 +1,44 @@
+"""How a process finds its place: torchrun's variables, srun's, and the rendezvous derived from a SLURM job."""
+
+import pytest
+
+from cluster.distributed import env_from_launcher, first_host, slurm_rendezvous
+from cluster.launch import Nodes, strip_launch_options, torchrun_command
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node07", "node07"), ("node[03-05,9]", "node03"), ("gpu[12,14-15],cpu1", "gpu12"), ("a1,a2", "a1"),
+    ("rack2-n[001-128]", "rack2-n001"),
+])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_slurm_rendezvous_from_the_job():
+    env = {"SLURM_JOB_NODELIST": "node[03-05]", "SLURM_JOB_ID": "123456"}
+    assert slurm_rendezvous(env) == ("node03", str(20000 + 123456 % 30000))
+    assert slurm_rendezvous({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}) == ("10.0.0.1", "6000")
+
+
+def test_launcher_variables(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    assert env_from_launcher().world_size == 1
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # an srun step of 8 tasks
+    env = env_from_launcher()
+    assert (env.rank, env.world_size, env.local_rank) == (5, 8, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's variables win
+    assert env_from_launcher().world_size == 4
+
+
+def test_multi_node_torchrun_command_and_options_stripped():
+    cmd = torchrun_command(4, ["train", "c.yaml"], Nodes(2, 1, "node03", 29600))
+    assert "--nnodes=2" in cmd and "--node-rank=1" in cmd and "--master-addr=node03" in cmd
+    assert "--master-port=29600" in cmd and "--standalone" not in cmd
+    assert "--standalone" in torchrun_command(4, ["train"])
+    argv = ["train", "c.yaml", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "h",
+            "--master-port=1", "x.y=1"]
+    assert strip_launch_options(argv) == ["train", "c.yaml", "x.y=1"]
