@@ -2,8 +2,10 @@
 step, validation loss, full gradients at the first optimizer step, full parameters after 4 AdamW steps
 (fp32, gloo, tiny 4-layer model with tied embeddings, 4 micro-batches per step).
 
-Tolerances (fp32): loss 1e-5, grads 1e-6, params 2e-4 (params move ~4e-2 at lr 1e-2). The negative control
-(the tied embedding's gradient not summed between first and last stage) is off by far more."""
+Tolerances (fp32): loss 1e-5, grads 1e-6, params 5e-4 (params move ~4e-2 at lr 1e-2; AdamW's first steps move an
+element by ~lr whatever the size of its gradient, so an element whose gradient is as small as the reduction-order
+noise can differ by a fraction of lr: measured up to 2.4e-4 at PP2 x TP2). The negative control (the tied
+embedding's gradient not summed between first and last stage) is off by far more (grads > 1e-3)."""
 
 import json
 import os
@@ -34,7 +36,7 @@ def check(result: dict) -> None:
     assert result["loss_diff"] < 1e-5, (name, result["losses"])
     assert result["val_diff"] < 1e-5, name
     assert result["grad_diff"] < 1e-6, name
-    assert result["param_diff"] < 2e-4, name
+    assert result["param_diff"] < 5e-4, name
 
 
 @pytest.fixture(scope="module")
