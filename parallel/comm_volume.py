@@ -72,11 +72,15 @@ def _process_group(args) -> ProcessGroup | None:
 
 class CommVolume(TorchDispatchMode):
     """`with CommVolume({"tp": tp_group, ...}) as vol: ...` then `vol.traffic`: {(op, group label): Traffic} for
-    this rank. Groups not named are labelled by their size ("n=4")."""
+    this rank. Groups not named are labelled by their size ("n=4"); a group given under several names (the grid's
+    kinds with the same members share one) by the first."""
 
     def __init__(self, groups: dict[str, object] | None = None):
         super().__init__()
-        self.labels = {g.group_name: label for label, g in (groups or {}).items() if g is not None}
+        self.labels: dict[str, str] = {}  # a group named twice (kinds with the same members): its first name
+        for label, group in (groups or {}).items():
+            if group is not None:
+                self.labels.setdefault(group.group_name, label)
         self.traffic: dict[tuple[str, str], Traffic] = defaultdict(Traffic)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -49,3 +49,19 @@ def tensor_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
 def data_parallel_elements(local_parameters: int) -> dict[str, int]:
     """Per DP rank and optimizer step: every local gradient once, plus the mean loss and CE."""
     return {"all_reduce@dp": local_parameters + 2}
+
+
+def shared_kinds(groups: dict[str, object]) -> dict[str, str]:
+    """Each named kind -> the first named kind with the same group object (the grid gives kinds with the same
+    members one group, and `CommVolume` labels such a group by its first name)."""
+    return {kind: next(k for k, g in groups.items() if g is group) for kind, group in groups.items()}
+
+
+def as_measured(expected: dict[str, int], shared: dict[str, str]) -> dict[str, int]:
+    """`expected` ("op@kind" -> elements) with the kinds that share a group counted under one label."""
+    out: dict[str, int] = {}
+    for key, elements in expected.items():
+        op, kind = key.split("@")
+        label = f"{op}@{shared.get(kind, kind)}"
+        out[label] = out.get(label, 0) + elements
+    return out

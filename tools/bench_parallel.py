@@ -54,7 +54,13 @@ def worker(args: argparse.Namespace) -> None:
 
     from cluster.distributed import init_distributed
     from parallel.comm_volume import CommVolume
-    from parallel.expected_traffic import data_parallel_elements, megatron_layer_elements, tensor_parallel_elements
+    from parallel.expected_traffic import (
+        as_measured,
+        data_parallel_elements,
+        megatron_layer_elements,
+        shared_kinds,
+        tensor_parallel_elements,
+    )
     from parallel.grid import GridShape, ProcessGrid
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
@@ -82,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
         expected.update(tensor_parallel_elements(cfg, layout["dp"]))
     if layout["dp"] > 1:
         expected.update(data_parallel_elements(local_params))
+    expected = as_measured(expected, shared_kinds(groups))  # kinds with the same members share one group
     if env.rank == 0:
         record = {
             "layout": args.layout,

@@ -10,7 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.comm_volume import CommVolume
-from parallel.expected_traffic import data_parallel_elements, megatron_layer_elements, tensor_parallel_elements
+from parallel.expected_traffic import (
+    as_measured,
+    data_parallel_elements,
+    megatron_layer_elements,
+    shared_kinds,
+    tensor_parallel_elements,
+)
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -65,11 +71,12 @@ def _trainer_worker(rank: int, world: int, init_file: str, data_dir: str, run_di
         grid = ProcessGrid.build(GridShape(tp=p.tp, dp=p.dp), world, rank)
         trainer = Trainer(cfg, f"{run_dir}/{rank}", callbacks=[], grid=grid)
         trainer.train_step()
-        with CommVolume({k: grid.group(k) for k in ("tp", "dp", "model")}) as vol:
+        groups = {k: grid.group(k) for k in ("tp", "dp", "model")}
+        with CommVolume(groups) as vol:
             trainer.train_step()
         local = sum(q.numel() for q in trainer.model.parameters())
         results.append({"traffic": {f"{op}@{label}": t.elements for (op, label), t in vol.traffic.items()},
-                        "local_parameters": local})
+                        "local_parameters": local, "shared": shared_kinds(groups)})
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -90,16 +97,16 @@ def test_training_step_traffic_matches_megatron_formula(parallel_data, tmp_path)
     cfg_sp = load_config(None, [*MODEL, f"data.dir={parallel_data}", *TRAINER_LAYOUTS[1]])
 
     expected = tensor_parallel_elements(cfg, dp=1)
-    assert tp["traffic"] == expected
+    assert tp["traffic"] == as_measured(expected, tp["shared"])  # TP=2 alone: the model group is the TP group
     # Megatron's per-layer term is the bulk of it; the rest is embedding, head, loss scalars and the grad norm
     layers = megatron_layer_elements(cfg, dp=1)
     assert layers < expected["all_reduce@tp"] < 1.6 * layers
 
     expected_sp = tensor_parallel_elements(cfg_sp, dp=1)
-    assert tp_sp["traffic"] == expected_sp
+    assert tp_sp["traffic"] == as_measured(expected_sp, tp_sp["shared"])
     # sequence parallelism moves the same activations, as all-gathers plus reduce-scatters
     loss_scalars = 4 * 3 * 2 * 32  # micro-batches x (max, sum-exp, target) x tokens
     activations = expected["all_reduce@tp"] - loss_scalars
     assert expected_sp["all_gather@tp"] == expected_sp["reduce_scatter@tp"] == activations
 
-    assert dp["traffic"] == data_parallel_elements(dp["local_parameters"])
+    assert dp["traffic"] == as_measured(data_parallel_elements(dp["local_parameters"]), dp["shared"])
