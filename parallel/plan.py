@@ -20,7 +20,7 @@ from parallel.grad_norm import clip_grad_norm
 from parallel.grid import ProcessGrid
 from parallel.pipeline.partition import plan_stages, stages_of_rank
 from parallel.pipeline.runner import PipelineRunner
-from parallel.pipeline.stages import StageModule, prune_model
+from parallel.pipeline.stages import StageModule, last_stage_holds_embedding, prune_model
 from parallel.tensor.apply import (
     ShardSpec,
     apply_tensor_parallel,
@@ -50,7 +50,7 @@ class ParallelPlan:
     vocab_size: int
     grad_bucket_bytes: int = 25 * 2**20
     pipeline: PipelineRunner | None = None
-    tied_embedding: bool = False
+    tied_embedding: bool = False  # the first and last pipeline stage each hold the embedding (tied head or MTP)
     not_counted: frozenset[str] = frozenset()  # local copies that another rank already counts in the grad norm
     local_names: set[str] | None = None  # parameters this rank holds, when it holds only some (pipeline)
     expert_names: frozenset[str] = frozenset()  # expert weights split over the expert-parallel group
@@ -172,7 +172,7 @@ def parallelize(
         expert_names = frozenset(expert_specs)
     sp = sequence_parallel and grid.size("tp") > 1
     plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,
-                        tied_embedding=model.cfg.tie_embeddings, expert_names=expert_names)
+                        tied_embedding=last_stage_holds_embedding(model.cfg), expert_names=expert_names)
     if grid.size("tp") > 1:
         model.mtp_loss_function = plan.loss  # the MTP depths' logits are split over the vocabulary too
     if grid.size("pp") > 1:
@@ -195,6 +195,6 @@ def _pipeline(model: nn.Module, grid: ProcessGrid, options: PipelineOptions, sp:
         stages, stage_ids, num_stages, grid.group("pp"), grid.group_ranks["pp"], options.schedule,
         options.n_microbatches, lambda batch: (batch, tokens, model.cfg.d_model),
     )
-    # the tied head weight on the last stage is a copy of the first stage's: count it once
-    tied_copy = model.cfg.tie_embeddings and has_last and not has_first
+    # the embedding on the last stage is a copy of the first stage's: count it once
+    tied_copy = last_stage_holds_embedding(model.cfg) and has_last and not has_first
     return runner, frozenset({"embed.weight"}) if tied_copy else frozenset()

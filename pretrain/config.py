@@ -310,9 +310,6 @@ def validate_mtp(cfg: Config) -> None:
         return
     _require(m.mtp_depth < cfg.data.seq_len, "model.mtp_depth",
              f"depth {m.mtp_depth} leaves no positions in sequences of data.seq_len={cfg.data.seq_len}")
-    _require(cfg.parallel.pp == 1 or m.tie_embeddings, "model.tie_embeddings",
-             "multi-token prediction under pipeline parallelism embeds tokens on the last stage with the copy of the "
-             "tied embedding kept there; set model.tie_embeddings=true (or parallel.pp=1)")
 
 
 def validate_deepspeed(cfg: Config) -> None:

@@ -3,8 +3,8 @@
 The model object stays the owner of every module this rank keeps, so parameter names are the full model's
 (`layers.5.attn.q_proj.weight` on whichever rank holds layer 5) and checkpoints stay layout-free. Layers of
 other ranks are replaced by empty `nn.Identity`s, and the embedding, final norm and head are dropped where
-unused. With tied embeddings the last stage keeps the `embed` module as the holder of the head's weight (so
-its name stays `embed.weight`); that copy's gradient is summed with the first stage's every step.
+unused. With tied embeddings, or MTP modules (which embed tokens), the last stage keeps a copy of the `embed`
+module (its name stays `embed.weight`); that copy's gradient is summed with the first stage's every step.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class StageModule(nn.Module):
         self.first, self.last = first, last
         self.layer_ids = layer_ids
         self.seq_len = seq_len
-        self.embed = model.embed if first else None
+        # the last stage's copy of the embedding (tied head, or MTP's inputs) is this stage's: the schedule scales it
+        self.embed = model.embed if first or (last and last_stage_holds_embedding(model.cfg)) else None
         self.blocks = nn.ModuleList(model.layers[i] for i in layer_ids)
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
@@ -58,13 +59,19 @@ class StageModule(nn.Module):
             return h.contiguous()  # sent to the next stage as is
 
 
+def last_stage_holds_embedding(cfg) -> bool:
+    """The last stage needs the embedding too: as the tied head's weight, or to embed the multi-token-prediction
+    modules' input tokens (DeepSeek-V3 shares the embedding with its MTP modules). Its copy's gradient is summed
+    with the first stage's every step, so both stay equal."""
+    return cfg.tie_embeddings or cfg.mtp_depth > 0
+
+
 def prune_model(model: nn.Module, kept_layers: set[int], has_first: bool, has_last: bool) -> None:
     """Drop from `model` everything this rank's stages do not use (in place)."""
     for i in range(len(model.layers)):
         if i not in kept_layers:
             model.layers[i] = nn.Identity()
-    tied = model.cfg.tie_embeddings
-    if not has_first and not (has_last and tied):
+    if not has_first and not (has_last and last_stage_holds_embedding(model.cfg)):
         model.embed = None
     if not has_last:
         model.norm = None

@@ -18,6 +18,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
        "model.moe.num_shared_experts=1", "model.moe.first_k_dense=1", "model.moe.score_func=sigmoid",
        "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0.001", "model.n_layers=4"]
 MTP = ["model.mtp_depth=1"]
+UNTIED = ["model.tie_embeddings=false"]  # DeepSeek-V3: separate head; the MTP modules share the input embedding
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
 ZERO2 = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=16",
@@ -30,6 +31,7 @@ def references(parallel_data, tmp_path_factory):
     train(parallel_data, root / "moe_mtp", *MOE, *MTP)
     train(parallel_data, root / "moe", *MOE)
     train(parallel_data, root / "mla_moe_mtp", *MLA, *MOE, *MTP)
+    train(parallel_data, root / "moe_mtp_untied", *MOE, *MTP, *UNTIED)
     return root
 
 
@@ -62,6 +64,10 @@ LAYOUTS = {
                                             "train.micro_batch_size=2"], 4),
     "moe+mtp tp2 sp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp=2",
                                        "parallel.ep=2"], 4),
+    # the last stage keeps a copy of the (untied) embedding for the MTP modules, its gradient summed with the first's
+    "moe+mtp untied pp2": ("moe_mtp_untied", [*MOE, *MTP, *UNTIED, "parallel.pp=2"], 2),
+    "moe+mtp untied zero1 pp2 ep2": ("moe_mtp_untied", [*MOE, *MTP, *UNTIED, "parallel.pp=2", "parallel.dp=2",
+                                                        "parallel.ep=2", "train.micro_batch_size=2", *ZERO1], 4),
 }
 
 

@@ -44,9 +44,11 @@ def rank_state(cfg, rank: int, sharded: bool) -> dict[str, torch.Tensor]:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra", [[], ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16",
-                                        "model.mla.qk_rope_head_dim=8", "model.mla.qk_nope_head_dim=8",
-                                        "model.mla.v_head_dim=16"]], ids=["gqa", "mla"])
+MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_rope_head_dim=8",
+       "model.mla.qk_nope_head_dim=8", "model.mla.v_head_dim=16"]
+
+
+@pytest.mark.parametrize("extra", [[], MLA, [*MLA, "model.tie_embeddings=false"]], ids=["gqa", "mla", "mla untied"])
 def test_every_rank_materializes_the_slices_of_the_whole_model(extra):
     cfg = load_config("configs/tiny_moe.yaml", [*SMALL, *LAYOUT, *extra], check_paths=False)
     with torch.device("meta"):

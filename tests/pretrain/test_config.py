@@ -203,8 +203,6 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
         ([*MOE, "model.moe.first_k_dense=9"], "model.moe.first_k_dense", "between 0 and"),
         ([*MOE, "model.moe.capacity_factor=-1"], "model.moe.capacity_factor", ">= 0"),
         ([*MOE, "model.moe.expert_hidden=33", "parallel.tp=2"], "model.moe.expert_hidden", "not divisible by"),
-        (["model.mtp_depth=2", *PIPELINE, "parallel.pp=2", "model.tie_embeddings=false"], "model.tie_embeddings",
-         "multi-token prediction"),
         (["model.mtp_depth=64", "data.seq_len=64", "model.max_seq_len=64"], "model.mtp_depth", "leaves no positions"),
         (["parallel.ep=2", "parallel.dp=2"], "parallel.ep", "needs an MoE model"),
         ([*MOE, "model.moe.num_experts=3", "model.moe.top_k=1", "parallel.ep=2", "parallel.dp=2"], "parallel.ep",
