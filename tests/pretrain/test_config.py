@@ -262,4 +262,5 @@ def test_deepseek_v3_config_loads(data_dir):
     assert (e.score_func, e.n_groups, e.topk_groups, e.routed_scaling, e.norm_topk) == ("sigmoid", 8, 4, 2.5, True)
     assert (e.bias_update_rate, e.aux_loss_weight) == (0.001, 1e-4)
     assert m.ffn_dim == 18432 and m.mtp_depth == 1 and not m.tie_embeddings
-    assert cfg.parallel.world_size == 1024 and cfg.train.global_batch_size * cfg.data.seq_len == 62_914_560
+    assert cfg.parallel.world_size == 2048 and cfg.train.global_batch_size * cfg.data.seq_len == 62_914_560
+    assert (cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.ep, cfg.deepspeed.zero_stage) == (16, 128, 64, 1)

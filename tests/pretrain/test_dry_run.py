@@ -31,10 +31,10 @@ def test_deepseek_v3(no_data, tmp_path):
     assert "tokens per step:            62,914,560 (15360 sequences x 4096)" in out
     assert "training FLOPs per token:   2.918e+11" in out
     assert not run_dir.exists() and not no_data.exists()
-    assert dry_run("configs/deepseek_v3.yaml", "--nproc", "1024", f"data.dir={no_data}").returncode == 0
+    assert dry_run("configs/deepseek_v3.yaml", "--nproc", "2048", f"data.dir={no_data}").returncode == 0
     wrong = dry_run("configs/deepseek_v3.yaml", "--nproc", "8", f"data.dir={no_data}")
-    assert wrong.returncode == 2 and "1024 processes, but 8 were launched" in wrong.stderr
-    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={no_data}", "parallel.tp=3", "parallel.dp=512")
+    assert wrong.returncode == 2 and "2048 processes, but 8 were launched" in wrong.stderr
+    bad = dry_run("configs/deepseek_v3.yaml", f"data.dir={no_data}", "parallel.tp=3", "parallel.dp=64")
     assert bad.returncode == 2 and "not divisible by parallel.tp=3" in bad.stderr
 
 
