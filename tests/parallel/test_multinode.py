@@ -2,17 +2,11 @@
 job (TP=2 inside each node, DP=2 across the nodes) that trains exactly like one process."""
 
 import os
-import socket
 import subprocess
 import sys
 
 from tests.parallel.cli_runs import ROOT, assert_curve_matches, overrides
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.pretrain.conftest import free_port
 
 
 def test_two_nodes_form_one_job_equal_to_one_process(parallel_data, single, tmp_path):
