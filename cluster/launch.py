@@ -22,13 +22,15 @@ class Nodes:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
 
-    def check(self) -> None:
+    def problem(self) -> tuple[str, str] | None:
+        """(option, what is wrong) for the first value that cannot work, else None."""
         if self.count < 1:
-            raise ValueError(f"--nnodes must be at least 1, got {self.count}")
+            return "--nnodes", f"must be at least 1, got {self.count}"
         if not 0 <= self.rank < self.count:
-            raise ValueError(f"--node-rank must be in [0, {self.count}), got {self.rank}")
+            return "--node-rank", f"must be in [0, {self.count}) with --nnodes {self.count}, got {self.rank}"
         if not 0 < self.master_port < 65536:
-            raise ValueError(f"--master-port must be a TCP port, got {self.master_port}")
+            return "--master-port", f"must be a TCP port, got {self.master_port}"
+        return None
 
 
 def torchrun_command(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> list[str]:

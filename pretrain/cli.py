@@ -33,10 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     launcher = env_from_launcher()
     nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
-    try:
-        nodes.check()
-    except ValueError as exc:
-        raise ConfigError("--nnodes", str(exc)) from exc
+    if (problem := nodes.problem()) is not None:
+        raise ConfigError(*problem)
     if nodes.count > 1 and not args.nproc:
         raise ConfigError("--nnodes", "a multi-node launch needs --nproc (processes on each node)")
     world = args.nproc * nodes.count if args.nproc else launcher.world_size

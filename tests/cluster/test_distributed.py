@@ -42,3 +42,19 @@ def test_multi_node_torchrun_command_and_options_stripped():
     argv = ["train", "c.yaml", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "h",
             "--master-port=1", "x.y=1"]
     assert strip_launch_options(argv) == ["train", "c.yaml", "x.y=1"]
+
+
+def test_bad_node_options_are_config_errors_naming_the_option(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--dry-run", *args,
+                               f"data.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+
+    bad_rank = cli("--nproc", "2", "--nnodes", "2", "--node-rank", "3")
+    assert bad_rank.returncode == 2 and "config error at '--node-rank'" in bad_rank.stderr
+    bad_port = cli("--nproc", "2", "--nnodes", "2", "--master-port", "70000")
+    assert bad_port.returncode == 2 and "config error at '--master-port'" in bad_port.stderr
+    no_nproc = cli("--nnodes", "2")
+    assert no_nproc.returncode == 2 and "needs --nproc" in no_nproc.stderr
