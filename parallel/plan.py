@@ -149,6 +149,12 @@ class ParallelPlan:
             out[name] = shard.clone() if copy and shard.dim() > 0 else shard
         return out
 
+    def placement(self, name: str, local_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where this rank's piece of `name` (a parameter, buffer or optimizer state '<param>/<key>') lies in the
+        full tensor: (full shape, offsets). Sharded checkpoints store each piece with it (no communication)."""
+        shape = tuple(local_shape)
+        return (shape, ()) if not shape else self.spec(name).placement(shape)
+
     def spec(self, name: str) -> ShardSpec:
         return self.specs.get(name.split("/", 1)[0], ShardSpec("replicated"))
 

@@ -1,21 +1,29 @@
-"""Atomic, checksummed, pickle-free checkpoints.
+"""Atomic, sharded, layout-free, pickle-free checkpoints.
 
 Layout of one checkpoint (`RUN_DIR/checkpoints/step_00000100/`):
 
-    model.safetensors      weights by parameter name (tied weights stored once)
-    optimizer.safetensors  AdamW state by "<param name>/<state key>" (exp_avg, exp_avg_sq, step)
-    rng.safetensors        torch RNG states
+    shards/shard-RRRRR-model-00001-of-00001.safetensors
+                           each writing rank's pieces of the tensors below, with their offsets in the full
+                           tensors (torch.distributed.checkpoint's sharded safetensors; see pretrain/sharded_io.py)
     config.yaml            the resolved config of the run
-    meta.json              step, trainer/loader state, tokenizer reference, sha256 of every file above
+    meta.json              step, trainer/loader state, tokenizer reference, the layout that wrote it, and the
+                           size and sha256 of every shard file; written last
 
-A save writes into a hidden temporary folder, fsyncs every file, then renames the folder into place, so a
-crash mid-save leaves only a `.tmp-*` folder that loaders ignore and the next save removes. Names are
-unsharded parameter names, so the format does not depend on the parallel layout that wrote it.
+Tensors by name, always the full (unsharded) model's names and shapes, so the format does not depend on the
+parallel layout that wrote it:
+
+    model/<name>             parameters and persistent buffers (a tied weight once, under its first name)
+    optimizer/<name>/<key>   AdamW state (step, exp_avg, exp_avg_sq)
+    rng/<generator>          the main rank's torch RNG states
+
+Every rank writes its own pieces in parallel (replicas once) into a hidden `.tmp-step_*` folder; once all are
+written and synced, rank 0 writes meta.json and renames the folder into place, so a crash mid-save leaves only a
+`.tmp-*` folder that loaders ignore and the next save removes. A reading rank checks the sha256 of the shard files
+it reads from, and only those. `pretrain checkpoint consolidate` writes whole tensors from it offline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,13 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-FORMAT_VERSION = 1
+from pretrain.sharded_io import (
+    Placement,
+    ShardReadError,
+    ShardWriteError,
+    StoredFile,
+    StoredTensor,
+    load_pieces,
+    save_pieces,
+    sha256_file,
+)
+
+FORMAT_VERSION = 2
 STEP_PREFIX = "step_"
 META = "meta.json"
+SHARDS = "shards"
+MODEL, OPTIMIZER, RNG = "model/", "optimizer/", "rng/"
 log = logging.getLogger(__name__)
 
 
@@ -42,14 +61,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -65,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _persistent_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name; a tied weight appears once, under its first name."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -73,9 +84,19 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        out[name] = t.detach().contiguous().cpu()
+        out[name] = t
     persistent = set(model.state_dict().keys())
     return {k: v for k, v in out.items() if k in persistent}
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name, on the CPU (tied weights once)."""
+    return {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
+
+
+def model_templates(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Empty CPU tensors shaped like `model_tensors(model)`, for a load to fill."""
+    return {k: torch.empty(v.shape, dtype=v.dtype) for k, v in _persistent_tensors(model).items()}
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -113,11 +134,45 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def pieces(model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
+           rng: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One rank's tensors under their checkpoint names (see the module docstring)."""
+    out = {MODEL + k: v for k, v in model.items()} | {OPTIMIZER + k: v for k, v in optimizer.items()}
+    return out | {RNG + k: v for k, v in (rng or {}).items()}
+
+
 @dataclass
-class LoadedCheckpoint:
+class CheckpointMeta:
     path: Path
     step: int
     state: dict[str, Any]
+    files: dict[str, StoredFile]  # shard file name -> its size and sha256
+    tensors: dict[str, StoredTensor]  # checkpoint name -> full shape and dtype
+    layout: dict[str, Any]
+
+    @property
+    def shards(self) -> Path:
+        return self.path / SHARDS
+
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every stored tensor's full shape and dtype."""
+        return {name: (t.shape, t.dtype) for name, t in self.tensors.items()}
+
+
+class PendingSave:
+    """A checkpoint being written in the background; `wait()` returns its path once it is in place."""
+
+    def __init__(self, path: Path, future=None):
+        self.path, self.future = path, future
+
+    def wait(self) -> Path:
+        if self.future is not None:
+            try:
+                self.future.result()
+            except BaseException as exc:  # DCP raises a BaseException (CheckpointException) for rank failures
+                raise CheckpointError(f"saving {self.path} failed: {exc}") from None
+            self.future = None
+        return self.path
 
 
 class CheckpointManager:
@@ -128,44 +183,55 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        model_state: dict[str, torch.Tensor],
-        optimizer_state: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
         state: dict[str, Any],
         config_yaml: str,
-    ) -> Path:
-        """Writes full (layout-free) tensors: see `model_tensors` and `optimizer_tensors`."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
+        placements: dict[str, Placement] | None = None,
+        layout: dict[str, Any] | None = None,
+        group=None,
+        asynchronous: bool = False,
+    ) -> PendingSave:
+        """Collective when distributed: every rank passes its own pieces (`pieces(...)`) and their placements in
+        the full tensors (none: whole tensors). `state`, `config_yaml` and `layout` are taken from rank 0.
+        `asynchronous`: returns once the pieces are copied; the files are written in the background."""
         final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, tmp / "optimizer.safetensors")
-        save_file(rng_tensors(), tmp / "rng.safetensors")
-        (tmp / "config.yaml").write_text(config_yaml)
-        _pause_for_tests("after_tensors")
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
-            files[f.name] = sha256_file(f)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "saved_at": time.time(),
-            "files": files,
-            "state": state,
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        _fsync_file(tmp / META)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        self._prune()
-        return final
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        (tmp / SHARDS).mkdir(parents=True, exist_ok=True)
+
+        def start() -> None:  # rank 0, before any rank writes: no leftovers of a crashed save
+            self._remove_stale_tmp()
+            (tmp / SHARDS).mkdir(parents=True)
+
+        def commit(files: list[StoredFile], tensors: dict[str, StoredTensor]) -> None:
+            """Rank 0, once every rank's files are written and synced."""
+            (tmp / "config.yaml").write_text(config_yaml)
+            _fsync_file(tmp / "config.yaml")
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "saved_at": time.time(),
+                "layout": layout or {},
+                "files": {f.name: {"sha256": f.sha256, "bytes": f.bytes} for f in files},
+                "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                            for name, t in sorted(tensors.items())},
+                "state": state,
+            }
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            _fsync_file(tmp / META)
+            _pause_for_tests("before_rename")
+            _fsync_dir(tmp / SHARDS)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+
+        try:
+            future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous)
+        except ShardWriteError as exc:
+            raise CheckpointError(f"saving {final} failed: {exc}") from None
+        return PendingSave(final, future)
 
     def checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
@@ -173,14 +239,21 @@ class CheckpointManager:
         dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
         return sorted(dirs, key=lambda p: p.name)
 
-    def latest_valid(self) -> Path | None:
-        for path in reversed(self.checkpoints()):
+    def complete(self) -> list[Path]:
+        """Checkpoints whose meta.json and shard files are all there (newest last); contents are checked on
+        reading."""
+        out = []
+        for path in self.checkpoints():
             try:
-                verify(path)
-                return path
+                read_meta(path)
+                out.append(path)
             except CheckpointError as exc:
                 log.warning("skipping checkpoint: %s", exc)
-        return None
+        return out
+
+    def latest_valid(self) -> Path | None:
+        complete = self.complete()
+        return complete[-1] if complete else None
 
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep_last]:
@@ -197,8 +270,9 @@ def _pause_for_tests(point: str) -> None:
         time.sleep(float(os.environ.get("PRETRAIN_TEST_PAUSE_SECONDS", "30")))
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Checks that meta.json exists and every file matches its checksum; returns the meta."""
+def read_meta(path: Path) -> CheckpointMeta:
+    """The checkpoint's meta.json, after checking that every shard file it lists is there with its size (cheap;
+    contents are checked by the ranks that read them, or all at once by `verify(path, contents=True)`)."""
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
@@ -207,46 +281,49 @@ def verify(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
-    for name, digest in meta["files"].items():
-        f = path / name
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format_version {version} is not readable by this version (it reads "
+                              f"{FORMAT_VERSION}: sharded checkpoints)")
+    files = {name: StoredFile(name, f["sha256"], int(f["bytes"])) for name, f in meta["files"].items()}
+    for name, stored in files.items():
+        f = path / SHARDS / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f} is corrupt: its sha256 does not match {meta_path}")
+        if f.stat().st_size != stored.bytes:
+            raise CheckpointError(f"{f} is {f.stat().st_size} bytes, {meta_path} says {stored.bytes}: truncated?")
+    try:
+        tensors = {name: StoredTensor(tuple(t["shape"]), getattr(torch, t["dtype"]))
+                   for name, t in meta["tensors"].items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{meta_path}: its 'tensors' entry is malformed ({exc})") from exc
+    return CheckpointMeta(path, int(meta["step"]), meta["state"], files, tensors, meta.get("layout", {}))
+
+
+def verify(path: Path, contents: bool = True) -> CheckpointMeta:
+    """`read_meta`, and with `contents` the sha256 of every shard file (what one rank would never do alone)."""
+    meta = read_meta(path)
+    if contents:
+        for stored in meta.files.values():
+            if sha256_file(meta.shards / stored.name) != stored.sha256:
+                raise CheckpointError(f"{meta.shards / stored.name} is corrupt: its sha256 does not match "
+                                      f"{meta.path / META}")
     return meta
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_pieces(meta: CheckpointMeta, templates: dict[str, torch.Tensor],
+                placements: dict[str, Placement] | None = None, group=None) -> dict[str, torch.Tensor]:
+    """Collective when distributed: fills this rank's `templates` (checkpoint names -> tensors of this rank's
+    shapes, placed in the full tensors by `placements`; none: whole tensors) and returns them."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} cannot be read: {exc}") from exc
+        load_pieces(meta.shards, templates, placements or {}, meta.files, group)
+    except ShardReadError as exc:
+        raise CheckpointError(f"cannot load {meta.path}: {exc}") from None
+    return templates
 
 
-@dataclass
-class CheckpointContents:
-    path: Path
-    step: int
-    state: dict[str, Any]
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, torch.Tensor]
-    rng: dict[str, torch.Tensor]
-
-
-def read_checkpoint(path: Path) -> CheckpointContents:
-    """Verifies checksums, then reads the full tensors (on CPU)."""
-    path = Path(path)
-    meta = verify(path)
-    return CheckpointContents(
-        path=path,
-        step=int(meta["step"]),
-        state=meta["state"],
-        model=_read_tensors(path / "model.safetensors"),
-        optimizer=_read_tensors(path / "optimizer.safetensors"),
-        rng=_read_tensors(path / "rng.safetensors"),
-    )
+def part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -257,17 +334,37 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
         raise CheckpointError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng_state: bool = True
 ) -> LoadedCheckpoint:
-    """Single-process convenience: read a checkpoint into an unsharded model (and optimizer)."""
-    contents = read_checkpoint(path)
-    load_model_tensors(model, contents.model, contents.path / "model.safetensors")
+    """One process: read a checkpoint (any layout wrote it) into an unsharded model (and optimizer)."""
+    meta = read_meta(path)
+    stored = meta.tensor_shapes()
+    model_state = model_templates(model)
+    extra = sorted(k.removeprefix(MODEL) for k in stored if k.startswith(MODEL) and k[len(MODEL):] not in model_state)
+    templates = pieces(model_state, {})
     if optimizer is not None:
-        load_optimizer_tensors(model, optimizer, contents.optimizer)
+        templates |= {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items()
+                      if k.startswith(OPTIMIZER)}
     if restore_rng_state:
-        restore_rng(contents.rng)
-    return LoadedCheckpoint(path=contents.path, step=contents.step, state=contents.state)
+        templates |= {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items() if k.startswith(RNG)}
+    missing = sorted(k.removeprefix(MODEL) for k in templates if k not in stored)
+    if missing or extra:
+        raise CheckpointError(f"{meta.path} does not fit the model: missing {missing}, unexpected {extra}")
+    loaded = read_pieces(meta, templates)
+    load_model_tensors(model, part(loaded, MODEL), meta.path)
+    if optimizer is not None:
+        load_optimizer_tensors(model, optimizer, part(loaded, OPTIMIZER))
+    if restore_rng_state:
+        restore_rng(part(loaded, RNG))
+    return LoadedCheckpoint(path=meta.path, step=meta.step, state=meta.state)
 
 
 def _is_tied_alias(model: nn.Module, key: str, weights: dict[str, torch.Tensor]) -> bool:

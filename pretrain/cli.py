@@ -1,4 +1,4 @@
-"""`pretrain` command line: `pretrain train …`, `pretrain data prepare …`."""
+"""`pretrain` command line: `pretrain train …`, `pretrain data prepare …`, `pretrain checkpoint …`."""
 
 from __future__ import annotations
 
@@ -112,6 +112,33 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import verify
+
+    meta = verify(Path(args.checkpoint), contents=True)
+    size = sum(f.bytes for f in meta.files.values())
+    layout = ", ".join(f"{k}={v}" for k, v in meta.layout.items() if v is not None)
+    print(f"{meta.path}: step {meta.step}, {len(meta.files)} shard file(s), {size / 2**20:,.1f} MiB, every sha256 "
+          f"matches" + (f"; written by {layout}" if layout else ""))
+    return 0
+
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pretrain.consolidate import consolidate, parse_size
+
+    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        max_size = parse_size(args.max_file_size) if args.max_file_size else None
+    except ValueError as exc:
+        raise ConfigError("--max-file-size", str(exc)) from None
+    files = consolidate(Path(args.checkpoint), Path(args.out), args.part, dtype, max_size)
+    total = sum(f.stat().st_size for f in files)
+    print(f"wrote {len(files)} file(s), {total / 2**20:,.1f} MiB of whole tensors to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Distributed LLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data_sub.add_parser("stats", help="token counts and unigram entropy of a prepared folder")
     stats.add_argument("dir")
     stats.set_defaults(func=cmd_data_stats)
+
+    ckpt = sub.add_parser("checkpoint", help="inspect and convert sharded checkpoints (offline, one process)")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    check = ckpt_sub.add_parser("verify", help="check every shard file of a checkpoint against its sha256")
+    check.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny/checkpoints/step_00000240")
+    check.set_defaults(func=cmd_checkpoint_verify)
+    whole = ckpt_sub.add_parser(
+        "consolidate", help="write whole tensors (safetensors) from a sharded checkpoint, one tensor at a time")
+    whole.add_argument("checkpoint", help="a checkpoint folder")
+    whole.add_argument("out", help="output folder (model.safetensors, or numbered files and an index, + config.yaml)")
+    whole.add_argument("--part", choices=["model", "optimizer", "all"], default="model")
+    whole.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep")
+    whole.add_argument("--max-file-size", help="split into files of at most this size, e.g. 5GB (default: one file)")
+    whole.set_defaults(func=cmd_checkpoint_consolidate)
     return parser
 
 

@@ -89,6 +89,9 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 2
+    # Write checkpoints in the background: the step loop waits only while this rank's shards are copied; the
+    # next save (and the end of training) waits for the previous one to be in place.
+    async_checkpoint: bool = False
 
 
 @dataclass

@@ -21,7 +21,21 @@ from parallel.grid import ProcessGrid
 from parallel.materialize import materialize
 from parallel.plan import PipelineOptions, parallelize
 from pretrain.callbacks.base import Callback
-from pretrain.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, restore_rng
+from pretrain.checkpoint import (
+    MODEL,
+    OPTIMIZER,
+    RNG,
+    CheckpointError,
+    CheckpointManager,
+    PendingSave,
+    model_templates,
+    part,
+    pieces,
+    read_meta,
+    read_pieces,
+    restore_rng,
+    rng_tensors,
+)
 from pretrain.config import Config, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.model.flops import count_parameters, flops_per_token
@@ -97,6 +111,10 @@ class Trainer:
             global_batch_size=t.micro_batch_size * dp_size, dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
+        self.pending_save: PendingSave | None = None
+        # background saves talk over their own group, so they never interleave with the training's collectives
+        background = t.async_checkpoint and self.grid.shape.world_size > 1
+        self.checkpoint_group = dist.new_group(backend="gloo") if background else None
 
         self.step = 0
         self.tokens_seen = 0
@@ -175,6 +193,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._emit("on_train_end", summary)
+        self.wait_for_checkpoint()
         return summary
 
     def set_phase(self, phase: str) -> None:
@@ -319,50 +338,99 @@ class Trainer:
             "last_train": self.last_train,
         }
 
-    def save_checkpoint(self) -> Path:
-        """Collective: shards are gathered into full tensors, the global rank 0 writes them."""
+    def layout(self) -> dict[str, Any]:
+        p = self.cfg.parallel
+        return {"world_size": self.grid.shape.world_size, "tp": p.tp, "pp": p.pp, "dp": p.dp, "ep": p.ep,
+                "virtual_stages": p.virtual_stages, "engine": self.engine.name,
+                "zero_stage": self.cfg.deepspeed.zero_stage if self.engine.name == "deepspeed" else None}
+
+    def save_checkpoint(self, wait: bool = False) -> Path:
+        """Collective: every rank writes its own shards (replicas once) in parallel, rank 0 commits the checkpoint.
+        With `train.async_checkpoint` (and not `wait`) it returns once the shards are copied."""
+        self.wait_for_checkpoint()
         self.phase = "checkpoint save"
-        full_model = self.plan.full_tensors(self.engine.model_tensors())
-        full_optimizer = self.plan.full_tensors(self.engine.optimizer_tensors())
-        path = self.checkpoints.root / f"step_{self.step:08d}"
-        if self.is_main:
-            path = self.checkpoints.save(
-                self.step, full_model, full_optimizer, self.state(), config_to_yaml(self.cfg)
-            )
-        self.barrier()
+        model, optimizer = self.engine.model_tensors(), self.engine.optimizer_tensors()
+        tensors = pieces(model, optimizer, rng_tensors() if self.is_main else None)
+        placements = {MODEL + k: self.plan.placement(k, v.shape) for k, v in model.items()}
+        placements |= {OPTIMIZER + k: self.plan.placement(k, v.shape) for k, v in optimizer.items()}
+        asynchronous = self.cfg.train.async_checkpoint and not wait
+        self.pending_save = self.checkpoints.save(
+            self.step, tensors, self.state(), config_to_yaml(self.cfg), placements, self.layout(),
+            self.checkpoint_group, asynchronous,
+        )
         self.last_saved_step = self.step
-        self._emit("on_checkpoint", path)
+        path = self.pending_save.path
+        if not asynchronous:
+            self.wait_for_checkpoint()
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint being written in the background (if any) is in place."""
+        if self.pending_save is None:
+            return
+        self.phase = "checkpoint save (waiting for the background write)"
+        pending, self.pending_save = self.pending_save, None
+        self._emit("on_checkpoint", pending.wait())
 
     def barrier(self) -> None:
         if self.grid.shape.world_size > 1:
             dist.barrier()
 
-    def _agree_on_checkpoint(self, resume: str) -> Path | None:
-        """Rank 0 picks the checkpoint (newest valid for 'auto') and every rank loads that one."""
-        choice = [None]
+    def _checkpoint_candidates(self, resume: str) -> list[Path]:
+        """Rank 0 lists them (for 'auto': every complete checkpoint, newest first) and every rank gets the list."""
+        choice: list = [None]
         if self.is_main:
-            path = self.checkpoints.latest_valid() if resume == "auto" else Path(resume)
-            choice = [None if path is None else str(path)]
+            paths = list(reversed(self.checkpoints.complete())) if resume == "auto" else [Path(resume)]
+            choice = [[str(p) for p in paths]]
         if self.grid.shape.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
-        return None if choice[0] is None else Path(choice[0])
+        return [Path(p) for p in choice[0]]
 
     def resume(self, resume: str) -> None:
         self.phase = "checkpoint load"
-        path = self._agree_on_checkpoint(resume)
-        if path is None:
+        candidates = self._checkpoint_candidates(resume)
+        if not candidates:
             if self.is_main:
                 print(f"no checkpoint under {self.checkpoints.root}: starting from step 0", flush=True)
             return
+        for i, path in enumerate(candidates):
+            try:
+                self._load_checkpoint(path)
+                return
+            except CheckpointError as exc:  # raised on every rank alike (the shard readers' failures are shared)
+                if i + 1 == len(candidates):
+                    raise
+                if self.is_main:
+                    print(f"warning: {exc}; trying the previous checkpoint {candidates[i + 1]}", flush=True)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Collective: each rank reads only its own pieces, whatever layout wrote them."""
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        contents = read_checkpoint(path)
-        self.engine.load(self.plan.local_tensors(contents.model), self.plan.local_tensors(contents.optimizer),
-                         path / "model.safetensors")
-        restore_rng(contents.rng)
-        state = contents.state
-        self.step = contents.step
+        meta = read_meta(path)
+        stored = meta.tensor_shapes()
+        model = model_templates(self.model)
+        held = self.plan.merged_over_stages(dict.fromkeys(model, True))  # the names some stage of the layout holds
+        unexpected = sorted(k.removeprefix(MODEL) for k in stored if k.startswith(MODEL) and k[len(MODEL):] not in held)
+        if unexpected:
+            raise CheckpointError(f"{path} does not fit the model: unexpected {unexpected}")
+        params = dict(self.model.named_parameters())
+        optimizer = {}
+        for key, (shape, dtype) in stored.items():
+            name = key.removeprefix(OPTIMIZER).rsplit("/", 1)[0]
+            if key.startswith(OPTIMIZER) and name in params:  # a state is a scalar (step) or shaped like its param
+                local_shape = params[name].shape if shape else ()
+                optimizer[key.removeprefix(OPTIMIZER)] = torch.empty(local_shape, dtype=dtype)
+        rng = {k.removeprefix(RNG): torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items()
+               if k.startswith(RNG) and (k == RNG + "torch_cpu" or torch.cuda.is_available())}
+        templates = pieces(model, optimizer, rng)
+        placements = {MODEL + k: self.plan.placement(k, v.shape) for k, v in model.items()}
+        placements |= {OPTIMIZER + k: self.plan.placement(k, v.shape) for k, v in optimizer.items()}
+        loaded = read_pieces(meta, templates, placements)
+        self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path)
+        restore_rng(part(loaded, RNG))
+        state = meta.state
+        self.step = meta.step
         self.tokens_seen = state["tokens_seen"]
         self.wall_seconds_before = state["wall_seconds"]
         self.train_loader.load_state_dict(state["train_loader"])
@@ -370,7 +438,10 @@ class Trainer:
         self.last_train = state.get("last_train", {})
         self.last_saved_step = self.step
         if self.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            written = meta.layout
+            layout = ", ".join(f"{k}={v}" for k, v in written.items() if v is not None)
+            print(f"resumed from {path} at step {self.step}" + (f" (written by {layout})" if layout else ""),
+                  flush=True)
 
     def summary(self, run_seconds: float) -> dict[str, Any]:
         wall = self.wall_seconds_before + run_seconds

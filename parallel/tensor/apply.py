@@ -80,6 +80,21 @@ class ShardSpec:
             return self.rank == first_rank_with_kv_head(self.kv_head, self.n_kv_heads, self.world)
         return True
 
+    def placement(self, local_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where this rank's piece of `local_shape` lies in the full tensor: (full shape, offsets of the piece).
+        The inverse of `shard_of`, without the full tensor; sharded checkpoints record it with every piece."""
+        whole, offsets = list(local_shape), [0] * len(local_shape)
+        if self.split_dim is not None:
+            whole[self.split_dim] = local_shape[self.split_dim] * self.world
+            offsets[self.split_dim] = local_shape[self.split_dim] * self.rank
+        elif self.kind == "kv_rows":
+            whole[0] = self.n_kv_heads * self.head_dim
+            offsets[0] = self.kv_head * self.head_dim
+        if self.outer is None:
+            return tuple(whole), tuple(offsets)
+        outer_whole, outer_offsets = self.outer.placement(tuple(whole))
+        return outer_whole, tuple(a + b for a, b in zip(outer_offsets, offsets, strict=True))
+
 
 def kv_head_of_rank(rank: int, n_kv_heads: int, world: int) -> int:
     return rank * n_kv_heads // world

@@ -13,4 +13,5 @@ class Checkpointing(Callback):
 
     def on_train_end(self, trainer, summary) -> None:
         if trainer.last_saved_step != trainer.step:
-            trainer.save_checkpoint()
+            trainer.save_checkpoint(wait=True)
+        trainer.wait_for_checkpoint()

@@ -41,10 +41,11 @@ def train_metrics(run_dir) -> dict[int, dict]:
 
 
 def checkpoint_tensors(checkpoint_dir) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
+    """Whole parameters and optimizer states of a (sharded) checkpoint."""
+    from pretrain.checkpoint import MODEL, OPTIMIZER
+    from pretrain.consolidate import full_tensors
 
-    checkpoint_dir = Path(checkpoint_dir)
-    return load_file(checkpoint_dir / "model.safetensors"), load_file(checkpoint_dir / "optimizer.safetensors")
+    return full_tensors(Path(checkpoint_dir), MODEL), full_tensors(Path(checkpoint_dir), OPTIMIZER)
 
 
 

@@ -1,5 +1,7 @@
-"""Checkpoints: exact round trip, atomic under a kill mid-save, corruption named, pruning."""
+"""Checkpoints: exact round trip, atomic under a kill mid-save, corruption named, pruning, background saves,
+pieces of tensors reassembled whole (resharding across processes is in tests/parallel/test_layout_resume.py)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +14,19 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import (
+    MODEL,
+    OPTIMIZER,
     CheckpointError,
     CheckpointManager,
     load_checkpoint,
     model_tensors,
     optimizer_tensors,
+    pieces,
+    read_meta,
+    rng_tensors,
     verify,
 )
+from pretrain.consolidate import consolidate, full_tensors
 
 
 class TiedToy(nn.Module):
@@ -45,8 +53,14 @@ def trained_toy(steps=3, seed=0):
     return model, opt
 
 
-def save(manager, step, model, opt, state=None):
-    return manager.save(step, model_tensors(model), optimizer_tensors(model, opt), state or {}, "a: 1\n")
+def save(manager, step, model, opt, state=None, asynchronous=False):
+    tensors = pieces(model_tensors(model), optimizer_tensors(model, opt), rng_tensors())
+    return manager.save(step, tensors, state or {}, "a: 1\n", asynchronous=asynchronous).wait()
+
+
+def shard_file(checkpoint):
+    (file,) = (checkpoint / "shards").glob("*.safetensors")
+    return file
 
 
 def test_round_trip_model_optimizer_rng_state(tmp_path):
@@ -83,20 +97,35 @@ def test_keeps_last_k(tmp_path):
     assert manager.latest_valid().name == "step_00000004"
 
 
-def test_corrupt_file_is_named_and_skipped_by_auto_resume(tmp_path):
+def test_corrupt_shard_is_named_by_the_reader(tmp_path):
     model, opt = trained_toy(1)
     manager = CheckpointManager(tmp_path, keep_last=3)
     save(manager, 1, model, opt)
     newest = save(manager, 2, model, opt)
-    weights = newest / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    shard = shard_file(newest)
+    data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.safetensors"):
-        verify(newest)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    shard.write_bytes(bytes(data))
+    read_meta(newest)  # sizes match: only a reader hashing the file can tell
+    with pytest.raises(CheckpointError, match=shard.name):
+        verify(newest, contents=True)
+    with pytest.raises(CheckpointError, match=f"{shard.name} is corrupt"):
         load_checkpoint(newest, TiedToy())
-    assert manager.latest_valid().name == "step_00000001"
+
+
+def test_truncated_or_missing_shard_makes_the_checkpoint_incomplete(tmp_path):
+    model, opt = trained_toy(1)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    first = save(manager, 1, model, opt)
+    newest = save(manager, 2, model, opt)
+    shard = shard_file(newest)
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{shard.name} is .* bytes.*truncated"):
+        read_meta(newest)
+    assert manager.latest_valid() == first
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name} is missing"):
+        read_meta(newest)
 
 
 def test_missing_meta_means_incomplete(tmp_path):
@@ -107,31 +136,44 @@ def test_missing_meta_means_incomplete(tmp_path):
         verify(path)
 
 
+def test_model_that_does_not_fit_is_named(tmp_path):
+    model, opt = trained_toy(1)
+    path = save(CheckpointManager(tmp_path), 1, model, opt)
+
+    class Wider(TiedToy):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.extra = nn.Linear(2, 2)
+
+    with pytest.raises(CheckpointError, match="extra"):
+        load_checkpoint(path, Wider())
+
+
 def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from tests.pretrain.test_checkpoint import trained_toy
-        from pretrain.checkpoint import CheckpointManager, model_tensors, optimizer_tensors
+        from tests.pretrain.test_checkpoint import trained_toy, save
+        from pretrain.checkpoint import CheckpointManager
         model, opt = trained_toy(2)
         manager = CheckpointManager({str(tmp_path)!r}, keep_last=2)
-        manager.save(1, model_tensors(model), optimizer_tensors(model, opt), {{"mark": 1}}, "")
+        save(manager, 1, model, opt, {{"mark": 1}})
         with torch.no_grad():
             model.proj.weight.add_(1.0)
-        os.environ["PRETRAIN_TEST_PAUSE_IN_SAVE"] = "after_tensors"
-        manager.save(2, model_tensors(model), optimizer_tensors(model, opt), {{"mark": 2}}, "")
+        os.environ["PRETRAIN_TEST_PAUSE_IN_SAVE"] = "before_rename"
+        save(manager, 2, model, opt, {{"mark": 2}})
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    tmp_dirs = []
+    deadline = time.time() + 120
+    tmp_dir = tmp_path / ".tmp-step_00000002"
     while time.time() < deadline and proc.poll() is None:
-        tmp_dirs = list(tmp_path.glob(".tmp-step_00000002-*"))
-        if tmp_dirs and (tmp_dirs[0] / "config.yaml").exists():
+        if (tmp_dir / "meta.json").exists():  # shards and meta written, not yet renamed into place
             break
         time.sleep(0.1)
-    assert tmp_dirs, "the save never reached its midpoint"
+    assert (tmp_dir / "meta.json").exists(), "the save never reached its midpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -144,3 +186,54 @@ def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     model, opt = trained_toy(1)
     save(manager, 3, model, opt)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_background_save_writes_the_values_of_the_moment_it_was_asked(tmp_path):
+    model, opt = trained_toy(2)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = pieces(model_tensors(model), optimizer_tensors(model, opt), rng_tensors())
+    pending = CheckpointManager(tmp_path).save(5, tensors, {"mark": 5}, "", asynchronous=True)
+    with torch.no_grad():  # training goes on while the files are written
+        for p in model.parameters():
+            p.add_(1.0)
+    path = pending.wait()
+    fresh = TiedToy()
+    assert load_checkpoint(path, fresh, restore_rng_state=False).state == {"mark": 5}
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_pieces_must_cover_their_tensors(tmp_path):
+    """A save whose pieces leave part of a tensor unwritten fails, naming the tensor, and leaves nothing behind."""
+    manager = CheckpointManager(tmp_path)
+    tensors = {MODEL + "w": torch.zeros(2, 6), MODEL + "b": torch.ones(3)}
+    with pytest.raises(CheckpointError, match="'model/w' cover 12 of its 24 elements"):
+        manager.save(1, tensors, {}, "", {MODEL + "w": ((4, 6), (2, 0))}).wait()
+    assert manager.checkpoints() == []
+    path = manager.save(1, tensors, {}, "", {MODEL + "w": ((2, 6), (0, 0))}).wait()
+    assert read_meta(path).tensor_shapes() == {MODEL + "w": ((2, 6), torch.float32), MODEL + "b": ((3,), torch.float32)}
+
+
+def test_consolidate_writes_whole_tensors_streamed_and_split(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt = trained_toy(2)
+    path = save(CheckpointManager(tmp_path / "ckpt"), 2, model, opt)
+    files = consolidate(path, tmp_path / "whole")
+    assert [f.name for f in files] == ["model.safetensors"]
+    whole = load_file(files[0])
+    assert whole.keys() == model_tensors(model).keys()  # tied weight once
+    for name, value in model_tensors(model).items():
+        assert torch.equal(whole[name], value), name
+    assert (tmp_path / "whole" / "config.yaml").read_text() == "a: 1\n"
+
+    split = consolidate(path, tmp_path / "split", part="optimizer", dtype=torch.bfloat16, max_file_size=200)
+    assert len(split) > 1
+    index = json.loads((tmp_path / "split" / "optimizer.safetensors.index.json").read_text())
+    loaded = {}
+    for f in split:
+        loaded |= load_file(f)
+    assert set(index["weight_map"]) == set(loaded) == set(optimizer_tensors(model, opt))
+    for name, value in optimizer_tensors(model, opt).items():
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], value.to(torch.bfloat16)), name
+    assert full_tensors(path, OPTIMIZER).keys() == optimizer_tensors(model, opt).keys()

@@ -1,0 +1,231 @@
+"""Each rank writes and reads only its own pieces of the tensors, through `torch.distributed.checkpoint` (DCP) and
+its safetensors storage (no pickles anywhere in a checkpoint).
+
+A piece is a tensor plus its placement: the full tensor's shape and the offsets of the piece in it (from the
+parallel plan, `ParallelPlan.placement`). Pieces several ranks hold identically (data-parallel replicas, a tied
+embedding on two pipeline stages) are written once: DCP spreads them over the ranks holding them. Loading asks
+for any other placement of the same tensors and DCP reads exactly the overlapping regions, which is what lets a
+checkpoint resume on another layout or world size.
+
+Every written file's sha256 travels to the coordinator with DCP's own write results; a reading rank checks the
+files it reads from, and only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+Placement = tuple[tuple[int, ...], tuple[int, ...]]  # (full shape, offsets of this rank's piece)
+
+
+class ShardReadError(RuntimeError):
+    """A shard file that is missing, corrupt or does not hold what the checkpoint says; names the file."""
+
+
+class ShardWriteError(RuntimeError):
+    """A rank could not write its shards (full disk, permissions); names the ranks and their errors."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One shard file as its writer saw it, carried to the coordinator inside DCP's write results."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    shape: tuple[int, ...]  # of the full tensor
+    dtype: torch.dtype
+
+
+def _placement(placements: dict[str, Placement], fqn: str, tensor: torch.Tensor) -> Placement:
+    return placements.get(fqn) or (tuple(tensor.shape), (0,) * tensor.dim())
+
+
+class _PieceSavePlanner(DefaultSavePlanner):
+    def __init__(self, placements: dict[str, Placement]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.placements = placements
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for fqn, tensor in self.state_dict.items():
+            whole, offsets = _placement(self.placements, fqn, tensor)
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+            items.append(WriteItem(
+                index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor),
+                                            size=torch.Size(whole)),
+            ))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.state_dict[write_item.index.fqn].detach().contiguous().cpu()
+
+
+class _PieceLoadPlanner(DefaultLoadPlanner):
+    def __init__(self, placements: dict[str, Placement]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.placements = placements
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, tensor in self.state_dict.items():
+            md = self.metadata.state_dict_metadata.get(fqn)
+            if md is None:
+                raise ShardReadError(f"the checkpoint has no tensor '{fqn}'")
+            whole, offsets = _placement(self.placements, fqn, tensor)
+            if tuple(md.size) != tuple(whole):
+                raise ShardReadError(f"'{fqn}' is {tuple(md.size)} in the checkpoint but {tuple(whole)} in this model")
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+            items += create_read_items_for_chunk_list(fqn, md, [chunk])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+class _HashingWriter(HuggingFaceStorageWriter):
+    """DCP's sharded safetensors writer (one file per rank) that hashes what it wrote; the coordinator's
+    `on_finish(files, tensors)` runs once every rank's files are written and synced."""
+
+    def __init__(self, path: Path, on_start: Callable[[], None] | None,
+                 on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None):
+        super().__init__(str(path), save_distributed=True)
+        self.on_start, self.on_finish = on_start, on_finish
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if self.on_start is not None:  # the coordinator, after every rank planned and before any rank writes
+            self.on_start()
+        return super().prepare_global_plan(plans)
+
+    def write_data(self, plan, planner) -> Future[list[WriteResult]]:
+        results = super().write_data(plan, planner).wait()
+        stored = {}
+        for name in {r.storage_data.relative_path for r in results}:
+            file = Path(self.path) / name
+            stored[name] = StoredFile(name, sha256_file(file), file.stat().st_size)
+        future: Future = Future()
+        future.set_result([WriteResult(r.index, r.size_in_bytes, stored[r.storage_data.relative_path])
+                           for r in results])
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        tensors = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            covered = sum(math.prod(chunk.sizes) for chunk in md.chunks)
+            if covered != math.prod(md.size):  # DCP checks this only with several ranks
+                raise ShardWriteError(f"the pieces of '{fqn}' cover {covered} of its {math.prod(md.size)} elements")
+            tensors[fqn] = StoredTensor(tuple(md.size), md.properties.dtype)
+        files = {r.storage_data.name: r.storage_data for rank_results in results for r in rank_results}
+        if self.on_finish is not None:
+            self.on_finish(sorted(files.values(), key=lambda f: f.name), tensors)
+
+
+class _VerifyingReader(HuggingFaceStorageReader):
+    """Reads only the regions a rank needs, after checking the sha256 of each file it reads from."""
+
+    def __init__(self, path: Path, expected: dict[str, StoredFile]):
+        super().__init__(str(path))
+        self.expected = expected
+        self.checked: set[str] = set()
+
+    def read_metadata(self) -> Metadata:
+        try:
+            return super().read_metadata()
+        except Exception as exc:  # a truncated or garbled header
+            raise ShardReadError(f"the shard files under {self.path} cannot be read: {exc}") from exc
+
+    def read_data(self, plan, planner) -> Future[None]:
+        for file in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
+            self._check(Path(file))
+        return super().read_data(plan, planner)
+
+    def _check(self, file: Path) -> None:
+        if file.name in self.checked:
+            return
+        expected = self.expected.get(file.name)
+        if expected is None:
+            raise ShardReadError(f"{file} is not listed in the checkpoint's meta.json")
+        if file.stat().st_size != expected.bytes or sha256_file(file) != expected.sha256:
+            raise ShardReadError(f"{file} is corrupt: its size or sha256 does not match the checkpoint's meta.json")
+        self.checked.add(file.name)
+
+
+def _use_process_group(group) -> dict:
+    return {"process_group": group} if dist.is_initialized() else {"no_dist": True}
+
+
+@contextlib.contextmanager
+def _quiet_about_one_process():
+    """DCP warns on every call without a process group; one process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
+
+
+def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement],
+                on_start: Callable[[], None] | None = None,
+                on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None = None, group=None,
+                asynchronous: bool = False):
+    """Collective over `group` (all ranks when distributed): every rank writes its pieces into `path`.
+    On the coordinator (rank 0 of the group), `on_start()` runs before any rank writes and `on_finish(files, tensors)`
+    after every file is written and synced. Returns a future when `asynchronous` (the pieces are copied before
+    it returns, so training may change them meanwhile)."""
+    writer = _HashingWriter(path, on_start, on_finish)
+    planner = _PieceSavePlanner(placements)
+    with _quiet_about_one_process():
+        try:
+            if asynchronous:
+                return dcp.async_save(pieces, storage_writer=writer, planner=planner, **_use_process_group(group))
+            dcp.save(pieces, storage_writer=writer, planner=planner, **_use_process_group(group))
+        except CheckpointException as exc:
+            raise ShardWriteError(_failures(exc)) from None
+    return None
+
+
+def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement],
+                expected: dict[str, StoredFile], group=None) -> None:
+    """Collective: fill each of this rank's `pieces` (tensors of this rank's shapes) from the checkpoint at `path`.
+    A failure on any rank raises ShardReadError on every rank (DCP gathers the failures)."""
+    reader = _VerifyingReader(path, expected)
+    planner = _PieceLoadPlanner(placements)
+    with _quiet_about_one_process():
+        try:
+            dcp.load(pieces, storage_reader=reader, planner=planner, **_use_process_group(group))
+        except CheckpointException as exc:  # a BaseException: turn it into an error the caller can handle
+            raise ShardReadError(_failures(exc)) from None
+
+
+def _failures(exc: CheckpointException) -> str:
+    return "; ".join(f"rank {rank}: {error}" for rank, (error, _) in sorted(exc.failures.items()))
