@@ -18,7 +18,7 @@
   stage's, which DeepSpeed updates (and counts once in the grad norm), and the updated weight is broadcast back.
 - With expert parallelism (ZeRO-1/2), DeepSpeed's MoE support reduces and partitions the expert weights over our
   `expert_dp` group and the rest over `dp` (parallel/deepspeed_moe.py); the checkpoint gathers each rank's experts
-  whole over `expert_dp` here, and `ParallelPlan.full_tensors` assembles them over `ep`.
+  whole over `expert_dp` here; the sharded checkpoint stores them as this rank's piece of the `ep`-split tensor.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 pipeline parallel, DeepSpeed ZeRO) resumes at another and continues the uninterrupted single-process loss curve,
 optimizer state and data stream included (fp32, tolerance 2e-4 on the loss per step)."""
 
+import shutil
+
 import pytest
 
 from tests.parallel.cli_runs import train
@@ -23,9 +25,10 @@ ZERO3_DP2 = ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"
         (ZERO3_DP2, []),  # ZeRO-3 DP=2 -> one process
         (["parallel.tp=2"], ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"]),  # TP2 -> ZeRO-2
         (["parallel.pp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=1"], []),  # PP2 + ZeRO-1 -> one process
+        (["parallel.tp=2", "train.async_checkpoint=true"], ["parallel.pp=2"]),  # background saves, TP2 -> PP2
     ],
     ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2", "zero3->zero1", "zero3->dp2", "zero3->dp1",
-         "tp2->zero2", "pp2zero1->dp1"],
+         "tp2->zero2", "pp2zero1->dp1", "tp2async->pp2"],
 )
 def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp_path, writer, reader):
     _, reference = single
@@ -45,5 +48,20 @@ def test_single_process_checkpoint_resumes_sharded(parallel_data, single, tmp_pa
     run_dir, reference = single
     resumed = train(parallel_data, tmp_path / "resumed", *reader, nproc=2,
                     resume=run_dir / "checkpoints" / "step_00000004")
+    for step in range(5, 9):
+        assert abs(resumed[step] - reference[step]) < TOL, (step, resumed[step], reference[step])
+
+
+def test_corrupt_newest_checkpoint_is_skipped_by_every_rank(parallel_data, single, tmp_path):
+    """`--resume auto` on 2 ranks: the reading ranks find the newest checkpoint's shard corrupt, all of them fall
+    back to the previous one together and the curve continues from there."""
+    run_dir, reference = single
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "run" / "checkpoints")
+    (shard,) = (tmp_path / "run" / "checkpoints" / "step_00000008" / "shards").glob("*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = train(parallel_data, tmp_path / "run", "parallel.tp=2", nproc=2, resume="auto")
+    assert sorted(resumed) == [5, 6, 7, 8]  # from step 4: step 8's checkpoint was refused
     for step in range(5, 9):
         assert abs(resumed[step] - reference[step]) < TOL, (step, resumed[step], reference[step])

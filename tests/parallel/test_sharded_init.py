@@ -19,8 +19,9 @@ SMALL = ["model.vocab_size=512", "model.d_model=64", "model.n_heads=4", "model.n
          "data.seq_len=64", "model.moe.expert_hidden=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
 
 
-def rank_state(cfg, rank: int, sharded: bool) -> dict[str, torch.Tensor]:
-    """This rank's parameters and buffers after building the model the sharded way or the whole way."""
+def rank_state(cfg, rank: int, sharded: bool, placements: dict | None = None) -> dict[str, torch.Tensor]:
+    """This rank's parameters and buffers after building the model the sharded way or the whole way (and, into
+    `placements`, where each lies in the full tensor according to the plan)."""
     p = cfg.parallel
     shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
     dist.init_process_group("fake", rank=rank, world_size=shape.world_size, store=FakeStore())
@@ -39,6 +40,8 @@ def rank_state(cfg, rank: int, sharded: bool) -> dict[str, torch.Tensor]:
             model = cfg.model.build()  # the whole model, initialized on this process, then cut
             parallelize(model, grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        if placements is not None:
+            placements.update({name: plan.placement(name, t.shape) for name, t in tensors.items()})
         return {name: t.detach().clone() for name, t in tensors.items()}
     finally:
         dist.destroy_process_group()
@@ -80,3 +83,27 @@ def test_init_depends_on_names_not_on_construction_order():
     assert torch.equal(small.embed.weight, deep.embed.weight)
     assert torch.equal(small.layers[1].attn.q_proj.weight, deep.layers[1].attn.q_proj.weight)
     assert not torch.equal(small.layers[0].attn.q_proj.weight, small.layers[1].attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, ["parallel.tp=4", "parallel.ep=2", "parallel.dp=2"]],
+                         ids=["tp2 pp2 ep2 dp2", "tp4 (replicated kv heads) ep2 dp2"])
+def test_placements_locate_every_shard_in_the_full_tensor(layout):
+    """What sharded checkpoints record with each piece: its offsets in the full tensor. Each rank's shard is the
+    slice of the one-process model its placement names, and the ranks' distinct pieces tile every tensor."""
+    cfg = load_config("configs/tiny_moe.yaml", [*SMALL, *layout], check_paths=False)
+    torch.manual_seed(SEED)
+    full = cfg.model.build()
+    whole = dict(full.named_parameters()) | dict(full.named_buffers())
+    pieces: dict[str, set] = {}
+    for rank in range(cfg.parallel.world_size):
+        placements: dict = {}
+        shards = rank_state(cfg, rank, sharded=True, placements=placements)
+        for name, shard in shards.items():
+            shape, offsets = placements[name]
+            assert shape == tuple(whole[name].shape), name
+            region = tuple(slice(o, o + n) for o, n in zip(offsets, shard.shape, strict=True))
+            assert torch.equal(whole[name][region], shard), f"rank {rank}: {name} at {offsets}"
+            pieces.setdefault(name, set()).add((offsets, tuple(shard.shape)))
+    for name, tensor in whole.items():
+        covered = sum(torch.Size(size).numel() for _, size in pieces[name])
+        assert covered == tensor.numel(), name  # no gaps, no overlaps between distinct pieces

@@ -237,3 +237,22 @@ def test_consolidate_writes_whole_tensors_streamed_and_split(tmp_path):
     for name, value in optimizer_tensors(model, opt).items():
         assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], value.to(torch.bfloat16)), name
     assert full_tensors(path, OPTIMIZER).keys() == optimizer_tensors(model, opt).keys()
+
+
+def test_checkpoint_commands(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pretrain.cli import main
+
+    model, opt = trained_toy(2)
+    path = save(CheckpointManager(tmp_path / "ckpt"), 2, model, opt)
+    assert main(["checkpoint", "verify", str(path)]) == 0
+    assert "step 2, 1 shard file(s)" in capsys.readouterr().out
+    assert main(["checkpoint", "consolidate", str(path), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == model_tensors(model).keys()
+    assert main(["checkpoint", "consolidate", str(path), str(tmp_path / "out"), "--max-file-size", "lots"]) == 2
+    assert "--max-file-size" in capsys.readouterr().err
+    shard = shard_file(path)
+    shard.write_bytes(shard.read_bytes()[:100] + b"x" + shard.read_bytes()[101:])
+    assert main(["checkpoint", "verify", str(path)]) == 1
+    assert f"{shard.name} is corrupt" in capsys.readouterr().err
