@@ -139,6 +139,62 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from parallel.memory_plan import GIB, plan
+    from pretrain.consolidate import parse_size
+
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    try:
+        memory = parse_size(args.gpu_memory)
+    except ValueError as exc:
+        raise ConfigError("--gpu-memory", str(exc)) from None
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--gpus", "--gpus and --gpus-per-node must be positive")
+    rows = plan(cfg, args.gpus, memory, args.gpus_per_node, args.peak_tflops * 1e12, args.mfu)
+    own = cfg.parallel
+    is_own = [r for r in rows if r.memory and (r.layout["tp"], r.layout["pp"], r.layout["dp"], r.layout["ep"],
+                                               r.layout["virtual_stages"]) == (own.tp, own.pp, own.dp, own.ep,
+                                                                               own.virtual_stages)
+              and r.layout["zero_stage"] == (cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0)
+              and r.layout["micro_batch_size"] == cfg.train.micro_batch_size]
+    if args.format == "json":
+        def as_dict(r):
+            mem = None if r.memory is None else {k: v for k, v in vars(r.memory).items()} | {"total": r.memory.total}
+            return {"layout": r.layout, "fits": r.fits, "reason": r.reason, "step_seconds": r.step_seconds,
+                    "heaviest_pipeline_rank": r.heaviest_pp_rank, "memory_bytes": mem}
+        print(json.dumps({"gpus": args.gpus, "gpu_memory_bytes": memory, "mfu": args.mfu,
+                          "peak_flops": args.peak_tflops * 1e12, "layouts": [as_dict(r) for r in rows]}, indent=1))
+        return 0
+    header = ("  tp  pp   v   ep    dp  zero  mb  recompute | params/rank  weights  grads  optim  activ.  "
+              "total GiB | step s")
+    def line(r) -> str:
+        lay, mem = r.layout, r.memory
+        g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
+        return (f"{lay['tp']:4d}{lay['pp']:4d}{lay['virtual_stages']:4d}{lay['ep']:5d}{lay['dp']:6d}"
+                f"{lay['zero_stage']:6d}{lay['micro_batch_size']:4d}  {'full' if lay['recompute'] else 'none':>9} | "
+                f"{mem.parameters / 1e9:9.2f}B {g(mem.weights)}{g(mem.gradients)}{g(mem.optimizer)}"
+                f"{g(mem.activations)}  {mem.total / GIB:9.1f} | {r.step_seconds:6.2f}")
+    fitting = [r for r in rows if r.fits]
+    valid = [r for r in rows if r.memory is not None]
+    print(f"{args.config}: {args.gpus} GPUs of {memory / GIB:,.0f} GiB ({args.gpus_per_node} per node), "
+          f"{args.peak_tflops:,.0f} TFLOP/s peak at MFU {args.mfu:.0%}; per-rank memory of the heaviest rank "
+          f"(GiB, including a {2:.0f} GiB reserve)")
+    print(f"{len(fitting)} of {len(valid)} valid layouts fit ({len(rows) - len(valid)} combinations are not valid "
+          f"for this config); the {min(args.top, len(fitting))} fastest:")
+    print(header)
+    for r in fitting[: args.top]:
+        print(line(r))
+    for r in is_own:
+        print(f"the config's own layout, {'fits' if r.fits else 'does not fit: ' + r.reason}:\n{line(r)}")
+    if any(r.layout["recompute"] for r in fitting[: args.top] + is_own):
+        print("recompute full: activation checkpointing of every block, which the trainer does not offer yet "
+              "(issue 20); step time counts its extra forward (4/3).")
+    print("Step time is compute only (communication assumed overlapped) plus the pipeline bubble.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Distributed LLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("dir")
     stats.set_defaults(func=cmd_data_stats)
 
+    planner = sub.add_parser("plan", help="which layouts fit N GPUs: memory per rank by category and step time")
+    planner.add_argument("config", help="YAML config, e.g. configs/llama3_70b.yaml")
+    planner.add_argument("--gpus", type=int, required=True, help="number of GPUs in the job")
+    planner.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GB")
+    planner.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node")
+    planner.add_argument("--peak-tflops", type=float, default=989.0,
+                         help="one GPU's dense bf16 peak (H100 SXM: 989)")
+    planner.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed for step times")
+    planner.add_argument("--top", type=int, default=10, help="fitting layouts to list")
+    planner.add_argument("--format", choices=["table", "json"], default="table")
+    planner.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    planner.set_defaults(func=cmd_plan)
+
     ckpt = sub.add_parser("checkpoint", help="inspect and convert sharded checkpoints (offline, one process)")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     check = ckpt_sub.add_parser("verify", help="check every shard file of a checkpoint against its sha256")
@@ -206,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
-        if args.command != "train":
+        if args.command not in ("train", "plan"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)
