@@ -8,8 +8,10 @@ accounting of mixed-precision AdamW (arXiv 1910.02054, K = 12):
 
     engine                            weights          gradients        optimizer (AdamW moments, fp32 masters)
     plain (ours, fp32 weights)        4                4                8
-    DeepSpeed ZeRO-s, fp32            4 (/dp if s=3)   4 (/dp if s>=2)  8 (/dp if s>=1)
+    DeepSpeed ZeRO-s, fp32            4 (/dp if s=3)   4 (/dp if s>=2)  12 (/dp if s>=1)
     DeepSpeed ZeRO-s, bf16            2 (/dp if s=3)   2 (/dp if s>=2)  12 (/dp if s>=1)
+
+(DeepSpeed keeps its own fp32 copy of the weights it optimizes even when the model is fp32.)
 
 (expert weights are split over their own data-parallel group, `dp / ep`, instead of `dp`). Activations are an
 estimate from the tensors one block keeps for its backward (see `activation_bytes`), times the micro-batches a
@@ -149,7 +151,7 @@ def state_bytes(cfg: Config, params: RankParameters) -> tuple[float, float, floa
     if not ds.enabled:
         return 4.0 * params.total, 4.0 * params.total, 8.0 * params.total
     bf16 = cfg.train.precision == "bf16"
-    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 12)
     stage = ds.zero_stage
     expert_dp = p.dp // p.ep
 
@@ -163,38 +165,56 @@ def state_bytes(cfg: Config, params: RankParameters) -> tuple[float, float, floa
     return out[0], out[1], out[2]
 
 
-def _active_mlp_hidden(m: ModelConfig, layer: int) -> int:
+def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_parallel: bool) -> float:
+    """Elements per token that block `layer` keeps for its backward on one tensor-parallel rank, as this
+    implementation saves them (counted with autograd's saved-tensor hooks on dense GQA, MLA and MoE blocks):
+    - the two norms' inputs and reciprocal RMS (split over tp with sequence parallelism): 2 (d + 1);
+    - their outputs, the projections' inputs (the full sequence even with SP, as gathered): 2 d;
+    - GQA attention, on the rank's heads: queries, keys and values repeated to every query head, the output, its
+      reshaped copy (the output projection's input) and one more head-sized buffer, plus the log-sum-exp: 6 h hd
+      + h. MLA: its input and a flattened copy (2 d), the query latent (3 q_rank + 1) and the key-value latent
+      with the RoPE key (kv_rank + rope + 2 kv_rank + 1), replicated; per head queries and keys (qk head dim),
+      values and the output (v head dim). A GPU's flash/memory-efficient attention keeps no score matrix; on a
+      CPU, MLA's differing query and value head sizes fall back to the math kernel, which keeps h x seq more per
+      token.
+    - a SwiGLU MLP: gate, up, activated gate and product: 4 f. An MoE layer: the same for each of its top_k
+      routed copies and the shared experts, the dispatched inputs and the expert outputs (3 top_k d), router
+      scores and routing weights (E + 4 top_k)."""
+    d = m.d_model
+    sp = tp if sequence_parallel and tp > 1 else 1
+    elements = 2 * (d + 1) / sp + 2 * d
+    heads = m.n_heads / tp
+    if m.attention == "mla":
+        a = m.mla
+        latents = 2 * d + 3 * a.q_lora_rank + 1 + 3 * a.kv_lora_rank + a.qk_rope_head_dim + 1
+        elements += latents + heads * (2 * a.qk_head_dim + 2 * a.v_head_dim)
+    else:
+        elements += 6 * heads * m.head_dim + heads
     if m.moe.enabled and layer >= m.moe.first_k_dense:
-        return (m.moe.top_k + m.moe.num_shared_experts) * m.moe.expert_hidden
-    return m.ffn_dim
+        e = m.moe
+        elements += 4 * (e.top_k + e.num_shared_experts) * e.expert_hidden / tp + 3 * e.top_k * d + e.num_experts
+        elements += 4 * e.top_k
+    else:
+        elements += 4 * m.ffn_dim / tp
+    return elements
 
 
 def activation_bytes(cfg: Config, layers: set[int], last: bool, recompute: bool = False) -> tuple[float, float]:
-    """(bytes one micro-batch keeps for the backward in these layers and the head on the last stage, bytes of the
-    one block being recomputed at a time). Per token of a block: the attention's input and normalized input (d
-    each), its queries, keys, values and output (flash attention keeps no score matrix), the MLP's input and
-    normalized input (d each) and its gate, up, activated and product tensors (4 x the active hidden size: top_k
-    + shared experts' for MoE, plus the dispatched token copies). Heads and hidden sizes split over tp; with
-    sequence parallelism the d-sized ones too. With full recomputation a block keeps only its input."""
-    m, p, t = cfg.model, cfg.parallel, cfg.parallel.tp
+    """(bytes one micro-batch keeps for the backward in these blocks and the head on the last stage, bytes needed
+    at once on top of that: the gradients of the block being back-propagated, and with full recomputation its
+    recomputed activations). With full recomputation a block keeps only its input."""
+    m, p = cfg.model, cfg.parallel
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     act_bytes = 2 if cfg.train.precision == "bf16" else 4
-    seq_split = t if (p.sequence_parallel and t > 1) else 1
-    if m.attention == "mla":
-        qkv = m.n_heads * (2 * (m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim) + 2 * m.mla.v_head_dim)
-    else:
-        qkv = (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    sp = p.sequence_parallel and p.tp > 1
     kept, largest_block = 0.0, 0.0
     for layer in layers:
-        moe = m.moe.enabled and layer >= m.moe.first_k_dense
-        dispatch = 2 * m.moe.top_k * m.d_model if moe else 0
-        block = (4 * m.d_model / seq_split + (qkv + 4 * _active_mlp_hidden(m, layer) + dispatch) / t) * tokens
-        block *= act_bytes
+        block = block_activation_elements(m, layer, p.tp, sp) * tokens * act_bytes
         largest_block = max(largest_block, block)
-        kept += m.d_model / seq_split * tokens * act_bytes if recompute else block
-    if last:  # logits (bf16), their fp32 softmax and its gradient, over the vocabulary shard
-        kept += tokens * m.vocab_size / t * (act_bytes + 8) * (1 + m.mtp_depth)
-    return kept, largest_block if recompute else 0.0
+        kept += m.d_model / (p.tp if sp else 1) * tokens * act_bytes if recompute else block
+    if last:  # logits (bf16 under autocast), their fp32 log-softmax and its gradient, over the vocabulary shard
+        kept += tokens * m.vocab_size / p.tp * (act_bytes + 8) * (1 + m.mtp_depth)
+    return kept, largest_block * (2 if recompute else 1)
 
 
 def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
