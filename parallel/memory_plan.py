@@ -167,29 +167,28 @@ def state_bytes(cfg: Config, params: RankParameters) -> tuple[float, float, floa
 
 def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_parallel: bool) -> float:
     """Elements per token that block `layer` keeps for its backward on one tensor-parallel rank, as this
-    implementation saves them (counted with autograd's saved-tensor hooks on dense GQA, MLA and MoE blocks):
-    - the two norms' inputs and reciprocal RMS (split over tp with sequence parallelism): 2 (d + 1);
-    - their outputs, the projections' inputs (the full sequence even with SP, as gathered): 2 d;
-    - GQA attention, on the rank's heads: queries, keys and values repeated to every query head, the output, its
-      reshaped copy (the output projection's input) and one more head-sized buffer, plus the log-sum-exp: 6 h hd
-      + h. MLA: its input and a flattened copy (2 d), the query latent (3 q_rank + 1) and the key-value latent
-      with the RoPE key (kv_rank + rope + 2 kv_rank + 1), replicated; per head queries and keys (qk head dim),
-      values and the output (v head dim). A GPU's flash/memory-efficient attention keeps no score matrix; on a
-      CPU, MLA's differing query and value head sizes fall back to the math kernel, which keeps h x seq more per
-      token.
+    implementation saves them (tested against autograd's saved-tensor hooks for GQA, MLA, MoE and TP blocks):
+    - each of the two norms: its input, reciprocal RMS and normalized input (on the sequence shard with sequence
+      parallelism: 2 d + 1 split over tp), and its output as the projections read it (gathered: d);
+    - GQA attention, on the rank's heads: queries, keys and values repeated to every query head and the output
+      (4 h hd), and the log-sum-exp (h). MLA: the query latent, its norm statistics and a flattened copy
+      (3 q_rank + 1) and the key-value latent with the RoPE key (3 kv_rank + rope + 1), replicated; per head
+      queries and keys (qk head dim), values and output (v head dim), and the log-sum-exp. A GPU's flash or
+      memory-efficient attention keeps no score matrix; on a CPU, MLA's differing query and value head sizes fall
+      back to the math kernel, which keeps h x seq more per token (and no log-sum-exp);
     - a SwiGLU MLP: gate, up, activated gate and product: 4 f. An MoE layer: the same for each of its top_k
       routed copies and the shared experts, the dispatched inputs and the expert outputs (3 top_k d), router
       scores and routing weights (E + 4 top_k)."""
     d = m.d_model
     sp = tp if sequence_parallel and tp > 1 else 1
-    elements = 2 * (d + 1) / sp + 2 * d
+    elements = 2 * ((2 * d + 1) / sp + d)
     heads = m.n_heads / tp
     if m.attention == "mla":
         a = m.mla
-        latents = 2 * d + 3 * a.q_lora_rank + 1 + 3 * a.kv_lora_rank + a.qk_rope_head_dim + 1
-        elements += latents + heads * (2 * a.qk_head_dim + 2 * a.v_head_dim)
+        latents = 3 * a.q_lora_rank + 1 + 3 * a.kv_lora_rank + a.qk_rope_head_dim + 1
+        elements += latents + heads * (2 * a.qk_head_dim + 2 * a.v_head_dim + 1)
     else:
-        elements += 6 * heads * m.head_dim + heads
+        elements += 4 * heads * m.head_dim + heads
     if m.moe.enabled and layer >= m.moe.first_k_dense:
         e = m.moe
         elements += 4 * (e.top_k + e.num_shared_experts) * e.expert_hidden / tp + 3 * e.top_k * d + e.num_experts

@@ -45,7 +45,8 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_dim0(out, moved, group=group)
-    return out.movedim(0, dim)
+    # contiguous: every layer reading the gathered input (q/k/v, gate/up) would otherwise flatten its own copy
+    return out.movedim(0, dim).contiguous()
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
