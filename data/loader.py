@@ -8,9 +8,11 @@ The global stream (it depends on the seed only, never on ranks or workers):
   - several datasets are interleaved by weight with a fixed block schedule (`BlendSchedule`);
   - optimizer step s consumes windows [s*G, (s+1)*G) of the stream, G = global batch size; data-parallel rank
     r of W takes the contiguous slice [s*G + r*G/W, s*G + (r+1)*G/W) as micro-batches.
-Damaged shards: all shards' checksums are verified when the loader is built (if `verify_checksums` or
-`skip_corrupt_shards`); a bad one is a `CorruptShardError` naming it, or, with `skip_corrupt_shards`, it is
-left out of the stream from the start (logged, listed in `skipped_shards`), so the stream never shifts mid-run.
+Damaged shards: a missing shard is an error naming it when the loader is built; a shard's checksum is verified
+when it is first opened (`verify_checksums`), by the rank (worker) that reads it, so no rank hashes every shard at
+start; a bad one is a `CorruptShardError` naming it. With `skip_corrupt_shards` every shard is verified when the
+loader is built instead, and a bad one is left out of the stream from the start (logged, listed in
+`skipped_shards`), so the stream never shifts mid-run.
 The loader's state is the number of windows consumed by all ranks, so a resume continues the stream exactly,
 also with another number of ranks (at an optimizer-step boundary) or workers.
 """
@@ -54,14 +56,18 @@ class ShardedTokenStream:
         self.dataset_index = dataset_index
         self.dtype = np.dtype(self.manifest.dtype)
         self.eos = self.manifest.eos_id
-        # Corrupt shards are found before the stream is built (checksums of all shards, also when only
-        # `skip_corrupt_shards` is on), so skipping one changes the stream from the start, never in the middle.
+        # Skipping corrupt shards needs them all checked before the stream is built, so that skipping one changes
+        # the stream from the start, never in the middle; otherwise a shard is checked when first opened.
+        self.verify_checksums = verify_checksums and not skip_corrupt_shards
+        self.verified: set[int] = set()
         self.skipped_shards: list[str] = []
         self.shards: list[ShardInfo] = []
         for info in self.manifest.splits[split].shards:
             try:
-                if verify_checksums or skip_corrupt_shards:
+                if skip_corrupt_shards:
                     verify_shard(self.data_dir / info.path, info.sha256)
+                elif not (self.data_dir / info.path).is_file():
+                    raise CorruptShardError(f"shard {self.data_dir / info.path} is missing")
                 self.shards.append(info)
             except CorruptShardError as exc:
                 if not skip_corrupt_shards:
@@ -93,6 +99,9 @@ class ShardedTokenStream:
             self._decoded.move_to_end(key)
             return self._decoded[key]
         info = self.shards[shard]
+        if self.verify_checksums and shard not in self.verified:
+            verify_shard(self.data_dir / info.path, info.sha256)
+            self.verified.add(shard)
         docs = read_shard_docs(self.data_dir / info.path, self.dtype, info)
         order = _rng(self.seed, self.dataset_index, epoch, shard).permutation(len(docs))
         eos = np.array([self.eos], dtype=self.dtype)

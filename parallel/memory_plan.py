@@ -328,8 +328,10 @@ def evaluate(cfg: Config, gpus: int, gpu_memory: float, peak_flops: float, mfu: 
 
 def plan(cfg: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak_flops: float = 989e12,
          mfu: float = 0.4, micro_batches: list[int] | None = None) -> list[PlanRow]:
-    """Every candidate layout, fitting ones first (fastest first, then least memory), then the others."""
+    """Every candidate layout, fitting ones first: fastest first; among equally fast ones (the step time leaves out
+    communication) the lower ZeRO stage (fewer collectives per micro-batch), then the least memory."""
     rows = [evaluate(c, gpus, gpu_memory, peak_flops, mfu, recompute)
             for c in candidate_layouts(cfg, gpus, gpus_per_node, micro_batches or [1, 2, 4])
             for recompute in (False, True)]
-    return sorted(rows, key=lambda r: (not r.fits, r.step_seconds, r.memory.total if r.memory else math.inf))
+    return sorted(rows, key=lambda r: (not r.fits, round(r.step_seconds, 6), r.layout["zero_stage"],
+                                       r.memory.total if r.memory else math.inf))

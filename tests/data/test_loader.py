@@ -11,7 +11,7 @@ import torch
 from data.loader import BlendSchedule, ShardedTokenStream, TokenWindowLoader
 from data.prepare import prepare_dataset
 from data.shards.manifest import Manifest, ManifestError
-from data.shards.reader import CorruptShardError, read_shard_docs
+from data.shards.reader import CorruptShardError, read_shard_docs, verify_shard
 from tests.data.conftest import SEQ_LEN, data_cfg, split_docs, write_jsonl
 
 
@@ -198,11 +198,20 @@ def flip_byte(path, offset=2000):
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_shard_is_named(damaged_dir):
+def test_corrupt_shard_is_named_when_first_opened(damaged_dir, monkeypatch):
+    """No shard is hashed when the loader is built; a shard is checked when a window first needs it."""
+    import data.loader
+
     shard = damaged_dir / Manifest.load(damaged_dir).splits["train"].shards[3].path
     flip_byte(shard)
+    hashed = []
+    monkeypatch.setattr(data.loader, "verify_shard", lambda path, digest: hashed.append(path) or verify_shard(
+        path, digest))
+    stream = make(damaged_dir)
+    assert hashed == []
     with pytest.raises(CorruptShardError, match=shard.name):
-        make(damaged_dir)
+        epoch_stream(stream)
+    assert len(hashed) == len(set(hashed))  # each shard hashed once
 
 
 def test_truncated_shard_is_named_also_without_checksums(damaged_dir):
@@ -210,7 +219,7 @@ def test_truncated_shard_is_named_also_without_checksums(damaged_dir):
     shard = damaged_dir / info.path
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CorruptShardError, match=shard.name):
-        make(damaged_dir)
+        epoch_stream(make(damaged_dir))
     unchecked = make(damaged_dir, verify_checksums=False)
     with pytest.raises(CorruptShardError, match=shard.name):
         epoch_stream(unchecked)  # the damage shows when the shard is first read
@@ -232,4 +241,11 @@ def test_manifest_tokenizer_mismatch_is_an_error(damaged_dir):
     tok = damaged_dir / "tokenizer.json"
     tok.write_text(tok.read_text().replace("<|bos|>", "<|b|>"))
     with pytest.raises(ManifestError, match="tokenizer"):
+        make(damaged_dir)
+
+
+def test_missing_shard_is_named_when_the_loader_is_built(damaged_dir):
+    shard = damaged_dir / Manifest.load(damaged_dir).splits["train"].shards[4].path
+    shard.unlink()
+    with pytest.raises(CorruptShardError, match=f"{shard.name} is missing"):
         make(damaged_dir)
