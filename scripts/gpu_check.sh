@@ -21,6 +21,24 @@ for cfg in tiny tiny_moe; do
     tracking.mlflow=false 2>&1 | tee "$out/train_$cfg.log" | tail -4
   cp "/tmp/runs/$cfg/summary.json" "$out/summary_$cfg.json"
 done
+# sharded checkpoints on CUDA: verify one, resume the tiny run from its middle checkpoint (saved in the run above)
+# and from a background (async) save, and compare the final losses with the uninterrupted run
+python3 -m pretrain.cli checkpoint verify /tmp/runs/tiny/checkpoints/step_00000240 2>&1 | tee "$out/checkpoint.log"
+python3 -m pretrain.cli train configs/tiny.yaml --run-dir /tmp/runs/tiny_resumed data.dir=data_cache/gpu \
+  tracking.mlflow=false --resume /tmp/runs/tiny/checkpoints/step_00000160 2>&1 | tail -3 | tee -a "$out/checkpoint.log"
+python3 -m pretrain.cli train configs/tiny.yaml --run-dir /tmp/runs/tiny_async data.dir=data_cache/gpu \
+  tracking.mlflow=false train.steps=40 train.checkpoint_every=20 train.async_checkpoint=true 2>&1 | tail -2 \
+  | tee -a "$out/checkpoint.log"
+python3 -m pretrain.cli train configs/tiny.yaml --run-dir /tmp/runs/tiny_async_resumed data.dir=data_cache/gpu \
+  tracking.mlflow=false train.steps=40 train.checkpoint_every=20 --resume /tmp/runs/tiny_async/checkpoints/step_00000020 \
+  2>&1 | tail -2 | tee -a "$out/checkpoint.log"
+python3 - "$out" <<'PY' | tee -a "$out/checkpoint.log"
+import json, sys
+runs = {name: json.load(open(f"/tmp/runs/{name}/summary.json")) for name in
+        ("tiny", "tiny_resumed", "tiny_async", "tiny_async_resumed")}
+for a, b in (("tiny", "tiny_resumed"), ("tiny_async", "tiny_async_resumed")):
+    print(f"{b}: final train loss {runs[b]['final_train_loss']:.4f} vs uninterrupted {runs[a]['final_train_loss']:.4f}")
+PY
 python3 -m tools.bench_gpu --from-json "$out/bench_gpu.json" --json "$out/bench_gpu.json" \
   --add-run "configs/tiny.yaml=$out/summary_tiny.json" --add-run "configs/tiny_moe.yaml=$out/summary_tiny_moe.json" \
   | tail -8
