@@ -228,9 +228,12 @@ def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
     return float(held)
 
 
-def rank_memory(cfg: Config, recompute: bool = False) -> tuple[RankMemory, int]:
-    """The heaviest rank's memory and its pipeline rank (`recompute`: with full activation recomputation)."""
+def rank_memory(cfg: Config, recompute: bool | None = None) -> tuple[RankMemory, int]:
+    """The heaviest rank's memory and its pipeline rank (`recompute`: with activation checkpointing of every
+    block; default: as the config says, `train.activation_checkpointing`)."""
     p = cfg.parallel
+    if recompute is None:
+        recompute = cfg.train.activation_checkpointing
     ranges = _stage_ranges(cfg)
     best: tuple[RankMemory, int] | None = None
     for pp_rank, params in enumerate(parameters_per_pipeline_rank(cfg)):
@@ -313,6 +316,7 @@ def evaluate(cfg: Config, gpus: int, gpu_memory: float, peak_flops: float, mfu: 
              recompute: bool = False) -> PlanRow:
     """One layout: valid for the trainer? its heaviest rank's memory, whether it fits, the step time (a full
     recomputation runs each block's forward twice: 4/3 of the compute)."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute))
     layout = layout_of(cfg) | {"recompute": recompute}
     try:
         validate(cfg, check_paths=False)
@@ -333,5 +337,5 @@ def plan(cfg: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak
     rows = [evaluate(c, gpus, gpu_memory, peak_flops, mfu, recompute)
             for c in candidate_layouts(cfg, gpus, gpus_per_node, micro_batches or [1, 2, 4])
             for recompute in (False, True)]
-    return sorted(rows, key=lambda r: (not r.fits, round(r.step_seconds, 6), r.layout["zero_stage"],
+    return sorted(rows, key=lambda r: (not r.fits, float(f"{r.step_seconds:.6g}"), r.layout["zero_stage"],
                                        r.memory.total if r.memory else math.inf))

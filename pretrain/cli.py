@@ -158,7 +158,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                                r.layout["virtual_stages"]) == (own.tp, own.pp, own.dp, own.ep,
                                                                                own.virtual_stages)
               and r.layout["zero_stage"] == (cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0)
-              and r.layout["micro_batch_size"] == cfg.train.micro_batch_size]
+              and r.layout["micro_batch_size"] == cfg.train.micro_batch_size
+              and r.layout["recompute"] == cfg.train.activation_checkpointing]
     if args.format == "json":
         def as_dict(r):
             mem = None if r.memory is None else {k: v for k, v in vars(r.memory).items()} | {"total": r.memory.total}
@@ -189,8 +190,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for r in is_own:
         print(f"the config's own layout, {'fits' if r.fits else 'does not fit: ' + r.reason}:\n{line(r)}")
     if any(r.layout["recompute"] for r in fitting[: args.top] + is_own):
-        print("recompute full: activation checkpointing of every block, which the trainer does not offer yet "
-              "(issue 20); step time counts its extra forward (4/3).")
+        print("recompute full: train.activation_checkpointing=true (every block runs its forward again in the "
+              "backward; step time counts it as 4/3).")
     print("Step time is compute only (communication assumed overlapped) plus the pipeline bubble.")
     return 0
 

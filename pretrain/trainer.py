@@ -87,6 +87,7 @@ class Trainer:
         )
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device)
+        self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.moe_layers = self.model.moe_layers()
         self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step

@@ -8,17 +8,20 @@ is a renaming table.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.config import ModelConfig
 from pretrain.model.init import InitRule, initial_value
 from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.loss import lm_loss
 from pretrain.model.mla import MLA
-from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU
+from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU, moe_statistics_paused
 from pretrain.model.mtp import MTPModule, mtp_inputs_and_targets
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from pretrain.model.sdpa import causal_attention
@@ -89,6 +92,11 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+def _recompute_contexts(block: nn.Module):
+    """(context of the first forward, context of its recomputation in the backward)."""
+    return contextlib.nullcontext(), moe_statistics_paused(block)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -103,6 +111,9 @@ class Transformer(nn.Module):
             MTPModule(cfg.d_model, cfg.norm_eps, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth)
         )
         self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
+        # Activation checkpointing: in training, each block keeps only its input and runs its forward again in the
+        # backward (set by the trainer from train.activation_checkpointing)
+        self.checkpoint_blocks = False
         self.last_mtp_losses: list[torch.Tensor] = []
         # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
         self.mtp_loss_function = lm_loss
@@ -176,8 +187,13 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin, layer_cache)
             return h
         cos, sin = self.rope(seq_len)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in layers:
-            h = block(h, cos, sin)
+            if recompute:  # the forward run again in the backward counts nothing toward the MoE statistics
+                contexts = functools.partial(_recompute_contexts, block)
+                h = checkpoint(block, h, cos, sin, use_reentrant=False, context_fn=contexts)
+            else:
+                h = block(h, cos, sin)
         return h
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
