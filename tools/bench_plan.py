@@ -1,6 +1,7 @@
 """Benchmark: the memory planner against real training on this machine — each rank's peak resident memory while it
 builds the model and trains two steps, against what `pretrain plan` says that rank needs (without the GPU reserve),
-at one process, TP=2, PP=2 and DeepSpeed ZeRO-1/2/3 with DP=2 (fp32 on CPU, a dense ~60M-parameter model).
+at one process (with and without activation checkpointing), TP=2, PP=2 and DeepSpeed ZeRO-1/2/3 with DP=2 (fp32 on
+CPU, a dense ~60M-parameter model).
 
     python -m tools.bench_plan [--out BENCHMARKS.md]
 
@@ -29,6 +30,7 @@ MODEL = ["model.vocab_size=4096", "model.d_model=768", "model.n_layers=8", "mode
          "train.checkpoint_every=100", "data.num_workers=0", "tracking.mlflow=false", "model.tie_embeddings=false"]
 LAYOUTS = {
     "one process": (1, []),
+    "one process, activation checkpointing": (1, ["train.activation_checkpointing=true"]),
     "TP=2 (+SP)": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "PP=2": (2, ["parallel.pp=2"]),
     "ZeRO-1 DP=2": (2, ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=1"]),
