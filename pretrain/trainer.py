@@ -373,10 +373,6 @@ class Trainer:
         pending, self.pending_save = self.pending_save, None
         self._emit("on_checkpoint", pending.wait())
 
-    def barrier(self) -> None:
-        if self.grid.shape.world_size > 1:
-            dist.barrier()
-
     def _checkpoint_candidates(self, resume: str) -> list[Path]:
         """Rank 0 lists them (for 'auto': every complete checkpoint, newest first) and every rank gets the list."""
         choice: list = [None]
