@@ -99,6 +99,14 @@ def _stage_ranges(cfg: Config) -> list[range]:
     return _RANGES[key]
 
 
+def _rank_layers(cfg: Config, pp_rank: int) -> tuple[set[int], bool, bool]:
+    """(the layers pipeline rank `pp_rank` holds, whether it holds the first stage, whether the last)."""
+    p, ranges = cfg.parallel, _stage_ranges(cfg)
+    stage_ids = stages_of_rank(pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
+    layers = {i for s in stage_ids for i in ranges[s]}
+    return layers, 0 in stage_ids, len(ranges) - 1 in stage_ids
+
+
 def parameters_per_pipeline_rank(cfg: Config) -> list[RankParameters]:
     """Parameter elements one rank holds, for each pipeline rank (tensor- and expert-parallel ranks hold equal
     amounts)."""
@@ -111,12 +119,9 @@ def parameters_per_pipeline_rank(cfg: Config) -> list[RankParameters]:
 
 def _count_parameters(cfg: Config) -> list[RankParameters]:
     m, p = cfg.model, cfg.parallel
-    ranges = _stage_ranges(cfg)
     out = []
     for pp_rank in range(p.pp):
-        stage_ids = stages_of_rank(pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
-        layers = {i for s in stage_ids for i in ranges[s]}
-        first, last = 0 in stage_ids, len(ranges) - 1 in stage_ids
+        layers, first, last = _rank_layers(cfg, pp_rank)
         dense = expert = 0
         for name, shape in _whole_model_shapes(m):
             if not _stage_holds(name, layers, first, last, m):
@@ -234,12 +239,9 @@ def rank_memory(cfg: Config, recompute: bool | None = None) -> tuple[RankMemory,
     p = cfg.parallel
     if recompute is None:
         recompute = cfg.train.activation_checkpointing
-    ranges = _stage_ranges(cfg)
     best: tuple[RankMemory, int] | None = None
     for pp_rank, params in enumerate(parameters_per_pipeline_rank(cfg)):
-        stage_ids = stages_of_rank(pp_rank, p.pp, p.virtual_stages) if p.pp > 1 else [0]
-        layers = {i for s in stage_ids for i in ranges[s]}
-        last = len(ranges) - 1 in stage_ids
+        layers, _, last = _rank_layers(cfg, pp_rank)
         weights, grads, optim = state_bytes(cfg, params)
         kept, recomputing = activation_bytes(cfg, layers, last, recompute)
         acts = kept * in_flight_microbatches(cfg, pp_rank) + recomputing

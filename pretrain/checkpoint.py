@@ -195,8 +195,7 @@ class CheckpointManager:
         the full tensors (none: whole tensors). `state`, `config_yaml` and `layout` are taken from rank 0.
         `asynchronous`: returns once the pieces are copied; the files are written in the background."""
         final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp-{step_dir_name(step)}"
-        (tmp / SHARDS).mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"  # every rank's DCP writer creates it before planning
 
         def start() -> None:  # rank 0, before any rank writes: no leftovers of a crashed save
             self._remove_stale_tmp()

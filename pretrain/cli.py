@@ -142,7 +142,7 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from parallel.memory_plan import GIB, plan
+    from parallel.memory_plan import GIB, layout_of, plan
     from pretrain.consolidate import parse_size
 
     cfg = load_config(args.config, args.overrides, check_paths=False)
@@ -153,13 +153,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError("--gpus", "--gpus and --gpus-per-node must be positive")
     rows = plan(cfg, args.gpus, memory, args.gpus_per_node, args.peak_tflops * 1e12, args.mfu)
-    own = cfg.parallel
-    is_own = [r for r in rows if r.memory and (r.layout["tp"], r.layout["pp"], r.layout["dp"], r.layout["ep"],
-                                               r.layout["virtual_stages"]) == (own.tp, own.pp, own.dp, own.ep,
-                                                                               own.virtual_stages)
-              and r.layout["zero_stage"] == (cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0)
-              and r.layout["micro_batch_size"] == cfg.train.micro_batch_size
-              and r.layout["recompute"] == cfg.train.activation_checkpointing]
+    own = layout_of(cfg) | {"recompute": cfg.train.activation_checkpointing}
+    compared = ("tp", "pp", "virtual_stages", "ep", "dp", "zero_stage", "micro_batch_size", "recompute")
+    is_own = [r for r in rows if r.memory and all(r.layout[k] == own[k] for k in compared)]
     if args.format == "json":
         def as_dict(r):
             mem = None if r.memory is None else {k: v for k, v in vars(r.memory).items()} | {"total": r.memory.total}

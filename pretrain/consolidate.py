@@ -11,6 +11,7 @@ conversion tools read whole tensors through `iter_full_tensors` the same way.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -76,11 +77,15 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset, sizes = 0, []
     for name, dtype, shape in entries:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = _nbytes(dtype, shape)
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -118,14 +123,14 @@ def consolidate(checkpoint: Path, out_dir: Path, part: str = "model", dtype: tor
             for (name, _, _), size in zip(file_entries, sizes, strict=True):
                 got, tensor = next(tensors)
                 assert got == name, (got, name)
-                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                assert len(data) == size
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                assert data.nbytes == size
                 out.write(data)
         tmp.replace(out_dir / file_name)
         written.append(out_dir / file_name)
     if len(files) > 1:
         weight_map = {name: file_name for file_name, es in zip(names, files, strict=True) for name, _, _ in es}
-        total = sum(sum(_header(es)[1]) for es in files)
+        total = sum(_nbytes(dtype, shape) for _, dtype, shape in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     shutil.copyfile(meta.path / "config.yaml", out_dir / "config.yaml")
@@ -138,7 +143,7 @@ def _split(entries, max_file_size: int | None) -> list[list]:
     files: list[list] = [[]]
     size = 0
     for entry in entries:
-        nbytes = torch.Size(entry[2]).numel() * torch.empty((), dtype=entry[1]).element_size()
+        nbytes = _nbytes(entry[1], entry[2])
         if files[-1] and size + nbytes > max_file_size:
             files.append([])
             size = 0

@@ -45,11 +45,8 @@ class ShardWriteError(RuntimeError):
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -67,8 +64,10 @@ class StoredTensor:
     dtype: torch.dtype
 
 
-def _placement(placements: dict[str, Placement], fqn: str, tensor: torch.Tensor) -> Placement:
-    return placements.get(fqn) or (tuple(tensor.shape), (0,) * tensor.dim())
+def _chunk(placements: dict[str, Placement], fqn: str, tensor: torch.Tensor) -> tuple[torch.Size, ChunkStorageMetadata]:
+    """(full shape, this piece's chunk in it); a tensor without a placement is whole."""
+    whole, offsets = placements.get(fqn) or (tuple(tensor.shape), (0,) * tensor.dim())
+    return torch.Size(whole), ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
 
 
 class _PieceSavePlanner(DefaultSavePlanner):
@@ -79,12 +78,11 @@ class _PieceSavePlanner(DefaultSavePlanner):
     def create_local_plan(self) -> SavePlan:
         items = []
         for fqn, tensor in self.state_dict.items():
-            whole, offsets = _placement(self.placements, fqn, tensor)
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+            whole, chunk = _chunk(self.placements, fqn, tensor)
             items.append(WriteItem(
-                index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
+                index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD,
                 tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor),
-                                            size=torch.Size(whole)),
+                                            size=whole),
             ))
         self.plan = SavePlan(items)
         return self.plan
@@ -104,10 +102,9 @@ class _PieceLoadPlanner(DefaultLoadPlanner):
             md = self.metadata.state_dict_metadata.get(fqn)
             if md is None:
                 raise ShardReadError(f"the checkpoint has no tensor '{fqn}'")
-            whole, offsets = _placement(self.placements, fqn, tensor)
-            if tuple(md.size) != tuple(whole):
+            whole, chunk = _chunk(self.placements, fqn, tensor)
+            if md.size != whole:
                 raise ShardReadError(f"'{fqn}' is {tuple(md.size)} in the checkpoint but {tuple(whole)} in this model")
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
             items += create_read_items_for_chunk_list(fqn, md, [chunk])
         return LoadPlan(items)
 

@@ -352,8 +352,7 @@ class Trainer:
         self.phase = "checkpoint save"
         model, optimizer = self.engine.model_tensors(), self.engine.optimizer_tensors()
         tensors = pieces(model, optimizer, rng_tensors() if self.is_main else None)
-        placements = {MODEL + k: self.plan.placement(k, v.shape) for k, v in model.items()}
-        placements |= {OPTIMIZER + k: self.plan.placement(k, v.shape) for k, v in optimizer.items()}
+        placements = self._placements(tensors)
         asynchronous = self.cfg.train.async_checkpoint and not wait
         self.pending_save = self.checkpoints.save(
             self.step, tensors, self.state(), config_to_yaml(self.cfg), placements, self.layout(),
@@ -364,6 +363,11 @@ class Trainer:
         if not asynchronous:
             self.wait_for_checkpoint()
         return path
+
+    def _placements(self, tensors: dict[str, torch.Tensor]) -> dict:
+        """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole)."""
+        return {key: self.plan.placement(key.split("/", 1)[1], t.shape) for key, t in tensors.items()
+                if key.startswith((MODEL, OPTIMIZER))}
 
     def wait_for_checkpoint(self) -> None:
         """Until the checkpoint being written in the background (if any) is in place."""
@@ -421,9 +425,7 @@ class Trainer:
         rng = {k.removeprefix(RNG): torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items()
                if k.startswith(RNG) and (k == RNG + "torch_cpu" or torch.cuda.is_available())}
         templates = pieces(model, optimizer, rng)
-        placements = {MODEL + k: self.plan.placement(k, v.shape) for k, v in model.items()}
-        placements |= {OPTIMIZER + k: self.plan.placement(k, v.shape) for k, v in optimizer.items()}
-        loaded = read_pieces(meta, templates, placements)
+        loaded = read_pieces(meta, templates, self._placements(templates))
         self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path)
         restore_rng(part(loaded, RNG))
         state = meta.state

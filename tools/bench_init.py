@@ -18,19 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.bench_report import machine_description, write_section
+from tools.bench_report import current_rss, machine_description, write_section
 
 MODEL = ["model.vocab_size=32768", "model.d_model=1024", "model.n_layers=24", "model.n_heads=16", "model.n_kv_heads=8",
          "model.max_seq_len=1024", "data.seq_len=1024", "model.tie_embeddings=false", "train.micro_batch_size=1",
          "train.global_batch_size=4"]
 LAYOUTS = {"one process": [], "TP=2": ["parallel.tp=2"], "PP=2": ["parallel.pp=2"]}
-
-
-def current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure(layout: list[str], sharded: bool) -> dict:

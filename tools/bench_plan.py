@@ -22,7 +22,7 @@ import resource
 import sys
 from pathlib import Path
 
-from tools.bench_report import machine_description, torchrun, write_section
+from tools.bench_report import current_rss, machine_description, torchrun, write_section
 
 MODEL = ["model.vocab_size=4096", "model.d_model=768", "model.n_layers=8", "model.n_heads=12", "model.n_kv_heads=4",
          "model.max_seq_len=256", "data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=16",
@@ -37,13 +37,6 @@ LAYOUTS = {
     "ZeRO-2 DP=2": (2, ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"]),
     "ZeRO-3 DP=2": (2, ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"]),
 }
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(data_dir: str, overrides: list[str], out: Path) -> None:
@@ -64,7 +57,7 @@ def worker(data_dir: str, overrides: list[str], out: Path) -> None:
     p = cfg.parallel
     shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
     grid = ProcessGrid.build(shape, denv.world_size, denv.rank, p.timeout_s) if denv.world_size > 1 else None
-    before = rss_bytes()
+    before = current_rss()
     trainer = Trainer(cfg, Path(out).parent / f"run_{denv.rank}", callbacks=[], grid=grid)
     trainer.fit()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

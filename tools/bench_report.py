@@ -33,6 +33,14 @@ def machine_description() -> str:
     )
 
 
+def current_rss() -> int:
+    """This process's resident memory in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def write_section(path: Path, name: str, title: str, machine: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n## {title}\n\nMachine: {machine}\n\n{body}\n{end}"

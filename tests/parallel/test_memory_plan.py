@@ -131,6 +131,23 @@ def test_plan_command(capsys):
     assert main(["plan", "configs/tiny.yaml", "--gpus", "2", "--gpu-memory", "lots"]) == 2
 
 
+def saved_elements_per_token(block, x, cos, sin, model, tokens: int) -> float:
+    """fp32 elements per token that autograd keeps for the backward of `block(x, cos, sin)` (saved-tensor hooks;
+    weights and RoPE tables excluded, each storage counted once)."""
+    not_activations = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in not_activations:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x, cos, sin)
+    return sum(saved.values()) / 4 / tokens
+
+
 MLA_SMALL = ["model.attention=mla", "model.mla.q_lora_rank=64", "model.mla.kv_lora_rank=32",
              "model.mla.qk_rope_head_dim=16", "model.mla.qk_nope_head_dim=32", "model.mla.v_head_dim=32"]
 
@@ -147,18 +164,7 @@ def test_block_activations_equal_what_autograd_saves(overrides, layer):
     batch, seq = 4, 128
     x = torch.randn(batch, seq, cfg.model.d_model, requires_grad=True)
     cos, sin = model.rope(seq)
-    not_activations = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin]}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in not_activations:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.layers[layer](x, cos, sin)
-    per_token = sum(saved.values()) / 4 / (batch * seq)
+    per_token = saved_elements_per_token(model.layers[layer], x, cos, sin, model, batch * seq)
     if cfg.model.attention == "mla":
         per_token -= cfg.model.n_heads * (seq - 1)  # the math kernel's probabilities instead of a log-sum-exp
     assert per_token == pytest.approx(block_activation_elements(cfg.model, layer, 1, False), abs=16)
@@ -183,18 +189,7 @@ def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_pa
         batch, seq = 2, 64
         x = torch.randn(batch, seq // 2 if sequence_parallel else seq, cfg.model.d_model, requires_grad=True)
         cos, sin = model.rope(seq)
-        not_activations = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin]}
-        saved = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in not_activations:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model.layers[0](x, cos, sin)
+        per_token = saved_elements_per_token(model.layers[0], x, cos, sin, model, batch * seq)
     finally:
         dist.destroy_process_group()
-    per_token = sum(saved.values()) / 4 / (batch * seq)
     assert per_token == pytest.approx(block_activation_elements(cfg.model, 0, 2, sequence_parallel), abs=1)
