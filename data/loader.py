@@ -1,10 +1,14 @@
 """The training loader: a deterministic global stream of packed windows, split over data-parallel ranks.
 
 The global stream (it depends on the seed only, never on ranks or workers):
-  - per dataset and epoch, the shard order is a seeded permutation, and so is the document order inside each
-    shard; documents are concatenated, each followed by EOS, and cut into consecutive `seq_len + 1` windows
-    (the epoch's remainder is dropped). Locating a window needs only the manifest's per-shard token counts;
-    a shard is decoded (with webdataset) when a window first needs it, and a few decoded shards are cached;
+  - per dataset, the shards are dealt once (seeded) into `interleave` lanes of near-equal token counts. Per
+    epoch, each lane orders its shards by a seeded permutation, and each shard its documents; a lane's documents
+    are concatenated, each followed by EOS, and cut into consecutive `seq_len + 1` windows (each lane's remainder
+    is dropped). The epoch's windows are taken one from each lane in turn, so consecutive windows (one global
+    batch) come from up to `interleave` different shards;
+  - a shard is never decoded whole: its document offsets come from the tar headers, and a window reads just
+    the token ranges it covers (positioned reads), so a worker's memory is independent of shard size; locating
+    a window needs only the manifest's per-shard token counts;
   - several datasets are interleaved by weight with a fixed block schedule (`BlendSchedule`);
   - optimizer step s consumes windows [s*G, (s+1)*G) of the stream, G = global batch size; data-parallel rank
     r of W takes the contiguous slice [s*G + r*G/W, s*G + (r+1)*G/W) as micro-batches.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,12 +35,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.shards.manifest import Manifest, ManifestError, ShardInfo
-from data.shards.reader import CorruptShardError, read_shard_docs, verify_shard
+from data.shards.reader import CorruptShardError, index_shard, read_tokens, verify_shard
 from data.tokenizer import SpecialIds
 
 log = logging.getLogger(__name__)
 BLEND_BLOCK = 1000
-SHARD_CACHE = 3
+STREAM_VERSION = 2  # 1: one lane, shards decoded whole
+_DEAL, _LANE_ORDER, _DOC_ORDER = 1, 2, 3  # seed-stream tags
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -43,10 +49,11 @@ def _rng(*keys: int) -> np.random.Generator:
 
 
 class ShardedTokenStream:
-    """One prepared dataset's split as an endless, indexable sequence of `seq_len + 1` windows."""
+    """One prepared dataset's split as an endless, indexable sequence of `seq_len + 1` windows, read from up to
+    `interleave` shards at once (see the module docstring)."""
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, seed: int, dataset_index: int = 0,
-                 verify_checksums: bool = True, skip_corrupt_shards: bool = False):
+                 verify_checksums: bool = True, skip_corrupt_shards: bool = False, interleave: int = 64):
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         if split not in self.manifest.splits:
@@ -74,57 +81,143 @@ class ShardedTokenStream:
                     raise
                 log.warning("skipping %s (data.skip_corrupt_shards=true)", exc)
                 self.skipped_shards.append(info.path)
+        if not self.shards:
+            raise ManifestError(f"{self.data_dir} split '{split}' has no readable shard")
         self.shard_lengths = np.array([s.num_tokens + s.num_docs for s in self.shards], dtype=np.int64)
-        self.windows_per_epoch = int(self.shard_lengths.sum() // self.window)
+        self.lanes = self._deal_into_lanes(min(interleave, len(self.shards)))
+        lane_windows = np.array([self.shard_lengths[lane].sum() // self.window for lane in self.lanes], np.int64)
+        self.windows_per_epoch = int(lane_windows.sum())
         if self.windows_per_epoch == 0:
             raise ManifestError(
                 f"{self.data_dir} split '{split}' holds {int(self.shard_lengths.sum())} tokens, fewer than one "
-                f"window of {self.window}; lower data.seq_len or add data"
+                f"window of {self.window} per interleaved shard group; lower data.seq_len or "
+                "data.interleave_shards, or add data"
             )
-        self._decoded: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._rounds = _RoundRobin(lane_windows)
+        self._doc_layouts: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._files: OrderedDict[int, int] = OrderedDict()
+        self._open_limit = 2 * len(self.lanes) + 2
+
+    def _deal_into_lanes(self, count: int) -> list[np.ndarray]:
+        """Shards in a seeded order, each to the lane holding the fewest tokens so far: lanes of near-equal length,
+        so no lane runs dry long before the others. Fixed for the whole run (epochs reorder inside lanes)."""
+        lanes: list[list[int]] = [[] for _ in range(count)]
+        tokens = np.zeros(count, dtype=np.int64)
+        for shard in _rng(self.seed, self.dataset_index, _DEAL).permutation(len(self.shards)):
+            k = int(np.argmin(tokens))
+            lanes[k].append(int(shard))
+            tokens[k] += self.shard_lengths[shard]
+        return [np.array(lane, dtype=np.int64) for lane in lanes]
 
     @property
     def tokens_per_epoch(self) -> int:
         return self.windows_per_epoch * self.window
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (one stream object per dataset; bounded)
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        order = _rng(self.seed, self.dataset_index, epoch).permutation(len(self.shards))
-        starts = np.concatenate([[0], np.cumsum(self.shard_lengths[order])])
-        return order, starts
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one stream object per dataset; bounded)
+    def _lane_layout(self, epoch: int, lane: int) -> tuple[np.ndarray, np.ndarray]:
+        """The lane's shards in this epoch's order and the token offset where each starts."""
+        shards = self.lanes[lane][_rng(self.seed, self.dataset_index, _LANE_ORDER, epoch, lane).permutation(
+            len(self.lanes[lane]))]
+        return shards, np.concatenate([[0], np.cumsum(self.shard_lengths[shards])])
 
-    def _shard_tokens(self, epoch: int, shard: int) -> np.ndarray:
+    def _doc_layout(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This epoch's document order in a shard: byte offsets, token counts, and where each document (with its
+        EOS) starts in the shard's stream. Built from the tar headers; a few shards' layouts are kept."""
         key = (epoch, shard)
-        if key in self._decoded:
-            self._decoded.move_to_end(key)
-            return self._decoded[key]
+        if key in self._doc_layouts:
+            self._doc_layouts.move_to_end(key)
+            return self._doc_layouts[key]
         info = self.shards[shard]
+        path = self.data_dir / info.path
         if self.verify_checksums and shard not in self.verified:
-            verify_shard(self.data_dir / info.path, info.sha256)
+            verify_shard(path, info.sha256)
             self.verified.add(shard)
-        docs = read_shard_docs(self.data_dir / info.path, self.dtype, info)
-        order = _rng(self.seed, self.dataset_index, epoch, shard).permutation(len(docs))
-        eos = np.array([self.eos], dtype=self.dtype)
-        tokens = np.concatenate([piece for i in order for piece in (docs[i], eos)])
-        self._decoded[key] = tokens
-        if len(self._decoded) > SHARD_CACHE:
-            self._decoded.popitem(last=False)
-        return tokens
+        index = index_shard(path, self.dtype, info)
+        order = _rng(self.seed, self.dataset_index, _DOC_ORDER, epoch, shard).permutation(len(index.lengths))
+        lengths = index.lengths[order]
+        layout = (index.offsets[order], lengths, np.concatenate([[0], np.cumsum(lengths + 1)]))
+        self._doc_layouts[key] = layout
+        if len(self._doc_layouts) > self._open_limit:
+            self._doc_layouts.popitem(last=False)
+        return layout
+
+    def _fd(self, shard: int) -> int:
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        fd = os.open(self.data_dir / self.shards[shard].path, os.O_RDONLY)
+        self._files[shard] = fd
+        if len(self._files) > self._open_limit:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
+    def _shard_piece(self, epoch: int, shard: int, begin: int, end: int) -> list[np.ndarray]:
+        """Tokens [begin, end) of the shard's stream (its documents in this epoch's order, each followed by EOS),
+        read document piece by document piece: memory is the window, whatever the shard's size."""
+        offsets, lengths, starts = self._doc_layout(epoch, shard)
+        fd, path = self._fd(shard), self.data_dir / self.shards[shard].path
+        pieces = []
+        doc = int(np.searchsorted(starts, begin, side="right")) - 1
+        while begin < end:
+            doc_start, n = int(starts[doc]), int(lengths[doc])
+            first, last = begin - doc_start, min(end - doc_start, n + 1)  # position n is the EOS
+            if first < n:
+                stop = min(last, n)
+                pieces.append(read_tokens(fd, int(offsets[doc]) + first * self.dtype.itemsize, stop - first,
+                                          self.dtype, path))
+            if last == n + 1:
+                pieces.append(np.array([self.eos], dtype=self.dtype))
+            begin = doc_start + last
+            doc += 1
+        return pieces
 
     def __getitem__(self, index: int) -> np.ndarray:
         epoch, local = divmod(int(index), self.windows_per_epoch)
-        order, starts = self._epoch_layout(epoch)
-        begin, end = local * self.window, (local + 1) * self.window
+        lane, position = self._rounds.locate(local)
+        shards, starts = self._lane_layout(epoch, lane)
+        begin, end = position * self.window, (position + 1) * self.window
         pos = int(np.searchsorted(starts, begin, side="right")) - 1
         pieces = []
         while begin < end:
             shard_start, shard_end = int(starts[pos]), int(starts[pos + 1])
             take = min(end, shard_end) - begin
-            tokens = self._shard_tokens(epoch, int(order[pos]))
-            pieces.append(tokens[begin - shard_start : begin - shard_start + take])
+            pieces += self._shard_piece(epoch, int(shards[pos]), begin - shard_start, begin - shard_start + take)
             begin += take
             pos += 1
         return np.concatenate(pieces)
+
+    def window_origin(self, index: int) -> tuple[int, int]:
+        """(lane, window within the lane's epoch stream) of a stream index: a lane's windows in order are
+        consecutive cuts of its documents."""
+        return self._rounds.locate(int(index) % self.windows_per_epoch)
+
+    def __getstate__(self):  # DataLoader workers started by spawn open their own files
+        state = dict(self.__dict__)
+        state["_files"], state["_doc_layouts"] = OrderedDict(), OrderedDict()
+        return state
+
+    def __del__(self):
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+
+class _RoundRobin:
+    """The epoch's windows taken one from each lane in turn (lanes that have run out drop out of the rounds):
+    window `local` -> (lane, its index in the lane), in O(log lanes) from the lanes' window counts alone."""
+
+    def __init__(self, lane_windows: np.ndarray):
+        self.order = np.argsort(-lane_windows, kind="stable")  # lanes, longest first
+        counts = lane_windows[self.order]
+        # Between two distinct lane lengths the rounds are full of the same lanes: one segment per length.
+        self.round_starts = np.unique(np.concatenate([[0], counts]))  # ascending
+        self.active = np.array([(counts > r).sum() for r in self.round_starts], dtype=np.int64)
+        self.window_starts = np.array([np.minimum(counts, r).sum() for r in self.round_starts], dtype=np.int64)
+
+    def locate(self, local: int) -> tuple[int, int]:
+        segment = int(np.searchsorted(self.window_starts, local, side="right")) - 1
+        into = local - int(self.window_starts[segment])
+        rounds, slot = divmod(into, int(self.active[segment]))
+        return int(self.order[slot]), int(self.round_starts[segment]) + rounds
 
 
 class BlendSchedule:
@@ -207,7 +300,7 @@ class TokenWindowLoader:
         dirs = data_cfg.dataset_dirs()
         self.streams = [
             ShardedTokenStream(d, split, data_cfg.seq_len, seed, i, data_cfg.verify_checksums,
-                               data_cfg.skip_corrupt_shards)
+                               data_cfg.skip_corrupt_shards, data_cfg.interleave_shards)
             for i, (d, _) in enumerate(dirs)
         ]
         hashes = {s.manifest.tokenizer_sha256 for s in self.streams}
@@ -288,11 +381,22 @@ class TokenWindowLoader:
             "global_batch_size": self.global_batch_size,
             "dp_size": self.dp_size,
             "seed": self.seed,
+            "stream_version": STREAM_VERSION,
+            "interleave_shards": self.cfg.interleave_shards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"loader state has seed {state['seed']}, this run uses {self.seed}")
+        if state.get("stream_version", 1) != STREAM_VERSION:
+            log.warning("the checkpoint's data position was counted in loader stream version %s, this version orders "
+                        "the data differently (%s): the run goes on at the same window count, so some documents may "
+                        "repeat or be skipped", state.get("stream_version", 1), STREAM_VERSION)
+        elif state["interleave_shards"] != self.cfg.interleave_shards:
+            raise ValueError(
+                f"loader state was written with data.interleave_shards={state['interleave_shards']}, this run uses "
+                f"{self.cfg.interleave_shards}, which orders the data differently: resume with the same value"
+            )
         if state["consumed_windows"] % self.global_batch_size:
             raise ValueError(
                 f"loader state consumed {state['consumed_windows']} windows, not a multiple of this run's global "

@@ -42,6 +42,9 @@ class DataConfig:
     blend: list[BlendEntry] = field(default_factory=list)
     seq_len: int = 256
     num_workers: int = 1
+    # A global batch takes its windows in turn from this many shards read side by side (fewer if there are fewer
+    # shards): more mixing across shards, a few more open files. Changing it changes the data order.
+    interleave_shards: int = 64
     # A shard whose checksum or tar structure is bad is an error naming it, or, with this on, skipped and logged.
     skip_corrupt_shards: bool = False
     verify_checksums: bool = True
@@ -436,6 +439,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     validate_moe(cfg)
     validate_mtp(cfg)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")

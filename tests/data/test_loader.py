@@ -2,7 +2,7 @@
 blending by weight, epoch rollover, damaged shards."""
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -29,23 +29,33 @@ def take(loader, n):
     return [next(loader) for _ in range(n)]
 
 
-def epoch_stream(loader, epoch=0) -> np.ndarray:
-    wpe = loader.windows_per_epoch
-    return np.concatenate([loader.dataset[g].numpy() for g in range(epoch * wpe, (epoch + 1) * wpe)])
+def epoch_stream(loader, epoch=0) -> list[np.ndarray]:
+    """The epoch's windows regrouped by lane, each lane's concatenated in order: its documents, cut only at the end."""
+    stream, wpe = loader.streams[0], loader.windows_per_epoch
+    by_lane = defaultdict(dict)
+    for g in range(epoch * wpe, (epoch + 1) * wpe):
+        lane, position = stream.window_origin(g)
+        by_lane[lane][position] = loader.dataset[g].numpy()
+    assert all(sorted(windows) == list(range(len(windows))) for windows in by_lane.values())
+    return [np.concatenate([windows[p] for p in range(len(windows))]) for windows in by_lane.values()]
 
 
-def assert_packs_documents(stream, docs, eos):
-    """`stream` is whole documents each followed by EOS, each document at most once, cut only at the end."""
-    ends = np.flatnonzero(stream == eos)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    pieces = Counter(stream[s:e].astype(np.int64).tobytes() for s, e in zip(starts, ends, strict=True))
+def assert_packs_documents(lanes, docs, eos):
+    """Each lane is whole documents each followed by EOS, each document at most once in all lanes, cut only at the
+    lane's end."""
+    pieces = Counter()
+    for stream in lanes:
+        ends = np.flatnonzero(stream == eos)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        pieces.update(stream[s:e].astype(np.int64).tobytes() for s, e in zip(starts, ends, strict=True))
     by_key = {d.astype(np.int64).tobytes(): d for d in docs}
     assert len(by_key) == len(docs)
     assert max(pieces.values()) == 1 and set(pieces) <= set(by_key)
     missing = [d for k, d in by_key.items() if k not in pieces]
-    # Only the documents after the last complete one are missing: the cut tail and the dropped remainder.
-    assert sum(len(d) + 1 for d in missing) == sum(len(d) + 1 for d in docs) - (ends[-1] + 1)
-    assert sum(len(d) + 1 for d in missing) < 2 * (SEQ_LEN + 1) + max(len(d) for d in docs)
+    # Only the documents after each lane's last complete one are missing: the cut tail and the dropped remainder.
+    kept = sum(int(np.flatnonzero(stream == eos)[-1]) + 1 for stream in lanes)
+    assert sum(len(d) + 1 for d in missing) == sum(len(d) + 1 for d in docs) - kept
+    assert sum(len(d) + 1 for d in missing) < len(lanes) * (2 * (SEQ_LEN + 1) + max(len(d) for d in docs))
 
 
 def test_micro_batches_are_shifted_windows(tiny_dir):
@@ -65,14 +75,15 @@ def test_windows_pack_whole_documents_with_eos(tiny_dir):
     stream = epoch_stream(loader)
     assert_packs_documents(stream, split_docs(tiny_dir, "train"), loader.special_ids.eos)
     total = sum(s.num_tokens + s.num_docs for s in Manifest.load(tiny_dir).splits["train"].shards)
-    assert loader.windows_per_epoch == total // (SEQ_LEN + 1)
+    lanes = len(loader.streams[0].lanes)  # each drops less than one window
+    assert len(stream) == lanes and total // (SEQ_LEN + 1) - lanes < loader.windows_per_epoch <= total // (SEQ_LEN + 1)
 
 
 def test_epoch_rollover_uses_a_new_permutation(tiny_dir):
     loader = make(tiny_dir, mb=2, gbs=4)
     e0, e1 = epoch_stream(loader, 0), epoch_stream(loader, 1)
     assert_packs_documents(e1, split_docs(tiny_dir, "train"), loader.special_ids.eos)
-    assert not np.array_equal(e0[: SEQ_LEN + 1], e1[: SEQ_LEN + 1])
+    assert not np.array_equal(e0[0][: SEQ_LEN + 1], e1[0][: SEQ_LEN + 1])
     # The loader itself runs across the boundary: resume two steps before it and read four steps.
     wpe = loader.windows_per_epoch
     steps_before = wpe // 4 - 2
@@ -141,6 +152,57 @@ def test_resume_errors(tiny_dir):
         make(tiny_dir, mb=2, gbs=8, rank=0, dp=2).load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="seed"):
         make(tiny_dir, mb=2, gbs=8, seed=1).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="interleave_shards=64"):
+        make(tiny_dir, mb=2, gbs=8, interleave_shards=4).load_state_dict(loader.state_dict())
+
+
+def test_state_from_the_previous_stream_resumes_with_a_warning(tiny_dir, caplog):
+    loader = make(tiny_dir, mb=2, gbs=8)
+    state = {k: v for k, v in make(tiny_dir, mb=2, gbs=8).state_dict().items()
+             if k not in ("stream_version", "interleave_shards")}
+    loader.load_state_dict({**state, "consumed_windows": 16})
+    assert "orders the data differently" in caplog.text
+    assert np.array_equal(windows(take(loader, 1)), np.stack([loader.dataset[g].numpy() for g in (16, 17)]))
+
+
+def shard_of_each_window(loader, data_dir, count) -> list[set[int]]:
+    """For each of the first `count` windows, the shards its complete documents come from (read back by content)."""
+    manifest = Manifest.load(data_dir)
+    home = {doc.astype(np.int64).tobytes(): i for i, info in enumerate(manifest.splits["train"].shards)
+            for doc in read_shard_docs(data_dir / info.path, np.uint16)}
+    eos, found = loader.special_ids.eos, []
+    for g in range(count):
+        window = loader.dataset[g].numpy()
+        ends = np.flatnonzero(window == eos)
+        found.append({home[window[a + 1:b].tobytes()] for a, b in zip(ends[:-1], ends[1:], strict=True) if b > a + 1})
+    return found
+
+
+def test_a_global_batch_draws_from_many_shards(tiny_dir):
+    """Eight consecutive windows (one global batch) come from eight shards read side by side; with one lane they
+    come from the few shards that 8 windows' tokens span, cut one after the other."""
+    kw = dict(seq_len=512, mb=2, gbs=8)
+    mixed = shard_of_each_window(make(tiny_dir, interleave_shards=8, **kw), tiny_dir, 8)
+    assert all(len(shards) == 1 for shards in mixed)  # each window's documents come from its lane's one shard
+    assert len(set().union(*mixed)) == 8
+    sequential = shard_of_each_window(make(tiny_dir, interleave_shards=1, **kw), tiny_dir, 8)
+    smallest = min(s.num_tokens + s.num_docs for s in Manifest.load(tiny_dir).splits["train"].shards)
+    assert len(set().union(*sequential)) <= 2 + 8 * 513 // smallest < 8
+
+
+def test_windows_read_only_their_tokens(tiny_dir, monkeypatch):
+    """Shards are never decoded whole: every read is a piece of one window, and an epoch reads each token once."""
+    import data.loader
+
+    counts = []
+    real = data.loader.read_tokens
+    monkeypatch.setattr(data.loader, "read_tokens", lambda fd, offset, count, dtype, path: counts.append(count) or real(
+        fd, offset, count, dtype, path))
+    loader = make(tiny_dir)
+    lanes = epoch_stream(loader)
+    eos = loader.special_ids.eos
+    assert max(counts) <= SEQ_LEN + 1
+    assert sum(counts) == sum(len(lane) - int((lane == eos).sum()) for lane in lanes)
 
 
 def test_global_order_ignores_workers_and_ranks(tiny_dir):
