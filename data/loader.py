@@ -286,7 +286,9 @@ class TokenWindowLoader:
     """Micro-batches `{"input_ids", "labels"}` of shape [micro_batch_size, seq_len] for one data-parallel rank."""
 
     def __init__(self, data_cfg, split: str = "train", micro_batch_size: int = 8, global_batch_size: int = 8,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, reads: bool = True):
+        """`reads=False`: a rank that gets its batches from a peer (or does not use them) keeps the position
+        and state but reads nothing, yielding zeros of the right shape."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(
                 f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x dp {dp_size}"
@@ -297,6 +299,7 @@ class TokenWindowLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.per_rank = global_batch_size // dp_size
         self.seed = seed
+        self.reads = reads
         dirs = data_cfg.dataset_dirs()
         self.streams = [
             ShardedTokenStream(d, split, data_cfg.seq_len, seed, i, data_cfg.verify_checksums,
@@ -359,6 +362,10 @@ class TokenWindowLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if not self.reads:
+            self.consumed_micro_batches += 1
+            shape = (self.micro_batch_size, self.cfg.seq_len)
+            return {"input_ids": torch.zeros(shape, dtype=torch.long), "labels": torch.zeros(shape, dtype=torch.long)}
         if self._iterator is None:
             self._iterator = self._make_iterator()
         batch = next(self._iterator)

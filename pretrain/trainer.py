@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import TokenWindowLoader
+from parallel.data_feed import DataFeed
 from parallel.engine import PlainEngine
 from parallel.grid import ProcessGrid
 from parallel.materialize import materialize
@@ -103,13 +104,15 @@ class Trainer:
             self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip)
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
+        self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline)
         self.train_loader = TokenWindowLoader(
             cfg.data, split="train", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-            dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
+            dp_rank=dp_rank, dp_size=dp_size, seed=t.seed, reads=self.data_feed.reads,
         )
         self.val_loader = TokenWindowLoader(
             cfg.data, split="val", micro_batch_size=t.micro_batch_size,
             global_batch_size=t.micro_batch_size * dp_size, dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
+            reads=self.data_feed.reads,
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
         self.pending_save: PendingSave | None = None
@@ -205,6 +208,9 @@ class Trainer:
             return self.engine.forward(input_ids, labels)
         return self.model(input_ids, labels)
 
+    def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
+        return self.data_feed.deliver(next(loader), self.device)
+
     def train_step(self) -> dict[str, float]:
         self.model.train()
         set_lr(self.engine, lr_at(self.step, self.cfg.train.steps, self.cfg.optim))
@@ -215,17 +221,16 @@ class Trainer:
         self.phase = "forward/backward"
         if self.plan.pipeline is not None:
             self.engine.initialize()
-            batches = [next(self.train_loader) for _ in range(accum)]
-            input_ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
-            labels = torch.cat([b["labels"] for b in batches]).to(self.device)
+            batches = [self.next_batch(self.train_loader) for _ in range(accum)]
+            input_ids = torch.cat([b["input_ids"] for b in batches])
+            labels = torch.cat([b["labels"] for b in batches])
             depth = self.cfg.model.mtp_depth
             result = self.plan.pipeline.train_step(input_ids, labels, self._pipeline_loss, self.autocast, depth)
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
         for _ in range(accum):
-            batch = next(self.train_loader)
-            input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            batch = self.next_batch(self.train_loader)
+            input_ids, labels = batch["input_ids"], batch["labels"]
             with self.autocast():
                 logits = self.forward(input_ids, labels)
             loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
@@ -309,15 +314,15 @@ class Trainer:
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
-            batch = next(self.val_loader)
+            batch = self.next_batch(self.val_loader)
             if self.plan.pipeline is not None:
                 total += self.plan.pipeline.evaluate_batch(
-                    batch["input_ids"].to(self.device), batch["labels"].to(self.device), self.plan.loss, self.autocast
+                    batch["input_ids"], batch["labels"], self.plan.loss, self.autocast
                 )
                 continue
             with self.autocast():
-                logits = self.forward(batch["input_ids"].to(self.device))
-            _, parts = self.plan.loss(logits, batch["labels"].to(self.device))
+                logits = self.forward(batch["input_ids"])
+            _, parts = self.plan.loss(logits, batch["labels"])
             total += parts["ce"]
         val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
