@@ -8,6 +8,7 @@ MLP row-parallel layers) and 2 in the backward pass (at the attention and MLP in
 replaces each all-reduce by an all-gather plus a reduce-scatter of the same b·s·h tensor. On top of the
 layers come the vocab-parallel embedding (forward) and LM head input (backward), 3 per-token scalars of the
 vocab-parallel cross-entropy, the sequence-parallel norm weights' grads, and one scalar for the grad norm.
+The TP group's first rank also broadcasts each micro-batch's token ids and labels to its peers (they read none).
 Data parallelism all-reduces every local gradient once per step (plus 2 scalars: mean loss and CE).
 """
 
@@ -35,6 +36,7 @@ def tensor_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
     regions = 2 * L + 1  # attention + MLP per layer, plus embedding (forward) / LM head (backward)
     loss_scalars = 3 * tokens  # max, sum of exponentials, target logit
     grad_norm = {"all_reduce@model": 1}
+    data = {"broadcast@tp": m * 2 * tokens}  # the micro-batches' ids and labels, from the TP group's reader
     if cfg.parallel.sequence_parallel:
         norm_weights = (2 * L + 1) * cfg.model.d_model
         return {
@@ -42,8 +44,9 @@ def tensor_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
             "reduce_scatter@tp": m * 2 * regions * activation,
             "all_reduce@tp": m * loss_scalars + norm_weights,
             **grad_norm,
+            **data,
         }
-    return {"all_reduce@tp": m * (2 * regions * activation + loss_scalars), **grad_norm}
+    return {"all_reduce@tp": m * (2 * regions * activation + loss_scalars), **grad_norm, **data}
 
 
 def data_parallel_elements(local_parameters: int) -> dict[str, int]:
