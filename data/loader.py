@@ -128,11 +128,9 @@ class ShardedTokenStream:
             self._doc_layouts.move_to_end(key)
             return self._doc_layouts[key]
         info = self.shards[shard]
-        path = self.data_dir / info.path
-        if self.verify_checksums and shard not in self.verified:
-            verify_shard(path, info.sha256)
-            self.verified.add(shard)
-        index = index_shard(path, self.dtype, info)
+        verify = self.verify_checksums and shard not in self.verified
+        index = index_shard(self.data_dir / info.path, self.dtype, info, sha256=info.sha256 if verify else None)
+        self.verified.add(shard)
         order = _rng(self.seed, self.dataset_index, _DOC_ORDER, epoch, shard).permutation(len(index.lengths))
         lengths = index.lengths[order]
         layout = (index.offsets[order], lengths, np.concatenate([[0], np.cumsum(lengths + 1)]))

@@ -66,13 +66,18 @@ def peak_above(baseline: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2**20
 
 
-def measure_loader(folder: Path, windows: int, interleave: int) -> dict:
+def make_loader(folder: Path, interleave: int):
     from data.loader import TokenWindowLoader
     from pretrain.config import DataConfig
 
-    baseline = current_rss()
     cfg = DataConfig(dir=str(folder), seq_len=SEQ_LEN, num_workers=0, interleave_shards=interleave)
-    loader = TokenWindowLoader(cfg, micro_batch_size=GLOBAL_BATCH // 8, global_batch_size=GLOBAL_BATCH)
+    return TokenWindowLoader(cfg, micro_batch_size=GLOBAL_BATCH // 8, global_batch_size=GLOBAL_BATCH)
+
+
+def measure_loader(folder: Path, windows: int, interleave: int, warmup: Path) -> dict:
+    next(make_loader(warmup, interleave))  # the code's first run (libraries paging in) is not the loader's memory
+    baseline = current_rss()
+    loader = make_loader(folder, interleave)
     start = time.perf_counter()
     for _ in range(windows // loader.micro_batch_size):
         next(loader)
@@ -103,10 +108,12 @@ def measure_reference_read(folder: Path) -> dict:
     return {"tokens_per_s": manifest.splits["train"].num_tokens / seconds, "gb_per_s": total / seconds / 1e9}
 
 
-def measure_whole_decode(folder: Path) -> dict:
+def measure_whole_decode(folder: Path, warmup: Path) -> dict:
     from data.shards.manifest import Manifest
     from data.shards.reader import read_shard_docs
 
+    small = Manifest.load(warmup)
+    read_shard_docs(warmup / small.splits["train"].shards[0].path, np.dtype(small.dtype))
     manifest = Manifest.load(folder)
     baseline, kept = current_rss(), []
     for info in manifest.splits["train"].shards[:3]:
@@ -116,10 +123,10 @@ def measure_whole_decode(folder: Path) -> dict:
     return {"peak_mib": peak_above(baseline)}
 
 
-def run_isolated(kind: str, folder: Path, windows: int, interleave: int) -> dict:
+def run_isolated(kind: str, folder: Path, windows: int, interleave: int, warmup: str) -> dict:
     drop_from_page_cache(folder)
     cmd = [sys.executable, "-m", "tools.bench_loader", "--measure", kind, "--folder", str(folder),
-           "--windows", str(windows), "--interleave", str(interleave)]
+           "--windows", str(windows), "--interleave", str(interleave), "--data", warmup]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -137,9 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         folder = Path(args.folder)
-        result = {"loader": lambda: measure_loader(folder, args.windows, args.interleave),
+        warmup = Path(args.data)
+        result = {"loader": lambda: measure_loader(folder, args.windows, args.interleave, warmup),
                   "read": lambda: measure_reference_read(folder),
-                  "decode": lambda: measure_whole_decode(folder)}[args.measure]()
+                  "decode": lambda: measure_whole_decode(folder, warmup)}[args.measure]()
         print(json.dumps(result))
         return
 
@@ -147,15 +155,15 @@ def main() -> None:
                for name, shape in LAYOUTS.items()}
     rows = []
     for name, folder in folders.items():
-        reference = run_isolated("read", folder, 0, 0)
+        reference = run_isolated("read", folder, 0, 0, args.data)
         for interleave in (64, 1):
-            got = run_isolated("loader", folder, args.windows, interleave)
+            got = run_isolated("loader", folder, args.windows, interleave, args.data)
             print(name, interleave, got, reference, flush=True)
             rows.append(f"| {name} | {interleave} | {got['tokens_per_s'] / 1e6:.1f}M | "
                         f"{reference['tokens_per_s'] / 1e6:.0f}M ({reference['gb_per_s']:.2f} GB/s) | "
                         f"{got['tokens_per_s'] / reference['tokens_per_s']:.3f} | {got['peak_mib']:.0f} MiB | "
                         f"{got['shards_per_batch']:.1f} |")
-    decode = run_isolated("decode", folders["10 x 5M"], 0, 0)
+    decode = run_isolated("decode", folders["10 x 5M"], 0, 0, args.data)
     print("whole-shard decode", decode, flush=True)
     body = (
         f"`python -m tools.bench_loader` — {args.windows:,} windows of {SEQ_LEN} tokens (global batch "

@@ -11,7 +11,7 @@ import torch
 from data.loader import BlendSchedule, ShardedTokenStream, TokenWindowLoader
 from data.prepare import prepare_dataset
 from data.shards.manifest import Manifest, ManifestError
-from data.shards.reader import CorruptShardError, read_shard_docs, verify_shard
+from data.shards.reader import CorruptShardError, index_shard, read_shard_docs
 from tests.data.conftest import SEQ_LEN, data_cfg, split_docs, write_jsonl
 
 
@@ -261,19 +261,36 @@ def flip_byte(path, offset=2000):
 
 
 def test_corrupt_shard_is_named_when_first_opened(damaged_dir, monkeypatch):
-    """No shard is hashed when the loader is built; a shard is checked when a window first needs it."""
+    """No shard is read when the loader is built; a shard is checked when a window first needs it, once."""
     import data.loader
 
     shard = damaged_dir / Manifest.load(damaged_dir).splits["train"].shards[3].path
     flip_byte(shard)
-    hashed = []
-    monkeypatch.setattr(data.loader, "verify_shard", lambda path, digest: hashed.append(path) or verify_shard(
-        path, digest))
+    hashed, indexed = [], []
+    real = data.loader.index_shard
+
+    def recording(path, dtype, info, sha256=None):
+        indexed.append(path)
+        if sha256:
+            hashed.append(path)
+        return real(path, dtype, info, sha256)
+
+    monkeypatch.setattr(data.loader, "index_shard", recording)
     stream = make(damaged_dir)
-    assert hashed == []
-    with pytest.raises(CorruptShardError, match=shard.name):
+    assert indexed == []
+    with pytest.raises(CorruptShardError, match=f"{shard.name} is corrupt"):
         epoch_stream(stream)
-    assert len(hashed) == len(set(hashed))  # each shard hashed once
+    assert len(hashed) == len(set(hashed)) and shard in hashed  # each shard hashed once
+
+
+def test_damaged_tar_header_is_named_without_checksums(damaged_dir):
+    info = Manifest.load(damaged_dir).splits["train"].shards[2]
+    shard = damaged_dir / info.path
+    second_header = int(index_shard(shard, np.uint16, info).offsets[1]) - 512  # a header precedes its data
+    flip_byte(shard, offset=second_header + 10)  # a byte of the member's name
+    header_damaged = make(damaged_dir, verify_checksums=False)
+    with pytest.raises(CorruptShardError, match=f"{shard.name}.*(tar header|documents)"):
+        epoch_stream(header_damaged)
 
 
 def test_truncated_shard_is_named_also_without_checksums(damaged_dir):

@@ -1,5 +1,6 @@
 """Shards round-trip through webdataset; damaged shards and tokenizer mismatches are named errors."""
 
+import io
 import json
 import tarfile
 
@@ -8,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from data.shards.manifest import Manifest, ManifestError
-from data.shards.reader import CorruptShardError, read_shard_docs, verify_shard
+from data.shards.reader import CorruptShardError, index_shard, read_shard_docs, verify_shard
 from data.shards.writer import ShardWriter
 
 
@@ -79,3 +80,32 @@ def test_manifest_records_splits_and_totals(tiny_dir):
         assert shards and all((tiny_dir / s["path"]).is_file() for s in shards)
         assert m["splits"][split]["num_tokens"] == sum(s["num_tokens"] for s in shards)
         assert m["splits"][split]["num_docs"] == sum(s["num_docs"] for s in shards)
+
+
+def documents_at(path, index, dtype) -> list[np.ndarray]:
+    data = path.read_bytes()
+    return [np.frombuffer(data[o : o + n * np.dtype(dtype).itemsize], dtype=dtype)
+            for o, n in zip(index.offsets, index.lengths, strict=True)]
+
+
+@pytest.mark.parametrize("dtype,high", [(np.uint16, 60000), (np.uint32, 100_000)])
+def test_index_from_headers_finds_every_document(tmp_path, dtype, high):
+    docs, shards = write_docs(tmp_path, dtype, high)
+    for info in shards:
+        index = index_shard(tmp_path / info.path, dtype, info, sha256=info.sha256)
+        back = read_shard_docs(tmp_path / info.path, dtype, info)
+        assert all(np.array_equal(a, b) for a, b in zip(documents_at(tmp_path / info.path, index, dtype), back,
+                                                        strict=True))
+
+
+def test_index_of_an_archive_with_extended_headers(tmp_path):
+    """Archives written by other tools may carry pax headers (here a non-ASCII name): indexed through tarfile."""
+    docs = [np.arange(n, dtype=np.uint16) for n in (5, 700, 3)]
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, doc in zip(["000000000", "gr\u00fc\u00dfe", "000000002"], docs, strict=True):
+            member = tarfile.TarInfo(f"{key}.tokens.u16")
+            member.size = doc.nbytes
+            tar.addfile(member, io.BytesIO(doc.tobytes()))
+    index = index_shard(path, np.uint16)
+    assert all(np.array_equal(a, b) for a, b in zip(documents_at(path, index, np.uint16), docs, strict=True))
