@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,24 @@ def env_from_launcher() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
+NCCL_WATCHDOG_DEFAULTS = {
+    # On a timeout or a dead peer the watchdog aborts the communicator and the error reaches Python as an
+    # exception in the next collective, which the trainer names by rank, phase and step like gloo's (the default,
+    # 3, kills the process from the watchdog thread, where no Python runs).
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    # The flight recorder: each rank keeps its last 2,000 collectives (operation, group, sizes, state) and writes
+    # them on a timeout (TORCH_FR_DUMP_TEMP_FILE, default /tmp/nccl_trace_rank_<rank>), which names the
+    # collective where ranks diverged (`torchfrtrace` reads the files).
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+}
+
+
+def nccl_watchdog_environment(env: dict[str, str]) -> dict[str, str]:
+    """The NCCL watchdog settings to apply: ours where the user has not set the variable."""
+    return {name: value for name, value in NCCL_WATCHDOG_DEFAULTS.items() if name not in env}
+
+
 def init_distributed(timeout_s: float) -> DistEnv:
     """Initializes torch.distributed when launched with more than one process; collectives that wait longer
     than `timeout_s` (e.g. on a dead rank) raise instead of hanging."""
@@ -63,7 +82,9 @@ def init_distributed(timeout_s: float) -> DistEnv:
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:  # srun: derived from the job
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_rendezvous(dict(os.environ))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        faulthandler.enable()  # a rank killed by a signal still prints every thread's Python stack
         if backend == "nccl":
+            os.environ.update(nccl_watchdog_environment(dict(os.environ)))
             torch.cuda.set_device(denv.local_rank)
         dist.init_process_group(
             backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)

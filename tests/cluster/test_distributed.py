@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.distributed import env_from_launcher, first_host, slurm_rendezvous
+from cluster.distributed import env_from_launcher, first_host, nccl_watchdog_environment, slurm_rendezvous
 from cluster.launch import Nodes, strip_launch_options, torchrun_command
 
 
@@ -58,3 +58,14 @@ def test_bad_node_options_are_config_errors_naming_the_option(tmp_path):
     assert bad_port.returncode == 2 and "config error at '--master-port'" in bad_port.stderr
     no_nproc = cli("--nnodes", "2")
     assert no_nproc.returncode == 2 and "needs --nproc" in no_nproc.stderr
+
+
+def test_nccl_watchdog_settings_surface_errors_in_python_and_keep_the_users():
+    """NCCL cannot run here (one process per GPU); what is checked is the environment the NCCL path applies:
+    communicator abort without killing the process (so the trainer's named error is raised), the flight recorder
+    dumped on timeout, and any value the user set left alone."""
+    applied = nccl_watchdog_environment({})
+    assert applied["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    assert int(applied["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0 and applied["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    mine = nccl_watchdog_environment({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "0"})
+    assert set(mine) == {"TORCH_NCCL_DUMP_ON_TIMEOUT"}
