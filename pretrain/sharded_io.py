@@ -156,8 +156,11 @@ class _VerifyingReader(HuggingFaceStorageReader):
         super().__init__(str(path))
         self.expected = expected
         self.checked: set[str] = set()
+        self.metadata: Metadata | None = None  # read once by the group's first rank and handed to the others
 
     def read_metadata(self) -> Metadata:
+        if self.metadata is not None:
+            return self.metadata
         try:
             return super().read_metadata()
         except Exception as exc:  # a truncated or garbled header
@@ -216,12 +219,31 @@ def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[st
     """Collective: fill each of this rank's `pieces` (tensors of this rank's shapes) from the checkpoint at `path`.
     A failure on any rank raises ShardReadError on every rank (DCP gathers the failures)."""
     reader = _VerifyingReader(path, expected)
+    _share_metadata(reader, group)
     planner = _PieceLoadPlanner(placements)
     with _quiet_about_one_process():
         try:
             dcp.load(pieces, storage_reader=reader, planner=planner, **_use_process_group(group))
         except CheckpointException as exc:  # a BaseException: turn it into an error the caller can handle
             raise ShardReadError(_failures(exc)) from None
+
+
+def _share_metadata(reader: _VerifyingReader, group) -> None:
+    """The tensors' shapes and where each piece lies come from the shard files' headers: the group's first rank
+    reads them and sends the result to the others (else every rank reads every file's header, ranks x files reads
+    at scale). A failure reaches every rank alike."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    box: list[Metadata | str | None] = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            box[0] = reader.read_metadata()
+        except ShardReadError as exc:
+            box[0] = str(exc)
+    dist.broadcast_object_list(box, group_src=0, group=group)
+    if isinstance(box[0], str):
+        raise ShardReadError(box[0])
+    reader.metadata = box[0]
 
 
 def _failures(exc: CheckpointException) -> str:

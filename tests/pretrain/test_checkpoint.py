@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from pretrain.checkpoint import (
     optimizer_tensors,
     pieces,
     read_meta,
+    read_pieces,
     rng_tensors,
     verify,
 )
@@ -256,3 +258,33 @@ def test_checkpoint_commands(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:100] + b"x" + shard.read_bytes()[101:])
     assert main(["checkpoint", "verify", str(path)]) == 1
     assert f"{shard.name} is corrupt" in capsys.readouterr().err
+
+
+def _two_rank_load(rank: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    full = torch.arange(24, dtype=torch.float32).view(4, 6)
+    rows = {r: ((4, 6), (2 * r, 0)) for r in range(2)}
+    path = CheckpointManager(Path(root) / "ckpt").save(1, {MODEL + "w": full[2 * rank : 2 * rank + 2].clone()}, {},
+                                                      "", {MODEL + "w": rows[rank]}).wait()
+    calls = []
+    real = HuggingFaceStorageReader.read_metadata
+    HuggingFaceStorageReader.read_metadata = lambda self: calls.append(1) or real(self)
+    other = 1 - rank
+    got = read_pieces(read_meta(path), {MODEL + "w": torch.empty(2, 6)}, {MODEL + "w": rows[other]})
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "headers_read": len(calls), "rows_match": torch.equal(got[MODEL + "w"], full[2 * other : 2 * other + 2])}))
+    dist.destroy_process_group()
+
+
+def test_only_the_first_rank_reads_the_shard_headers(tmp_path):
+    """Loading on 2 ranks, each taking the rows the other wrote: the files' headers (shapes, offsets) are read by
+    rank 0 alone and sent to rank 1, not read by every rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_load, args=(str(tmp_path), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rows_match"] for r in results] == [True, True]
+    assert [r["headers_read"] for r in results] == [1, 0]
