@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "megatron": ["megatron-core>=0.12,<0.17"],
-        "hf": ["transformers>=4.45", "huggingface_hub"],
+        "hf": ["transformers>=5.0", "huggingface_hub"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},

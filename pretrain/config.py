@@ -271,6 +271,27 @@ def validate_parallel(cfg: Config) -> None:
 ATTENTION_TYPES = ("gqa", "mla")
 
 
+def validate_rope(rope) -> None:
+    from pretrain.model.rope import SCALINGS
+
+    _require(rope.scaling in SCALINGS, "model.rope.scaling", f"must be one of {SCALINGS}, got '{rope.scaling}'")
+    _require(rope.theta > 0, "model.rope.theta", "must be positive")
+    if rope.scaling == "none":
+        return
+    _require(rope.factor >= 1, "model.rope.factor", f"must be >= 1 for '{rope.scaling}' scaling, got {rope.factor}")
+    _require(rope.original_max_seq_len > 0, "model.rope.original_max_seq_len",
+             f"'{rope.scaling}' scaling needs the length the model was trained at (the length before extension)")
+    if rope.scaling == "yarn":
+        _require(rope.beta_fast > rope.beta_slow > 0, "model.rope.beta_fast",
+                 f"YaRN needs beta_fast > beta_slow > 0, got {rope.beta_fast} and {rope.beta_slow}")
+        _require(rope.attention_factor >= 0 and rope.mscale >= 0 and rope.mscale_all_dim >= 0,
+                 "model.rope.attention_factor", "attention_factor, mscale and mscale_all_dim must be >= 0")
+    if rope.scaling == "llama3":
+        _require(rope.high_freq_factor > rope.low_freq_factor > 0, "model.rope.high_freq_factor",
+                 f"Llama-3 scaling needs high_freq_factor > low_freq_factor > 0, got {rope.high_freq_factor} and "
+                 f"{rope.low_freq_factor}")
+
+
 def validate_attention(cfg: Config) -> None:
     m, a = cfg.model, cfg.model.mla
     _require(m.attention in ATTENTION_TYPES, "model.attention",
@@ -425,9 +446,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = full attention)")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0 (0 = derive from d_model)")
-    rope_types = ("none",)
-    _require(m.rope.scaling in rope_types, "model.rope.scaling", f"must be one of {rope_types}, got '{m.rope.scaling}'")
-    _require(m.rope.theta > 0, "model.rope.theta", "must be positive")
+    validate_rope(m.rope)
     supported = m.rope.max_supported_seq_len(m.max_seq_len)
     _require(
         d.seq_len <= supported,

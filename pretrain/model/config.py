@@ -9,11 +9,25 @@ from pretrain.model.moe import MoEConfig
 
 @dataclass
 class RopeConfig:
+    """Rotary embeddings and their context-extension scalings (see pretrain/model/rope.py for the formulas).
+    `original_max_seq_len`: the length the model was trained at before extension (every scaling needs it)."""
+
     theta: float = 10000.0
-    # Context-extension scalings (PI, NTK, YaRN, Llama-3) hook in here; "none" is plain RoPE.
-    scaling: str = "none"
+    scaling: str = "none"  # none | linear (PI) | ntk | dynamic (NTK) | yarn | llama3
     factor: float = 1.0
     original_max_seq_len: int = 0
+    # YaRN: the ramp between extrapolated (>= beta_fast rotations) and interpolated (<= beta_slow) frequencies;
+    # the attention factor on cos/sin (0: 0.1 ln(factor) + 1, or the mscale / mscale_all_dim ratio when both set);
+    # MLA's softmax scale also gets (0.1 mscale_all_dim ln(factor) + 1)^2 when mscale_all_dim is set (DeepSeek-V3)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+    # Llama 3: wavelengths above original/low_freq_factor are interpolated, below original/high_freq_factor kept
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def max_supported_seq_len(self, max_seq_len: int) -> int:
         if self.scaling == "none":

@@ -12,8 +12,8 @@
 
 Module names are Hugging Face DeepseekV3's, so export is a renaming table plus one step: our RoPE rotates halves (as
 Llama stores q/k), DeepSeek's checkpoints rotate interleaved pairs (`rope_interleave`), so the rope rows of q_b_proj
-(q_proj) and kv_a_proj_with_mqa need the usual pair permutation on export. Plain RoPE only: YaRN's mscale is not
-applied yet.
+(q_proj) and kv_a_proj_with_mqa need the usual pair permutation on export. Under YaRN with `mscale_all_dim`, the
+softmax scale is multiplied by DeepSeek's mscale² (`softmax_multiplier`, from pretrain/model/rope.py).
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def _norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 class MLA(nn.Module):
     def __init__(self, d_model: int, n_heads: int, cfg: MLAConfig, norm_eps: float = 1e-5, sliding_window: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, softmax_multiplier: float = 1.0):
         super().__init__()
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.sliding_window = sliding_window
         self.dropout = dropout
-        self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)
+        self.scale = softmax_multiplier / math.sqrt(cfg.qk_head_dim)
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=norm_eps)

@@ -23,7 +23,13 @@ from pretrain.model.loss import lm_loss
 from pretrain.model.mla import MLA
 from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU, moe_statistics_paused
 from pretrain.model.mtp import MTPModule, mtp_inputs_and_targets
-from pretrain.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+from pretrain.model.rope import (
+    apply_rope,
+    mla_softmax_multiplier,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_frequencies,
+)
 from pretrain.model.sdpa import causal_attention
 
 
@@ -66,7 +72,8 @@ class Attention(nn.Module):
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
     if cfg.attention == "mla":
-        return MLA(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps, cfg.sliding_window, cfg.dropout)
+        return MLA(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps, cfg.sliding_window, cfg.dropout,
+                   mla_softmax_multiplier(cfg.rope))
     return Attention(cfg)
 
 
@@ -176,7 +183,15 @@ class Transformer(nn.Module):
         return {name: b.mlp for name, b in blocks.items() if isinstance(getattr(b, "mlp", None), MoE)}
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(self.inv_freq, seq_len)
+        """cos and sin for positions 0..seq_len-1 (dynamic NTK scaling recomputes the frequencies beyond the
+        original length)."""
+        rope = self.cfg.rope
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # a module-wide cast (e.g. to bf16) must not reach the frequencies
+            self.inv_freq = inv_freq = rope_frequencies(rope, self.cfg.rope_dim).to(inv_freq.device)
+        if rope.scaling == "dynamic" and seq_len > rope.original_max_seq_len:
+            inv_freq = rope_frequencies(rope, self.cfg.rope_dim, seq_len).to(inv_freq.device)
+        return rope_cos_sin(inv_freq, seq_len, attention_factor=rope_attention_factor(rope))
 
     def forward_layers(self, h: torch.Tensor, layers, seq_len: int, cache: KVCache | None = None) -> torch.Tensor:
         """Runs a slice of the blocks (a pipeline stage runs its own slice). With a `cache` (inference over the whole
