@@ -275,9 +275,15 @@ class RankSampler(Sampler[int]):
             step, offset = step + 1, 0
 
 
-def _collate(windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _collate(windows: list[torch.Tensor], eos: int | None = None) -> dict[str, torch.Tensor]:
+    """`eos` given (document masking): also `document_ids`, each input position's document in its window (the
+    number of EOS before it: an EOS belongs to the document it ends)."""
     batch = torch.stack(windows)
-    return {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+    out = {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+    if eos is not None:
+        ends = (out["input_ids"] == eos).long()
+        out["document_ids"] = ends.cumsum(dim=1) - ends
+    return out
 
 
 class TokenWindowLoader:
@@ -352,8 +358,10 @@ class TokenWindowLoader:
         step, offset = self._position()
         sampler = RankSampler(self.global_batch_size, self.dp_rank, self.dp_size, step, offset)
         workers = self.cfg.num_workers
+        eos = self.special_ids.eos if self.cfg.document_masking else None
         loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=sampler, num_workers=workers,
-                            collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
+                            collate_fn=functools.partial(_collate, eos=eos), persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
         return iter(loader)
 
     def __iter__(self):
@@ -363,7 +371,8 @@ class TokenWindowLoader:
         if not self.reads:
             self.consumed_micro_batches += 1
             shape = (self.micro_batch_size, self.cfg.seq_len)
-            return {"input_ids": torch.zeros(shape, dtype=torch.long), "labels": torch.zeros(shape, dtype=torch.long)}
+            names = ["input_ids", "labels"] + (["document_ids"] if self.cfg.document_masking else [])
+            return {name: torch.zeros(shape, dtype=torch.long) for name in names}
         if self._iterator is None:
             self._iterator = self._make_iterator()
         batch = next(self._iterator)

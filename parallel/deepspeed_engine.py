@@ -194,9 +194,9 @@ class DeepSpeedEngine:
         return out
 
     # -- training ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, documents=None) -> torch.Tensor:
         self.initialize()
-        return self.engine(input_ids, labels)
+        return self.engine(input_ids, labels, documents)
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps (= accum)

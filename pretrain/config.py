@@ -45,6 +45,10 @@ class DataConfig:
     # A global batch takes its windows in turn from this many shards read side by side (fewer if there are fewer
     # shards): more mixing across shards, a few more open files. Changing it changes the data order.
     interleave_shards: int = 64
+    # Packed windows hold several documents: attention stays inside each (its EOS included), and with
+    # restart_positions RoPE counts from each document's start (same logits under RoPE, smaller angles).
+    document_masking: bool = False
+    restart_positions: bool = False
     # A shard whose checksum or tar structure is bad is an error naming it, or, with this on, skipped and logged.
     skip_corrupt_shards: bool = False
     verify_checksums: bool = True
@@ -459,6 +463,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     validate_mtp(cfg)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
+    _require(d.document_masking or not d.restart_positions, "data.restart_positions",
+             "restarting positions per document needs data.document_masking: true")
+    _require(not d.document_masking or cfg.parallel.pp == 1, "data.document_masking",
+             "is not available with pipeline parallelism yet (parallel.pp > 1)")
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")

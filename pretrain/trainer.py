@@ -39,6 +39,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, config_to_yaml
 from pretrain.hardware import peak_flops
+from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
@@ -203,10 +204,12 @@ class Trainer:
     def set_phase(self, phase: str) -> None:
         self.phase = phase
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        documents = None if document_ids is None else Documents(document_ids, self.cfg.data.restart_positions)
         if self.engine.name == "deepspeed":
-            return self.engine.forward(input_ids, labels)
-        return self.model(input_ids, labels)
+            return self.engine.forward(input_ids, labels, documents)
+        return self.model(input_ids, labels, documents)
 
     def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
         return self.data_feed.deliver(next(loader), self.device)
@@ -232,7 +235,7 @@ class Trainer:
             batch = self.next_batch(self.train_loader)
             input_ids, labels = batch["input_ids"], batch["labels"]
             with self.autocast():
-                logits = self.forward(input_ids, labels)
+                logits = self.forward(input_ids, labels, batch.get("document_ids"))
             loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
             if self.cfg.model.mtp_depth:
                 total_mtp += torch.stack(self.model.last_mtp_losses).float() / self.cfg.grad_accum_steps
@@ -321,7 +324,7 @@ class Trainer:
                 )
                 continue
             with self.autocast():
-                logits = self.forward(batch["input_ids"])
+                logits = self.forward(batch["input_ids"], document_ids=batch.get("document_ids"))
             _, parts = self.plan.loss(logits, batch["labels"])
             total += parts["ce"]
         val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()

@@ -25,7 +25,7 @@ from torch import nn
 
 from pretrain.model.config import MLAConfig
 from pretrain.model.kv_cache import LayerCache
-from pretrain.model.rope import apply_rope
+from pretrain.model.rope import apply_rope, rope_slice
 from pretrain.model.sdpa import causal_attention
 
 
@@ -74,18 +74,18 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(_norm(self.kv_a_layernorm, latent)).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
-        cos, sin = cos[start : start + seq], sin[start : start + seq]
+        cos, sin = rope_slice(cos, sin, start, seq)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # [batch, 1, seq, rope]: one key for every head
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, q.shape[1], -1, -1)], dim=-1)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x, cos, sin, cache.length if cache is not None else 0)
         if cache is not None:
             k, v = cache.append(k, v)
         dropout = self.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, self.sliding_window, dropout, self.scale)
+        out = causal_attention(q, k, v, self.sliding_window, dropout, self.scale, allowed)
         return self.o_proj(out.transpose(1, 2).flatten(2))

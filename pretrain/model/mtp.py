@@ -38,9 +38,10 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)  # before the shared output head
 
-    def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor, cos, sin, cache=None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
         """`cache` (inference): the block's KV cache, the inputs being the positions after the cached ones."""
         seq = token_embedding.shape[1]
         h = torch.cat([self.hidden_norm(hidden[:, :seq]), self.embed_norm(token_embedding)], dim=-1)
         h = self.proj(h).to(hidden.dtype)  # the residual stream keeps the model's dtype
-        return self.block(h, cos, sin, cache)
+        return self.block(h, cos, sin, cache, allowed)

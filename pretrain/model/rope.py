@@ -112,6 +112,14 @@ def rope_cos_sin(inv_freq: torch.Tensor, seq_len: int, offset: int = 0,
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
+def rope_slice(cos: torch.Tensor, sin: torch.Tensor, start: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for `seq` positions from `start`, for q/k of [batch, heads, seq, dim]: a [positions, dim] table is
+    sliced; per-token values [batch, positions, dim] (positions restarting per document) get a heads axis."""
+    if cos.dim() == 3:
+        return cos[:, start : start + seq].unsqueeze(1), sin[:, start : start + seq].unsqueeze(1)
+    return cos[start : start + seq], sin[start : start + seq]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat([-second, first], dim=-1)

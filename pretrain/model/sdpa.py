@@ -17,11 +17,16 @@ def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int = 0,
-                     dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                     dropout: float = 0.0, scale: float | None = None, allowed: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """q, k: [batch, heads, seq, qk_dim], v: [batch, heads, seq, v_dim] -> [batch, heads, seq, v_dim]; each
-    position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0). With more keys
-    than queries (a KV cache), the queries are the last positions."""
+    position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0), and with
+    `allowed` ([batch, 1, seq, seq], e.g. same document) only those. With more keys than queries (a KV cache), the
+    queries are the last positions."""
     seq, keys = q.shape[2], k.shape[2]
+    if allowed is not None:
+        mask = causal_mask(seq, sliding_window, q.device) & allowed[..., :seq, :seq]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
     if keys > seq:
         i = torch.arange(keys - seq, keys, device=q.device).unsqueeze(1)
         j = torch.arange(keys, device=q.device).unsqueeze(0)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.documents import Documents, same_document
 from pretrain.model.init import InitRule, initial_value
 from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.loss import lm_loss
@@ -29,6 +30,7 @@ from pretrain.model.rope import (
     rope_attention_factor,
     rope_cos_sin,
     rope_frequencies,
+    rope_slice,
 )
 from pretrain.model.sdpa import causal_attention
 
@@ -48,16 +50,17 @@ class Attention(nn.Module):
         """The linears that read the block input (initialised with the plain std)."""
         return [self.q_proj, self.k_proj, self.v_proj]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
-                ) -> torch.Tensor:
-        """cos/sin from position 0; with a `cache`, x holds the positions after the cached ones."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """cos/sin from position 0 (or per token); with a `cache`, x holds the positions after the cached ones;
+        `allowed`: which keys each query may see besides causality (e.g. its own document)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch, seq = q.shape[0], q.shape[1]  # seq from the projection: full length even if x is a sequence shard
         start = cache.length if cache is not None else 0
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos[start : start + seq], sin[start : start + seq]
+        cos, sin = rope_slice(cos, sin, start, seq)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
@@ -66,7 +69,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, self.sliding_window, dropout)
+        out = causal_attention(q, k, v, self.sliding_window, dropout, allowed=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -93,9 +96,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg.d_model, cfg.ffn_dim, cfg.moe) if cfg.moe.is_moe_layer(index) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
-                ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, allowed))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -193,7 +196,18 @@ class Transformer(nn.Module):
             inv_freq = rope_frequencies(rope, self.cfg.rope_dim, seq_len).to(inv_freq.device)
         return rope_cos_sin(inv_freq, seq_len, attention_factor=rope_attention_factor(rope))
 
-    def forward_layers(self, h: torch.Tensor, layers, seq_len: int, cache: KVCache | None = None) -> torch.Tensor:
+    def attention_inputs(self, seq_len: int, documents: Documents | None = None):
+        """(cos, sin, allowed) for a window of `seq_len`: with `documents`, attention stays inside each document
+        and, if its positions are given, RoPE counts from each document's start."""
+        cos, sin = self.rope(seq_len)
+        if documents is None:
+            return cos, sin, None
+        if documents.positions is not None:
+            cos, sin = cos[documents.positions], sin[documents.positions]
+        return cos, sin, same_document(documents.ids)
+
+    def forward_layers(self, h: torch.Tensor, layers, seq_len: int, cache: KVCache | None = None,
+                       documents: Documents | None = None) -> torch.Tensor:
         """Runs a slice of the blocks (a pipeline stage runs its own slice). With a `cache` (inference over the whole
         model), h holds the `seq_len` positions after the cached ones."""
         if cache is not None:
@@ -201,33 +215,36 @@ class Transformer(nn.Module):
             for block, layer_cache in zip(layers, cache.layers, strict=True):
                 h = block(h, cos, sin, layer_cache)
             return h
-        cos, sin = self.rope(seq_len)
+        cos, sin, allowed = self.attention_inputs(seq_len, documents)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in layers:
             if recompute:  # the forward run again in the backward counts nothing toward the MoE statistics
                 contexts = functools.partial(_recompute_contexts, block)
-                h = checkpoint(block, h, cos, sin, use_reentrant=False, context_fn=contexts)
+                h = checkpoint(block, h, cos, sin, None, allowed, use_reentrant=False, context_fn=contexts)
             else:
-                h = block(h, cos, sin)
+                h = block(h, cos, sin, None, allowed)
         return h
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                documents: Documents | None = None) -> torch.Tensor:
         """Logits of the main model. In training with `labels`, the MTP modules also run and their loss joins
-        the gradient of the returned logits (per-depth values in `last_mtp_losses`)."""
+        the gradient of the returned logits (per-depth values in `last_mtp_losses`). `documents`: the packed
+        documents of each window, for attention masking (and per-document positions)."""
         h = self.embed(input_ids)
-        h = self.forward_layers(h, self.layers, input_ids.shape[1])
+        h = self.forward_layers(h, self.layers, input_ids.shape[1], documents=documents)
         logits = self.lm_head(self.norm(h))
         if len(self.mtp) and labels is not None and self.training and torch.is_grad_enabled():
-            logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels), self.aux_loss_scale)
+            logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels, documents), self.aux_loss_scale)
         return logits
 
-    def mtp_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(self, hidden: torch.Tensor, labels: torch.Tensor, documents: Documents | None = None
+                 ) -> torch.Tensor:
         """mtp_weight x the mean over depths of each depth's cross-entropy."""
-        cos, sin = self.rope(labels.shape[1])
+        cos, sin, allowed = self.attention_inputs(labels.shape[1], documents)
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             tokens, targets = mtp_inputs_and_targets(labels, depth)
-            hidden = module(hidden, self.embed(tokens), cos, sin)
+            hidden = module(hidden, self.embed(tokens), cos, sin, allowed=allowed)
             losses.append(self.mtp_loss_function(self.lm_head(module.norm(hidden)), targets)[0])
         self.last_mtp_losses = [loss.detach() for loss in losses]
         return self.cfg.mtp_weight * torch.stack(losses).mean()

@@ -15,6 +15,7 @@ from parallel.grid import GridShape, ProcessGrid
 from parallel.plan import parallelize
 from parallel.tensor.apply import gather_full
 from pretrain.model import ModelConfig, Transformer, lm_loss
+from pretrain.model.documents import Documents
 
 STEPS = 4
 GLOBAL_BATCH, SEQ = 8, 16
@@ -50,11 +51,16 @@ def run_layout(layout: dict, rank: int, world: int) -> dict:
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 + step)
         batch = torch.randint(0, 96, (GLOBAL_BATCH, SEQ + 1), generator=g)
-        ref_loss, _ = lm_loss(reference(batch[:, :-1]), batch[:, 1:])
+        # packed documents: a new one starts after ~1 position in 6; attention inside each, positions restarted
+        document_ids = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) < 0.15).long().cumsum(dim=1)
+        documents = Documents(document_ids, restart_positions=True) if layout.get("documents") else None
+        ref_loss, _ = lm_loss(reference(batch[:, :-1], None, documents), batch[:, 1:])
         ref_loss.backward()
 
-        local = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        loss, _ = plan.loss(model(local[:, :-1]), local[:, 1:])
+        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        local = batch[rows]
+        local_documents = Documents(document_ids[rows], restart_positions=True) if documents else None
+        loss, _ = plan.loss(model(local[:, :-1], None, local_documents), local[:, 1:])
         loss.backward()
         if layout.get("break") == "skip_grad_sync":  # negative control: the comparison must notice
             plan.sync_grads = lambda m: None

@@ -46,6 +46,7 @@ def two_ranks(tmp_path_factory):
         {"tp": 1, "dp": 2},
         {"tp": 2, "dp": 1, "kv": 1},  # one KV head replicated on both ranks
         {"tp": 2, "dp": 1, "sp": True, "break": "skip_grad_sync"},
+        {"tp": 2, "dp": 1, "sp": True, "documents": True},  # packed documents: masking, restarted positions
     ]
     return launch(2, layouts, tmp_path_factory.mktemp("tp2"))
 
@@ -56,7 +57,8 @@ def four_ranks(tmp_path_factory):
     return launch(4, layouts, tmp_path_factory.mktemp("tp4"))
 
 
-@pytest.mark.parametrize("index,label", [(0, "tp2"), (1, "tp2+sp"), (2, "dp2"), (3, "tp2, 1 kv head")])
+@pytest.mark.parametrize("index,label", [(0, "tp2"), (1, "tp2+sp"), (2, "dp2"), (3, "tp2, 1 kv head"),
+                                         (5, "tp2+sp, document masking")])
 def test_two_ranks_match_one_process(two_ranks, index, label):
     check(two_ranks[index])
 

@@ -125,3 +125,16 @@ def test_cli_refuses_to_overwrite_a_run_without_resume(tiny_overrides, tmp_path)
     resumed = cli(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
+
+
+def test_document_masking_trains_and_differs_from_plain_packing(tiny_overrides, tmp_path):
+    """The trainer feeds the loader's document ids to the model: same data and seed, a different loss curve
+    (attention no longer crosses EOS), and it learns."""
+    common = [*tiny_overrides, *COMMON[:-2], "train.checkpoint_every=100", "tracking.mlflow=false"]
+    plain = run(common, tmp_path / "plain")
+    masked = run([*common, "data.document_masking=true", "data.restart_positions=true"], tmp_path / "masked")
+    plain_losses, masked_losses = train_losses(tmp_path / "plain"), train_losses(tmp_path / "masked")
+    assert plain_losses[1] == pytest.approx(masked_losses[1], abs=0.05)  # same start, same data
+    assert plain_losses != masked_losses
+    assert masked_losses[12] < masked_losses[1] and masked["val_loss"] < masked_losses[1]
+    assert plain["steps"] == masked["steps"] == 12
