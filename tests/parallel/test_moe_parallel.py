@@ -16,7 +16,10 @@ from tests.parallel.cli_runs import assert_curve_matches, assert_final_checkpoin
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32",
        "model.moe.num_shared_experts=1", "model.moe.first_k_dense=1", "model.moe.score_func=sigmoid",
-       "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0.001", "model.n_layers=4"]
+       "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0.001", "model.n_layers=4",
+       # a stable run: at the default 3e-3 this data spikes the grad norm 11x at step 8, which magnifies fp32
+       # summation-order noise (and near-tied routing) past the tolerances
+       "optim.lr=1e-3"]
 MTP = ["model.mtp_depth=1"]
 UNTIED = ["model.tie_embeddings=false"]  # DeepSeek-V3: separate head; the MTP modules share the input embedding
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
