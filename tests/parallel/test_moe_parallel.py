@@ -21,7 +21,9 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
        # summation-order noise (and near-tied routing) past the tolerances
        "optim.lr=1e-3"]
 MTP = ["model.mtp_depth=1"]
-UNTIED = ["model.tie_embeddings=false"]  # DeepSeek-V3: separate head; the MTP modules share the input embedding
+# DeepSeek-V3: separate head; the MTP modules share the input embedding. At lr 1e-3 this model has a near-tied
+# routing decision at step 8 that PP2's summation order flips (moments then differ by ~3e-6); at 3e-3 it has none.
+UNTIED = ["model.tie_embeddings=false", "optim.lr=3e-3"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]
 ZERO2 = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=16",
