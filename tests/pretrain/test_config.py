@@ -100,7 +100,8 @@ def test_vocab_smaller_than_tokenizer(data_dir):
         ("optim.schedule=linear", "optim.schedule"),
         ("optim.min_lr=1.0", "optim.min_lr"),
         ("train.steps=0", "train.steps"),
-        ("model.rope.scaling=yarn", "model.rope.scaling"),
+        ("model.rope.scaling=longrope", "model.rope.scaling"),
+        ("model.rope.scaling=yarn", "model.rope.original_max_seq_len"),
         ("data.blend=[{dir: x, weight: -1}]", "data.blend[0].weight"),
     ],
 )
