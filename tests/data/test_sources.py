@@ -38,3 +38,26 @@ def test_bad_sources_are_clear(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "FORTUNES_DIR", tmp_path / "absent")
     with pytest.raises(SourceError, match="Debian package fortunes"):
         list(iter_documents("fortunes"))
+
+
+@pytest.mark.parametrize(("long", "short", "count"), [
+    ("bible-books", "bible", 66), ("anarchism-chapters", "anarchism", None), ("shakespeare-plays", "shakespeare", 38),
+])
+def test_long_document_variants_hold_the_same_text_in_fewer_documents(long, short, count):
+    """The context-extension sources: the same corpus, cut into whole books / chapter files / plays."""
+    long_docs, short_docs = list(iter_documents(long)), list(iter_documents(short))
+    assert count is None or len(long_docs) == count
+    assert len(long_docs) < len(short_docs) / 5
+    words = lambda docs: "".join("".join(d.split()) for d in docs)  # noqa: E731
+    assert words(long_docs) == words(short_docs)  # nothing lost or added, only fewer boundaries
+
+
+def test_passkey_source_is_seeded_and_checked():
+    docs = list(iter_documents("passkey:20:500"))
+    assert len(docs) == 20 and docs == list(iter_documents("passkey:20:500"))
+    for doc in docs:
+        key = doc.rsplit(" ", 1)[1].rstrip(".")
+        assert doc.count(key) == 3 and len(key) == 5  # stated twice in the filler, once as the answer
+    for bad in ("passkey:0:500", "passkey:ten:500", "passkey:10"):
+        with pytest.raises(SourceError, match="passkey:COUNT:MAX_CHARS"):
+            list(iter_documents(bad))
