@@ -30,7 +30,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.distributed import env_from_launcher
     from cluster.launch import Nodes
 
+    if args.init_from:
+        args.overrides = [*args.overrides, f"train.init_from={args.init_from}"]
     cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
+    if cfg.train.init_from and not args.dry_run:
+        from data.shards.manifest import Manifest
+        from pretrain.checkpoint import read_meta
+        from pretrain.trainer import check_initialization_source
+
+        # a missing, truncated or mismatched checkpoint stops here, before any process starts
+        manifest = Manifest.load(Path(cfg.data.dataset_dirs()[0][0]))
+        tokenizer = {"path": str(Path(cfg.data.dataset_dirs()[0][0]) / manifest.tokenizer_file),
+                     "sha256": manifest.tokenizer_sha256}
+        check_initialization_source(read_meta(Path(cfg.train.init_from)), cfg, tokenizer)
     launcher = env_from_launcher()
     nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if (problem := nodes.problem()) is not None:
@@ -139,6 +151,40 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pretrain.evaluate import TASKS, EvalSettings, evaluate_checkpoint, format_report
+
+    def numbers(option: str, text: str | None, kind):
+        if not text:
+            return []
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ConfigError(option, f"expected comma-separated numbers, got '{text}'") from None
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ConfigError("--tasks", f"'{args.tasks}': choose from {', '.join(TASKS)}")
+    depths = numbers("--depths", args.depths, float) or EvalSettings().depths
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError("--depths", f"depths are fractions of the filler within [0, 1], got {depths}")
+    settings = EvalSettings(tasks=tasks, seq_len=args.seq_len, data_dir=args.data or "", windows=args.windows,
+                            buckets=args.buckets, lengths=numbers("--lengths", args.lengths, int), depths=depths,
+                            trials=args.trials, seed=args.seed)
+    try:
+        report = evaluate_checkpoint(Path(args.checkpoint), settings, args.overrides)
+    except ValueError as exc:
+        raise ConfigError("pretrain eval", str(exc)) from None
+    print("\n".join(format_report(report)), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"-> {args.out}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -207,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
     train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node rendezvous)")
     train.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (multi-node)")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start from another run's weights (a checkpoint folder, any layout) with a fresh "
+                       "optimizer, schedule and data position, e.g. for context extension or fine-tuning")
     train.add_argument(
         "--dry-run", action="store_true",
         help="validate the config (and the layout against --nproc), build the model on the meta device, print "
@@ -233,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data_sub.add_parser("stats", help="token counts and unigram entropy of a prepared folder")
     stats.add_argument("dir")
     stats.set_defaults(func=cmd_data_stats)
+
+    evaluation = sub.add_parser("eval", help="long-context evaluation of a checkpoint: loss by position, passkey")
+    evaluation.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny_long/checkpoints/step_00000150")
+    evaluation.add_argument("--tasks", default="long_ppl,passkey", help="comma-separated: long_ppl, passkey")
+    evaluation.add_argument("--seq-len", type=int, default=0,
+                            help="long_ppl window length and passkey's base length (default: the run's data.seq_len)")
+    evaluation.add_argument("--data", help="prepared data folder for long_ppl (its val split) and the tokenizer "
+                            "(default: the run's data.dir)")
+    evaluation.add_argument("--windows", type=int, default=16, help="long_ppl: validation windows to average")
+    evaluation.add_argument("--buckets", type=int, default=4, help="long_ppl: position buckets per window")
+    evaluation.add_argument("--lengths", help="passkey: prompt lengths in tokens, e.g. 128,256,512,1024 (default: "
+                            "seq-len x 1/2, 1, 2, 4)")
+    evaluation.add_argument("--depths", help="passkey: where the key sits in the filler, e.g. 0,0.5,1")
+    evaluation.add_argument("--trials", type=int, default=4, help="passkey: random keys per length and depth")
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--out", help="also write the report as JSON here")
+    evaluation.add_argument("overrides", nargs="*", metavar="section.key=value",
+                            help="change the checkpoint's config, e.g. model.rope.scaling=yarn")
+    evaluation.set_defaults(func=cmd_eval)
 
     planner = sub.add_parser("plan", help="which layouts fit N GPUs: memory per rank by category and step time")
     planner.add_argument("config", help="YAML config, e.g. configs/llama3_70b.yaml")
@@ -272,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
-        if args.command not in ("train", "plan"):
+        if args.command not in ("train", "plan", "eval"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)

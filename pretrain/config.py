@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.model.config import ModelConfig, RopeConfig  # noqa: F401  (re-exported)
@@ -102,6 +102,10 @@ class TrainConfig:
     # Write checkpoints in the background: the step loop waits only while this rank's shards are copied; the
     # next save (and the end of training) waits for the previous one to be in place.
     async_checkpoint: bool = False
+    # Start from another run's weights (a checkpoint folder, any layout): fresh optimizer, schedule and data
+    # position; the model config may change what needs no new tensors (RoPE scaling, max_seq_len). A run that
+    # resumes from its own checkpoints ignores it. `pretrain train --init-from PATH` sets it.
+    init_from: str = ""
 
 
 @dataclass
@@ -179,24 +183,36 @@ def _schema_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(key, f"{msg} ({origin})")
 
 
+def _config_chain(path: str | os.PathLike | None) -> list[tuple[Path, Any]]:
+    """The YAML file and the files it builds on, base first: a top-level `base: other.yaml` (relative to the file)
+    is merged under it, so a phase config states only what changes."""
+    chain: list[tuple[Path, Any]] = []
+    while path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("<file>" if not chain else "base", f"config file {path} does not exist")
+        if any(path.resolve() == seen.resolve() for seen, _ in chain):
+            raise ConfigError("base", f"{path} builds on itself (a cycle of base: entries)")
+        try:
+            conf = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors come in several exception types
+            raise ConfigError("<file>", f"cannot parse {path}: {exc}") from exc
+        base = conf.pop("base", None) if isinstance(conf, DictConfig) else None
+        chain.insert(0, (path, conf))
+        path = None if base is None else path.parent / str(base)
+    return chain
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 check_paths: bool = True) -> Config:
     """Merge the dataclass defaults, the YAML file and `a.b=value` overrides, then validate (`check_paths`: also
     that the data folders exist and fit the model's vocabulary; a dry run on a laptop has no data)."""
-    schema = OmegaConf.structured(Config)
-    merged = schema
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", f"config file {path} does not exist")
-        try:
-            file_conf = OmegaConf.load(path)
-        except Exception as exc:  # yaml syntax errors come in several exception types
-            raise ConfigError("<file>", f"cannot parse {path}: {exc}") from exc
+    merged = OmegaConf.structured(Config)
+    for file_path, file_conf in _config_chain(path):
         try:
             merged = OmegaConf.merge(merged, file_conf)
         except OmegaConfBaseException as exc:
-            raise _schema_error(exc, f"in {path}") from exc
+            raise _schema_error(exc, f"in {file_path}") from exc
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(item, "overrides are written as section.key=value")
@@ -465,8 +481,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",
              "restarting positions per document needs data.document_masking: true")
-    _require(not d.document_masking or cfg.parallel.pp == 1, "data.document_masking",
-             "is not available with pipeline parallelism yet (parallel.pp > 1)")
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")
@@ -511,3 +525,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                 "model.vocab_size",
                 f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}) in {manifest}",
             )
+        if t.init_from:
+            _require((Path(t.init_from) / "meta.json").is_file(), "train.init_from",
+                     f"'{t.init_from}' is not a checkpoint folder (no meta.json), e.g. "
+                     "runs/tiny/checkpoints/step_00000240")

@@ -37,7 +37,7 @@ from pretrain.checkpoint import (
     restore_rng,
     rng_tensors,
 )
-from pretrain.config import Config, config_to_yaml
+from pretrain.config import Config, config_to_dict, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
@@ -55,6 +55,45 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+def check_initialization_source(meta, cfg: Config, tokenizer: dict[str, str]) -> None:
+    """The checkpoint holds every tensor of this model with the same full shape, and its tokenizer is the data's."""
+    with torch.device("meta"):
+        wanted = {name: tuple(t.shape) for name, t in model_templates(cfg.model.build()).items()}
+    stored = {k.removeprefix(MODEL): shape for k, (shape, _) in meta.tensor_shapes().items() if k.startswith(MODEL)}
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    reshaped = [f"{k}: {list(stored[k])} there, {list(wanted[k])} here" for k in sorted(wanted)
+                if k in stored and tuple(stored[k]) != wanted[k]]
+    problems = [f"missing {missing[:6]}"] if missing else []
+    problems += [f"unexpected {unexpected[:6]}"] if unexpected else []
+    if problems or reshaped:
+        raise CheckpointError(f"{meta.path} cannot initialize this model ({'; '.join(problems + reshaped[:6])}): "
+                              "only settings that add or reshape no tensor may change, e.g. the RoPE scaling or "
+                              "max_seq_len")
+    theirs = (meta.state.get("tokenizer") or {}).get("sha256")
+    if theirs and theirs != tokenizer["sha256"]:
+        raise CheckpointError(f"{meta.path} was trained with another tokenizer (sha256 {theirs[:12]}…) than the data "
+                              f"of this run ({tokenizer['path']}, sha256 {tokenizer['sha256'][:12]}…): prepare the "
+                              "data with `pretrain data prepare --tokenizer` of the first run")
+
+
+def model_config_changes(checkpoint: Path, cfg: Config) -> list[str]:
+    """'key old -> new' for every model setting that differs from the checkpoint's own config."""
+    from omegaconf import OmegaConf
+
+    source = checkpoint / "config.yaml"
+    if not source.is_file():
+        return []
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+    theirs = flat(OmegaConf.to_container(OmegaConf.load(source)).get("model", {}))
+    ours = flat(config_to_dict(cfg)["model"])
+    return [f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v]
 
 
 class Trainer:
@@ -105,7 +144,7 @@ class Trainer:
             self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip)
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
-        self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline)
+        self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline, cfg.data.document_masking)
         self.train_loader = TokenWindowLoader(
             cfg.data, split="train", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
             dp_rank=dp_rank, dp_size=dp_size, seed=t.seed, reads=self.data_feed.reads,
@@ -128,6 +167,7 @@ class Trainer:
         self.attempt_started = time.perf_counter()
         self.last_val: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
+        self.initialized_from: dict[str, Any] | None = None  # the checkpoint this run's weights started from
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
@@ -179,6 +219,8 @@ class Trainer:
         self.attempt_started = time.perf_counter()
         if resume:
             self.resume(resume)
+        if self.step == 0 and self.cfg.train.init_from:
+            self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
         interval_start, interval_tokens = time.perf_counter(), 0
         while self.step < self.cfg.train.steps:
@@ -206,10 +248,13 @@ class Trainer:
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        documents = None if document_ids is None else Documents(document_ids, self.cfg.data.restart_positions)
+        documents = self._documents(document_ids)
         if self.engine.name == "deepspeed":
             return self.engine.forward(input_ids, labels, documents)
         return self.model(input_ids, labels, documents)
+
+    def _documents(self, document_ids: torch.Tensor | None) -> Documents | None:
+        return None if document_ids is None else Documents(document_ids, self.cfg.data.restart_positions)
 
     def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
         return self.data_feed.deliver(next(loader), self.device)
@@ -227,8 +272,11 @@ class Trainer:
             batches = [self.next_batch(self.train_loader) for _ in range(accum)]
             input_ids = torch.cat([b["input_ids"] for b in batches])
             labels = torch.cat([b["labels"] for b in batches])
+            documents = self._documents(torch.cat([b["document_ids"] for b in batches])
+                                        if "document_ids" in batches[0] else None)
             depth = self.cfg.model.mtp_depth
-            result = self.plan.pipeline.train_step(input_ids, labels, self._pipeline_loss, self.autocast, depth)
+            result = self.plan.pipeline.train_step(input_ids, labels, self._pipeline_loss, self.autocast, depth,
+                                                   documents)
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
         for _ in range(accum):
@@ -299,7 +347,7 @@ class Trainer:
         if hidden is not None:  # reported like the other paths: the main loss, MTP losses apart
             parts["reported_loss"] = loss
             with self.autocast():
-                loss = loss + self.model.mtp_loss(hidden, target)
+                loss = loss + self.model.mtp_loss(hidden, target, self.plan.pipeline.current_documents())
             parts["extra"] = torch.stack(self.model.last_mtp_losses)
         return loss, parts
 
@@ -320,7 +368,8 @@ class Trainer:
             batch = self.next_batch(self.val_loader)
             if self.plan.pipeline is not None:
                 total += self.plan.pipeline.evaluate_batch(
-                    batch["input_ids"], batch["labels"], self.plan.loss, self.autocast
+                    batch["input_ids"], batch["labels"], self.plan.loss, self.autocast,
+                    self._documents(batch.get("document_ids")),
                 )
                 continue
             with self.autocast():
@@ -345,6 +394,7 @@ class Trainer:
             "tokenizer": self.train_loader.tokenizer_reference(),
             "last_val": self.last_val,
             "last_train": self.last_train,
+            "initialized_from": self.initialized_from,
         }
 
     def layout(self) -> dict[str, Any]:
@@ -443,12 +493,29 @@ class Trainer:
         self.train_loader.load_state_dict(state["train_loader"])
         self.last_val = state.get("last_val", {})
         self.last_train = state.get("last_train", {})
+        self.initialized_from = state.get("initialized_from")
         self.last_saved_step = self.step
         if self.is_main:
             written = meta.layout
             layout = ", ".join(f"{k}={v}" for k, v in written.items() if v is not None)
             print(f"resumed from {path} at step {self.step}" + (f" (written by {layout})" if layout else ""),
                   flush=True)
+
+    def initialize_from(self, path: Path) -> None:
+        """Collective: this rank's pieces of another run's weights (any layout wrote them); the optimizer, the
+        schedule and the data position stay fresh."""
+        self.phase = "initialization from a checkpoint"
+        meta = read_meta(path)
+        check_initialization_source(meta, self.cfg, self.train_loader.tokenizer_reference())
+        model = model_templates(self.model)
+        templates = pieces(model, {})
+        loaded = read_pieces(meta, templates, self._placements(templates))
+        self.engine.load(part(loaded, MODEL), {}, path)
+        self.initialized_from = {"path": str(meta.path), "step": meta.step}
+        if self.is_main:
+            changes = model_config_changes(meta.path, self.cfg)
+            print(f"initialized from {meta.path} (its step {meta.step}): fresh optimizer, schedule and data position"
+                  + (f"; model changes: {', '.join(changes)}" if changes else ""), flush=True)
 
     def summary(self, run_seconds: float) -> dict[str, Any]:
         wall = self.wall_seconds_before + run_seconds
@@ -468,4 +535,5 @@ class Trainer:
             "precision": self.precision.precision,
             "precision_requested": self.precision.requested,
             "precision_reason": self.precision.reason,
+            "initialized_from": self.initialized_from,
         }

@@ -67,3 +67,18 @@ def test_corrupt_newest_checkpoint_is_skipped_by_every_rank(parallel_data, singl
     assert sorted(resumed) == [5, 6, 7, 8]  # from step 4: step 8's checkpoint was refused
     for step in range(5, 9):
         assert abs(resumed[step] - reference[step]) < TOL, (step, resumed[step], reference[step])
+
+
+def test_a_later_phase_starts_from_a_checkpoint_at_another_layout(parallel_data, single, tmp_path):
+    """`--init-from` (here a context extension: YaRN, twice the length) on TP=2+SP follows the same phase run in
+    one process from the same single-process checkpoint."""
+    run_dir, _ = single
+    phase = ["--init-from", str(run_dir / "checkpoints" / "step_00000004"), "model.max_seq_len=128",
+             "data.seq_len=128", "model.rope.scaling=yarn", "model.rope.factor=2", "model.rope.original_max_seq_len=64",
+             "train.steps=4"]
+    one = train(parallel_data, tmp_path / "one", *phase)
+    sharded = train(parallel_data, tmp_path / "tp2", *phase, "parallel.tp=2", "parallel.sequence_parallel=true",
+                    nproc=2)
+    assert sorted(one) == sorted(sharded) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert abs(sharded[step] - one[step]) < TOL, (step, sharded[step], one[step])

@@ -38,3 +38,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+BASE_RUN = ["train.steps=4", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
+            "train.checkpoint_every=4", "tracking.mlflow=false", "tracking.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory, tiny_data):
+    """A 4-step run of the tiny model, its checkpoint at step 4: the starting point of later phases."""
+    from pretrain.callbacks import default_callbacks
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("base_run")
+    cfg = load_config(None, [*TINY_MODEL, f"data.dir={tiny_data}", *BASE_RUN])
+    summary = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir)).fit()
+    return {"dir": run_dir, "checkpoint": run_dir / "checkpoints" / "step_00000004", "summary": summary}

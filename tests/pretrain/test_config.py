@@ -265,3 +265,19 @@ def test_deepseek_v3_config_loads(data_dir):
     assert m.ffn_dim == 18432 and m.mtp_depth == 1 and not m.tie_embeddings
     assert cfg.parallel.world_size == 2048 and cfg.train.global_batch_size * cfg.data.seq_len == 62_914_560
     assert (cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.ep, cfg.deepspeed.zero_stage) == (16, 128, 64, 1)
+
+
+def test_a_phase_config_builds_on_its_base(tmp_path):
+    long = load_config("configs/tiny_long.yaml", check_paths=False)
+    tiny = load_config("configs/tiny.yaml", check_paths=False)
+    assert long.model.d_model == tiny.model.d_model and long.model.n_layers == tiny.model.n_layers  # from the base
+    assert (long.model.max_seq_len, long.data.seq_len, long.model.rope.scaling) == (1024, 1024, "yarn")
+    assert long.model.rope.original_max_seq_len == tiny.data.seq_len
+    assert load_config("configs/tiny_long.yaml", ["model.rope.factor=2"], check_paths=False).model.rope.factor == 2
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  steps: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="builds on itself"):
+        load_config(tmp_path / "a.yaml", check_paths=False)
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "c.yaml", check_paths=False)
