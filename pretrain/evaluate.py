@@ -1,0 +1,177 @@
+"""`pretrain eval CHECKPOINT --tasks long_ppl,passkey`: long-context evaluation of a checkpoint, in one process.
+
+long_ppl  validation loss per position bucket of windows of `seq_len` tokens: a model that does not extrapolate
+          gets worse in the buckets past the length it was trained at.
+passkey   a random 5-digit number hidden at several depths of filler text of several lengths (data/passkey.py),
+          greedy-decoded after the question; exact match of the digits. Accuracy per length x depth.
+
+The model comes from the checkpoint's own config (overrides may change what needs no new tensors, e.g. the RoPE
+scaling, to evaluate a scaling without training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data.loader import TokenWindowLoader
+from data.passkey import KEY_DIGITS, build_prompt, random_key
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import CheckpointError, load_checkpoint, read_meta
+from pretrain.config import Config, load_config
+from pretrain.generate import greedy
+from pretrain.model.transformer import Transformer
+from pretrain.precision import choose_precision
+
+TASKS = ("long_ppl", "passkey")
+ANSWER_TOKENS = 8  # room left after a passkey prompt for the generated digits
+
+
+@dataclass
+class EvalSettings:
+    tasks: tuple[str, ...] = TASKS
+    seq_len: int = 0  # long_ppl window length; 0: the checkpoint's data.seq_len
+    data_dir: str = ""  # long_ppl data (its val split); empty: the checkpoint's data.dir
+    windows: int = 16
+    buckets: int = 4
+    lengths: list[int] = field(default_factory=list)  # passkey prompt lengths; empty: seq_len x 1/2, 1, 2, 4
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 4
+    seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: Transformer
+    step: int
+    autocast: Any
+
+
+def load_for_eval(checkpoint: Path, overrides: list[str] | None = None) -> LoadedModel:
+    meta = read_meta(checkpoint)
+    config = meta.path / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"{config} is missing: the checkpoint does not say which model it holds")
+    cfg = load_config(config, overrides, check_paths=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = choose_precision("auto", device).precision
+    torch.manual_seed(cfg.train.seed)
+    model = cfg.model.build()  # whole, in one process (its initial values are overwritten)
+    load_checkpoint(meta.path, model, restore_rng_state=False)
+    model = model.to(device).eval()
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    return LoadedModel(cfg, model, meta.step, autocast)
+
+
+@torch.no_grad()
+def long_ppl(loaded: LoadedModel, settings: EvalSettings) -> dict[str, Any]:
+    """Mean next-token loss of the first `windows` validation windows, per position bucket."""
+    cfg = loaded.cfg
+    seq_len = settings.seq_len or cfg.data.seq_len
+    data = dataclasses.replace(cfg.data, dir=settings.data_dir or cfg.data.dir, blend=[], seq_len=seq_len,
+                               num_workers=0, document_masking=False)
+    loader = TokenWindowLoader(data, split="val", micro_batch_size=1, global_batch_size=1, seed=cfg.train.seed)
+    windows = min(settings.windows, loader.windows_per_epoch)
+    if windows == 0:
+        raise ValueError(f"{data.dir}'s validation split has no window of {seq_len} tokens: prepare it with longer "
+                         "documents or a larger --val-fraction")
+    device = next(loaded.model.parameters()).device
+    per_position = torch.zeros(seq_len, dtype=torch.float64)
+    for _ in range(windows):
+        batch = next(loader)
+        with loaded.autocast():
+            logits = loaded.model(batch["input_ids"].to(device))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), reduction="none")
+        per_position += loss.double().cpu()
+    per_position /= windows
+    edges = [round(i * seq_len / settings.buckets) for i in range(settings.buckets + 1)]
+    buckets = [{"start": a, "end": b, "loss": float(per_position[a:b].mean())}
+               for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return {"seq_len": seq_len, "windows": windows, "data_dir": data.dir, "loss": float(per_position.mean()),
+            "buckets": buckets}
+
+
+@torch.no_grad()
+def passkey(loaded: LoadedModel, tokenizer_path: Path, settings: EvalSettings) -> dict[str, Any]:
+    """Exact-match retrieval accuracy per (length, depth), `trials` random keys each."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = tokenizer.token_to_id("<|eos|>")
+    base = settings.seq_len or loaded.cfg.data.seq_len
+    lengths = settings.lengths or [base // 2, base, base * 2, base * 4]
+    rng = random.Random(settings.seed)
+    device = next(loaded.model.parameters()).device
+    cells = []
+    for length in lengths:
+        for depth in settings.depths:
+            correct = 0
+            for _ in range(settings.trials):
+                key = random_key(rng)
+                # a document follows an EOS in training: the prompt does too, and fills `length` with the answer
+                prompt = build_prompt(lambda s: tokenizer.encode(s).ids, key, length - ANSWER_TOKENS - 1, depth)
+                ids = torch.tensor([[eos, *prompt.token_ids]], device=device)
+                with loaded.autocast():
+                    out, _ = greedy(loaded.model, ids, ANSWER_TOKENS)
+                correct += answer_matches(tokenizer.decode(out[0, ids.shape[1]:].tolist()), key)
+            cells.append({"length": length, "depth": depth, "accuracy": correct / settings.trials,
+                          "trials": settings.trials})
+    return {"lengths": lengths, "depths": list(settings.depths), "cells": cells, "key_digits": KEY_DIGITS,
+            "accuracy": sum(c["accuracy"] for c in cells) / len(cells)}
+
+
+def answer_matches(answer: str, key: str) -> bool:
+    """The generated text starts with exactly the key's digits (leading spaces aside)."""
+    found = re.match(r"\s*(\d+)", answer)
+    return found is not None and found.group(1) == key
+
+
+def evaluate_checkpoint(checkpoint: Path, settings: EvalSettings, overrides: list[str] | None = None
+                        ) -> dict[str, Any]:
+    unknown = [t for t in settings.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
+    loaded = load_for_eval(checkpoint, overrides)
+    rope = loaded.cfg.model.rope
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "step": loaded.step, "rope_scaling": rope.scaling,
+                              "rope_factor": rope.factor, "trained_seq_len": loaded.cfg.data.seq_len}
+    if "long_ppl" in settings.tasks:
+        report["long_ppl"] = long_ppl(loaded, settings)
+    if "passkey" in settings.tasks:
+        data_dir = Path(settings.data_dir or loaded.cfg.data.dataset_dirs()[0][0])
+        report["passkey"] = passkey(loaded, data_dir / "tokenizer.json", settings)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> list[str]:
+    lines = [f"{report['checkpoint']} (step {report['step']}, trained at {report['trained_seq_len']} tokens, RoPE "
+             f"scaling {report['rope_scaling']}" + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none"
+                                                    else "") + ")"]
+    if "long_ppl" in report:
+        r = report["long_ppl"]
+        lines.append(f"long_ppl: validation loss by position, {r['windows']} windows of {r['seq_len']} tokens "
+                     f"({r['data_dir']}): overall {r['loss']:.3f} (ppl {math.exp(min(r['loss'], 50)):.1f})")
+        lines.append("  " + "  ".join(f"{b['start']:>5}-{b['end']:<5}" for b in r["buckets"]))
+        lines.append("  " + "  ".join(f"{b['loss']:>11.3f}" for b in r["buckets"]))
+    if "passkey" in report:
+        r = report["passkey"]
+        lines.append(f"passkey: exact-match accuracy, {r['cells'][0]['trials']} keys per cell, overall "
+                     f"{r['accuracy']:.0%}")
+        lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
+        for length in r["lengths"]:
+            row = [c["accuracy"] for c in r["cells"] if c["length"] == length]
+            lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
+    return lines

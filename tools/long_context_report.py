@@ -1,0 +1,68 @@
+"""One markdown table from several `pretrain eval --out` reports: loss by position bucket and passkey accuracy
+by length, a row per evaluated model (e.g. before extension, and after it with each RoPE scaling).
+
+    python -m tools.long_context_report base=runs/lc/base.json yarn=runs/lc/yarn.json [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def passkey_by_length(report: dict) -> dict[int, float]:
+    cells = report["passkey"]["cells"]
+    out: dict[int, list[float]] = {}
+    for cell in cells:
+        out.setdefault(cell["length"], []).append(cell["accuracy"])
+    return {length: sum(values) / len(values) for length, values in out.items()}
+
+
+def table(labelled: list[tuple[str, dict]]) -> list[str]:
+    first = labelled[0][1]
+    buckets = [(b["start"], b["end"]) for b in first.get("long_ppl", {}).get("buckets", [])]
+    lengths = sorted(passkey_by_length(first)) if "passkey" in first else []
+    header = ["model", "RoPE", *(f"loss {a}-{b}" for a, b in buckets), *(f"passkey {n}" for n in lengths)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, report in labelled:
+        rope = report["rope_scaling"] + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none" else "")
+        row = [label, rope]
+        if buckets:
+            row += [f"{b['loss']:.3f}" for b in report["long_ppl"]["buckets"]]
+        if lengths:
+            by_length = passkey_by_length(report)
+            row += [f"{by_length.get(n, float('nan')):.0%}" for n in lengths]
+        lines.append("| " + " | ".join(row) + " |")
+    trials = first["passkey"]["cells"][0]["trials"] * len(first["passkey"]["depths"]) if lengths else 0
+    notes = []
+    if buckets:
+        r = first["long_ppl"]
+        notes.append(f"loss: mean next-token loss by position in {r['windows']} validation windows of {r['seq_len']} "
+                     f"tokens of {r['data_dir']}")
+    if lengths:
+        notes.append(f"passkey: exact-match accuracy over {trials} prompts per length (depths "
+                     f"{', '.join(f'{d:g}' for d in first['passkey']['depths'])})")
+    return lines + [""] + [f"{n}." for n in notes]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", metavar="LABEL=REPORT.json")
+    parser.add_argument("--out", help="write the table here too")
+    args = parser.parse_args(argv)
+    labelled = []
+    for item in args.reports:
+        label, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"'{item}': write LABEL=REPORT.json")
+        labelled.append((label, json.loads(Path(path).read_text())))
+    text = "\n".join(table(labelled))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
