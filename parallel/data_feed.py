@@ -2,7 +2,8 @@
 
 Tensor-parallel peers train on the same micro-batches: only the group's first rank reads them, and broadcasts
 them to its peers on the training device (as Megatron does), so a TP=8 node reads its data once, not eight times.
-Pipeline stages in the middle use neither token ids nor labels (only their shape), so they read nothing. Every
+Pipeline stages in the middle use neither token ids nor labels (only their shape), so they read nothing, unless
+documents are masked apart (every stage's attention needs the document ids). Every
 rank still advances its loader by the same count, so loader state stays identical across peers.
 """
 
@@ -21,8 +22,9 @@ class DataFeed:
     peers: object | None = None  # the tensor-parallel group the reader broadcasts to (None: no one to share with)
 
     @classmethod
-    def for_rank(cls, grid, pipeline=None) -> DataFeed:
-        needed = pipeline is None or pipeline.has_first_stage or pipeline.has_last_stage
+    def for_rank(cls, grid, pipeline=None, every_stage: bool = False) -> DataFeed:
+        """`every_stage`: middle pipeline stages need the batches too (document masking: their document ids)."""
+        needed = pipeline is None or every_stage or pipeline.has_first_stage or pipeline.has_last_stage
         shared = needed and grid.size("tp") > 1
         return cls(reads=needed and grid.coords["tp"] == 0, needed=needed, peers=grid.group("tp") if shared else None)
 

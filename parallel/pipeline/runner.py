@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from parallel.pipeline.stages import StageModule
+from pretrain.model.documents import Documents
 from pretrain.model.moe import moe_statistics_paused
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -32,6 +33,7 @@ class PipelineRunner:
         self.schedule_name = schedule
         self.n_microbatches = n_microbatches
         self.activation_shape = activation_shape  # micro-batch size -> shape of what flows between stages
+        self._micro_documents: list[Documents] | None = None  # this step's, per micro-batch (document masking)
         self._schedule = None
         self._loss_fn: Callable | None = None
 
@@ -57,6 +59,7 @@ class PipelineRunner:
         ]
         for stage, module in zip(pipeline_stages, self.stages, strict=True):
             _pause_statistics_during_metadata_inference(stage, module)
+            _documents_per_chunk(stage, module, self)
         cls = SCHEDULES[self.schedule_name]
         loss = lambda output, target: self._loss_fn(output, target)  # noqa: E731 (set per step)
         if self.schedule_name == "interleaved_1f1b":
@@ -69,15 +72,21 @@ class PipelineRunner:
         for stage in self.stages:
             stage.autocast = autocast
 
+    def current_documents(self) -> Documents | None:
+        """The documents of the micro-batch the last stage ran last (its loss runs right after its forward)."""
+        return self.stages[-1].documents if self.has_last_stage else None
+
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast,
-                   n_extra: int = 0) -> torch.Tensor:
-        """`input_ids`/`labels`: the step's micro-batches concatenated along dim 0. `loss_fn(output, labels)`
-        returns (loss, parts); `parts["extra"]` (n_extra values, e.g. MTP losses) is averaged too, and
-        `parts["reported_loss"]` (if given) is what is reported instead of the loss that is backpropagated.
-        Returns [mean loss, mean plain CE, *mean extras] over the micro-batches, on every rank."""
+                   n_extra: int = 0, documents: Documents | None = None) -> torch.Tensor:
+        """`input_ids`/`labels` (and `documents`, with document masking): the step's micro-batches concatenated
+        along dim 0. `loss_fn(output, labels)` returns (loss, parts); `parts["extra"]` (n_extra values, e.g. MTP
+        losses) is averaged too, and `parts["reported_loss"]` (if given) is what is reported instead of the loss
+        that is backpropagated. Returns [mean loss, mean plain CE, *mean extras] over the micro-batches, on every
+        rank."""
         if self._schedule is None:
             self._build(input_ids.device)
         self._set_autocast(autocast)
+        self._micro_documents = documents.split(self.n_microbatches) if documents is not None else None
         reported: list[torch.Tensor] = []
         ces: list[torch.Tensor] = []
         extras: list[torch.Tensor] = []
@@ -107,9 +116,12 @@ class PipelineRunner:
         return result
 
     @torch.no_grad()
-    def evaluate_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast) -> torch.Tensor:
+    def evaluate_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn, autocast,
+                       documents: Documents | None = None) -> torch.Tensor:
         """Plain CE of one batch, on every rank (forward only, stage after stage)."""
         self._set_autocast(autocast)
+        for stage in self.stages:
+            stage.documents = documents
         h = input_ids
         for stage_id in range(self.num_stages):
             owner = self.owner(stage_id)
@@ -127,6 +139,27 @@ class PipelineRunner:
             ce = parts["ce"].float()
         dist.broadcast(ce, src=self.owner(self.num_stages - 1), group=self.pp_group)
         return ce
+
+
+def _documents_per_chunk(stage: PipelineStage, module: StageModule, runner: PipelineRunner) -> None:
+    """Before the schedule runs micro-batch i on this stage (in whatever order it runs them), the stage gets
+    micro-batch i's documents; the shape inference before the first step gets the first one's."""
+    run_chunk = stage.forward_one_chunk
+
+    def forward_one_chunk(fwd_chunk_id, *args, **kwargs):
+        chunks = runner._micro_documents
+        module.documents = None if chunks is None else chunks[fwd_chunk_id]
+        return run_chunk(fwd_chunk_id, *args, **kwargs)
+
+    stage.forward_one_chunk = forward_one_chunk
+    inference = getattr(stage, "_forward_metadata_inference", None)
+    if inference is not None:
+        def first_documents(*args, **kwargs):
+            chunks = runner._micro_documents
+            module.documents = None if chunks is None else chunks[0]
+            return inference(*args, **kwargs)
+
+        stage._forward_metadata_inference = first_documents
 
 
 def _pause_statistics_during_metadata_inference(stage: PipelineStage, module: StageModule) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pretrain.model.documents import Documents
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the gradient contiguous: it is sent to the previous stage, and p2p sends
@@ -46,13 +48,16 @@ class StageModule(nn.Module):
         self.mtp = model.mtp if last else None
         object.__setattr__(self, "_model", model)  # for RoPE tables; not a submodule
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        # document masking: the documents of the micro-batch being run (set by the runner before each forward;
+        # activations travel between stages, the document ids each stage has from its own data feed)
+        self.documents: Documents | None = None
 
     def forward(self, x: torch.Tensor):
         """Hidden states for the next stage; on the last stage the logits, and in training with MTP modules
         (logits, last hidden state) for the loss function, which runs them."""
         with self.autocast():
             h = self.embed(x) if self.first else _ContiguousGrad.apply(x)
-            h = self._model.forward_layers(h, self.blocks, self.seq_len)
+            h = self._model.forward_layers(h, self.blocks, self.seq_len, documents=self.documents)
             if self.last:
                 logits = self.lm_head(self.norm(h))
                 return (logits, h) if len(self._model.mtp) and self._model.training else logits

@@ -29,3 +29,14 @@ class Documents:
     def __init__(self, ids: torch.Tensor, restart_positions: bool = False):
         self.ids = ids
         self.positions = positions_in_document(ids) if restart_positions else None
+
+    def split(self, parts: int) -> list[Documents]:
+        """The documents of `parts` equal slices of the batch (micro-batches), in order."""
+        positions = self.positions.tensor_split(parts) if self.positions is not None else [None] * parts
+        return [Documents.of(ids, pos) for ids, pos in zip(self.ids.tensor_split(parts), positions, strict=True)]
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, positions: torch.Tensor | None) -> Documents:
+        documents = cls.__new__(cls)
+        documents.ids, documents.positions = ids, positions
+        return documents

@@ -207,15 +207,15 @@ class Transformer(nn.Module):
         return cos, sin, same_document(documents.ids)
 
     def forward_layers(self, h: torch.Tensor, layers, seq_len: int, cache: KVCache | None = None,
-                       documents: Documents | None = None) -> torch.Tensor:
+                       documents: Documents | None = None, inputs: tuple | None = None) -> torch.Tensor:
         """Runs a slice of the blocks (a pipeline stage runs its own slice). With a `cache` (inference over the whole
-        model), h holds the `seq_len` positions after the cached ones."""
+        model), h holds the `seq_len` positions after the cached ones. `inputs`: `attention_inputs` already built."""
         if cache is not None:
             cos, sin = self.rope(cache.length + seq_len)
             for block, layer_cache in zip(layers, cache.layers, strict=True):
                 h = block(h, cos, sin, layer_cache)
             return h
-        cos, sin, allowed = self.attention_inputs(seq_len, documents)
+        cos, sin, allowed = inputs if inputs is not None else self.attention_inputs(seq_len, documents)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in layers:
             if recompute:  # the forward run again in the backward counts nothing toward the MoE statistics
@@ -231,16 +231,17 @@ class Transformer(nn.Module):
         the gradient of the returned logits (per-depth values in `last_mtp_losses`). `documents`: the packed
         documents of each window, for attention masking (and per-document positions)."""
         h = self.embed(input_ids)
-        h = self.forward_layers(h, self.layers, input_ids.shape[1], documents=documents)
+        inputs = self.attention_inputs(input_ids.shape[1], documents)  # one mask for the blocks and the MTP modules
+        h = self.forward_layers(h, self.layers, input_ids.shape[1], inputs=inputs)
         logits = self.lm_head(self.norm(h))
         if len(self.mtp) and labels is not None and self.training and torch.is_grad_enabled():
-            logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels, documents), self.aux_loss_scale)
+            logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels, documents, inputs), self.aux_loss_scale)
         return logits
 
-    def mtp_loss(self, hidden: torch.Tensor, labels: torch.Tensor, documents: Documents | None = None
-                 ) -> torch.Tensor:
+    def mtp_loss(self, hidden: torch.Tensor, labels: torch.Tensor, documents: Documents | None = None,
+                 inputs: tuple | None = None) -> torch.Tensor:
         """mtp_weight x the mean over depths of each depth's cross-entropy."""
-        cos, sin, allowed = self.attention_inputs(labels.shape[1], documents)
+        cos, sin, allowed = inputs if inputs is not None else self.attention_inputs(labels.shape[1], documents)
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             tokens, targets = mtp_inputs_and_targets(labels, depth)

@@ -42,8 +42,12 @@ def run(overrides: list[str], data_dir: str, rank: int, world: int) -> dict:
     cfg = load_config(None, [*MODEL, f"data.dir={data_dir}", *(o for o in overrides if o not in flags)])
     p = cfg.parallel
     grid = ProcessGrid.build(GridShape(tp=p.tp, pp=p.pp, dp=p.dp), world, rank)
+    # what the single process shares with the layout: the model and the data options (e.g. document masking)
+    shared = [o for o in overrides if o.startswith(("model.", "data."))]
+    if "+break=reference_unmasked" in flags:  # negative control: masking must change the result
+        shared = [o for o in shared if not o.startswith("data.")]
     with tempfile.TemporaryDirectory() as tmp:
-        reference = Trainer(load_config(None, [*MODEL, f"data.dir={data_dir}"]), f"{tmp}/ref", [])
+        reference = Trainer(load_config(None, [*MODEL, f"data.dir={data_dir}", *shared]), f"{tmp}/ref", [])
         trainer = Trainer(cfg, f"{tmp}/par", [], grid)
         if "+break=tied_grad_sync" in flags:  # negative control: the comparison must notice
             trainer.plan.tied_embedding = False
@@ -55,7 +59,7 @@ def run(overrides: list[str], data_dir: str, rank: int, world: int) -> dict:
         val = (reference.evaluate()["val_loss"], trainer.evaluate()["val_loss"])
         params = trainer.plan.full_tensors(model_tensors(trainer.model))
         ref_params = model_tensors(reference.model)
-        initial = Trainer(load_config(None, [*MODEL, f"data.dir={data_dir}"]), f"{tmp}/init", []).model
+        initial = Trainer(load_config(None, [*MODEL, f"data.dir={data_dir}", *shared]), f"{tmp}/init", []).model
     return {
         "layout": overrides,
         "losses": losses,
