@@ -119,6 +119,7 @@ class GridMPU:
 
 class DeepSpeedEngine:
     name = "deepspeed"
+    steps_non_finite = True  # DeepSpeed applies a bf16/fp32 step whatever its gradient norm
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg):
         self.model, self.plan, self.cfg = model, plan, cfg
@@ -202,7 +203,7 @@ class DeepSpeedEngine:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps (= accum)
         self.engine.step()  # a no-op except at the accumulation boundary
 
-    def step(self, on_phase=lambda phase: None) -> float:
+    def step(self, on_phase=lambda phase: None) -> float | None:
         """Without a pipeline the optimizer step already happened in the last `backward` (DeepSpeed's boundary);
         with one, the schedule's gradients are reduced and applied here."""
         if self.pipelined:
@@ -210,7 +211,7 @@ class DeepSpeedEngine:
         if not self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed skipped the optimizer step (non-finite gradients)")
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None  # None: this DeepSpeed optimizer does not report it
 
     def _pipelined_step(self, on_phase) -> None:
         self.initialize()

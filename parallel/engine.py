@@ -9,6 +9,8 @@ parameters by name, optimizer states as '<parameter>/<key>' (AdamW: step, exp_av
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,14 +34,18 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 
+    steps_non_finite = False  # a step whose gradient norm is not finite is not applied (the weights stay finite)
+
     def step(self, on_phase=lambda phase: None) -> float:
-        """After the step's backward passes: sync, clip, step, zero. Returns the global grad norm."""
+        """After the step's backward passes: sync, clip, step (unless the norm is not finite), zero. Returns the
+        global grad norm."""
         on_phase("gradient sync")
         self.plan.sync_grads(self.model)
         on_phase("gradient clipping")
         grad_norm = self.plan.clip(self.model, self.grad_clip)
-        on_phase("optimizer step")
-        self.optimizer.step()
+        if math.isfinite(grad_norm):  # the norm is global: every rank takes the same branch
+            on_phase("optimizer step")
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

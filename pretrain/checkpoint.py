@@ -52,6 +52,7 @@ STEP_PREFIX = "step_"
 META = "meta.json"
 SHARDS = "shards"
 MODEL, OPTIMIZER, RNG = "model/", "optimizer/", "rng/"
+INVALID = "invalid"  # where unusable checkpoints are moved
 log = logging.getLogger(__name__)
 
 
@@ -149,6 +150,7 @@ class CheckpointMeta:
     files: dict[str, StoredFile]  # shard file name -> its size and sha256
     tensors: dict[str, StoredTensor]  # checkpoint name -> full shape and dtype
     layout: dict[str, Any]
+    saved_at: float = 0.0  # seconds since the epoch
 
     @property
     def shards(self) -> Path:
@@ -224,7 +226,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._prune()
+            self._prune(keep=final)
 
         try:
             future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous)
@@ -238,24 +240,48 @@ class CheckpointManager:
         dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
         return sorted(dirs, key=lambda p: p.name)
 
-    def complete(self) -> list[Path]:
-        """Checkpoints whose meta.json and shard files are all there (newest last); contents are checked on
-        reading."""
-        out = []
+    def survey(self) -> tuple[list[Path], dict[Path, str]]:
+        """(checkpoints whose meta.json and shard files are all there, oldest written first; the others with what is
+        wrong with each). Contents are checked on reading. Written-time order, not name order: after a resume from
+        an older checkpoint, steps of the abandoned continuation were written before the new ones."""
+        complete, broken = [], {}
         for path in self.checkpoints():
             try:
-                read_meta(path)
-                out.append(path)
+                meta = read_meta(path)
+                complete.append((meta.saved_at, meta.step, path))
             except CheckpointError as exc:
-                log.warning("skipping checkpoint: %s", exc)
-        return out
+                broken[path] = str(exc)
+        return [path for _, _, path in sorted(complete)], broken
+
+    def complete(self) -> list[Path]:
+        complete, broken = self.survey()
+        for problem in broken.values():
+            log.warning("skipping checkpoint: %s", problem)
+        return complete
 
     def latest_valid(self) -> Path | None:
         complete = self.complete()
         return complete[-1] if complete else None
 
-    def _prune(self) -> None:
-        for old in self.checkpoints()[: -self.keep_last]:
+    def move_aside(self, path: Path, reason: str) -> Path:
+        """An unusable checkpoint goes to `invalid/` (never deleted: it may be worth a look), with a warning."""
+        target = self.root / INVALID / path.name
+        n = 1
+        while target.exists():
+            target, n = self.root / INVALID / f"{path.name}.{n}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.warning("moved unusable checkpoint %s to %s: %s", path, target, reason)
+        return target
+
+    def _prune(self, keep: Path) -> None:
+        """Keep the `keep_last` most recently written valid checkpoints, `keep` (the one just written) always;
+        incomplete ones are moved aside, not deleted."""
+        complete, broken = self.survey()
+        for path, reason in broken.items():
+            self.move_aside(path, reason)
+        newest_first = [keep] + [p for p in reversed(complete) if p != keep]
+        for old in newest_first[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _remove_stale_tmp(self) -> None:
@@ -284,7 +310,11 @@ def read_meta(path: Path) -> CheckpointMeta:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: format_version {version} is not readable by this version (it reads "
                               f"{FORMAT_VERSION}: sharded checkpoints)")
-    files = {name: StoredFile(name, f["sha256"], int(f["bytes"])) for name, f in meta["files"].items()}
+    try:
+        files = {name: StoredFile(name, f["sha256"], int(f["bytes"])) for name, f in meta["files"].items()}
+        step, state = int(meta["step"]), meta["state"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{meta_path} is malformed: its {exc} entry is missing or wrong") from None
     for name, stored in files.items():
         f = path / SHARDS / name
         if not f.is_file():
@@ -296,7 +326,7 @@ def read_meta(path: Path) -> CheckpointMeta:
                    for name, t in meta["tensors"].items()}
     except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{meta_path}: its 'tensors' entry is malformed ({exc})") from exc
-    return CheckpointMeta(path, int(meta["step"]), meta["state"], files, tensors, meta.get("layout", {}))
+    return CheckpointMeta(path, step, state, files, tensors, meta.get("layout", {}), float(meta.get("saved_at", 0)))
 
 
 def verify(path: Path, contents: bool = True) -> CheckpointMeta:

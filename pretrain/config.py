@@ -106,6 +106,9 @@ class TrainConfig:
     # position; the model config may change what needs no new tensors (RoPE scaling, max_seq_len). A run that
     # resumes from its own checkpoints ignores it. `pretrain train --init-from PATH` sets it.
     init_from: str = ""
+    # A step whose gradient norm is NaN/inf is never applied. stop: end the run with an error (the last checkpoint
+    # stays the newest); skip: go on with the next batch, counting it (`skipped_steps` in the metrics and summary).
+    on_nan: str = "stop"
 
 
 @dataclass
@@ -477,6 +480,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     validate_attention(cfg)
     validate_moe(cfg)
     validate_mtp(cfg)
+    _require(t.on_nan in ("stop", "skip"), "train.on_nan", f"must be stop or skip, got '{t.on_nan}'")
+    _require(t.on_nan == "stop" or not cfg.deepspeed.enabled, "train.on_nan",
+             "skip needs the plain engine: DeepSpeed applies a step whatever its gradient norm (use stop)")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",

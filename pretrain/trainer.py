@@ -168,6 +168,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.initialized_from: dict[str, Any] | None = None  # the checkpoint this run's weights started from
+        self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
@@ -291,6 +292,11 @@ class Trainer:
             total_loss += loss.detach() / self.cfg.grad_accum_steps
             total_ce += parts["ce"].detach() / self.cfg.grad_accum_steps
         grad_norm = self.engine.step(self.set_phase)
+        skipped = grad_norm is not None and not math.isfinite(grad_norm)
+        if grad_norm is None:
+            grad_norm = float("nan")  # not reported by this engine
+        if skipped:
+            self._non_finite_step(grad_norm)
         moe_metrics = self._moe_step_end() if self.cfg.model.moe.enabled else {}
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -298,8 +304,10 @@ class Trainer:
         loss_value, ce_value, *mtp_values = self.mean_over_dp(torch.cat([torch.stack([total_loss, total_ce]),
                                                                          total_mtp])).tolist()
         moe_metrics |= {f"mtp/{depth}": value for depth, value in enumerate(mtp_values, start=1)}
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) and not skipped:
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
+        if self.skipped_steps:
+            moe_metrics["skipped_steps"] = self.skipped_steps
         return {
             "loss": loss_value,
             "ce": ce_value,
@@ -308,6 +316,22 @@ class Trainer:
             "tokens": self.tokens_seen,
             **moe_metrics,
         }
+
+    def _non_finite_step(self, grad_norm: float) -> None:
+        """The gradient norm of the step being finished is NaN/inf (the same on every rank)."""
+        where = f"step {self.step + 1}: the gradient norm is {grad_norm}"
+        last = (f"the last checkpoint is step {self.last_saved_step}" if self.last_saved_step >= 0
+                else "no checkpoint yet")
+        if self.engine.steps_non_finite:
+            raise FloatingPointError(f"{where} and DeepSpeed applied the step: the weights are no longer finite and "
+                                     f"are not saved ({last}); lower optim.lr or check the data")
+        if self.cfg.train.on_nan == "stop":
+            raise FloatingPointError(f"{where}; the step was not applied and nothing was saved after it ({last}). "
+                                     "Lower optim.lr or check the data, or set train.on_nan=skip to go on")
+        self.skipped_steps += 1
+        if self.is_main:
+            print(f"warning: {where}; the step was skipped (train.on_nan=skip, {self.skipped_steps} so far)",
+                  flush=True)
 
     def _moe_step_end(self) -> dict[str, float]:
         """Per MoE layer: this step's load summed over data-parallel ranks drives the auxiliary-loss-free bias
@@ -395,6 +419,7 @@ class Trainer:
             "last_val": self.last_val,
             "last_train": self.last_train,
             "initialized_from": self.initialized_from,
+            "skipped_steps": self.skipped_steps,
         }
 
     def layout(self) -> dict[str, Any]:
@@ -409,6 +434,7 @@ class Trainer:
         self.wait_for_checkpoint()
         self.phase = "checkpoint save"
         model, optimizer = self.engine.model_tensors(), self.engine.optimizer_tensors()
+        self._refuse_non_finite(model)
         tensors = pieces(model, optimizer, rng_tensors() if self.is_main else None)
         placements = self._placements(tensors)
         asynchronous = self.cfg.train.async_checkpoint and not wait
@@ -421,6 +447,17 @@ class Trainer:
         if not asynchronous:
             self.wait_for_checkpoint()
         return path
+
+    def _refuse_non_finite(self, model: dict[str, torch.Tensor]) -> None:
+        """Collective: a checkpoint never holds NaN/inf weights (every rank checks its pieces, all agree)."""
+        bad = [name for name, t in model.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        count = torch.tensor([len(bad)], device=self.device)
+        if self.grid.shape.world_size > 1:
+            dist.all_reduce(count)
+        if count.item():
+            raise CheckpointError(f"not saving step {self.step}: {int(count.item())} weight tensor(s) hold NaN or inf"
+                                  f"{' (here: ' + ', '.join(bad[:4]) + ')' if bad else ''}; the run diverged — "
+                                  "resume from the last checkpoint with a lower optim.lr")
 
     def _placements(self, tensors: dict[str, torch.Tensor]) -> dict:
         """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole)."""
@@ -435,32 +472,49 @@ class Trainer:
         pending, self.pending_save = self.pending_save, None
         self._emit("on_checkpoint", pending.wait())
 
-    def _checkpoint_candidates(self, resume: str) -> list[Path]:
-        """Rank 0 lists them (for 'auto': every complete checkpoint, newest first) and every rank gets the list."""
+    def _checkpoint_candidates(self, resume: str) -> tuple[list[Path], dict[str, str]]:
+        """Rank 0 lists them (for 'auto': every complete checkpoint, most recently written first, and what is wrong
+        with the incomplete ones) and every rank gets the lists."""
         choice: list = [None]
         if self.is_main:
-            paths = list(reversed(self.checkpoints.complete())) if resume == "auto" else [Path(resume)]
-            choice = [[str(p) for p in paths]]
+            if resume == "auto":
+                complete, broken = self.checkpoints.survey()
+                choice = [([str(p) for p in reversed(complete)], {p.name: why for p, why in broken.items()})]
+            else:
+                choice = [([resume], {})]
         if self.grid.shape.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
-        return [Path(p) for p in choice[0]]
+        paths, broken = choice[0]
+        return [Path(p) for p in paths], broken
 
     def resume(self, resume: str) -> None:
+        """Continue from a checkpoint; with 'auto', the newest usable one (unusable ones are moved aside with a
+        warning). Only a run folder without any checkpoint starts from step 0: if every checkpoint is unusable,
+        this stops with what is wrong with each."""
         self.phase = "checkpoint load"
-        candidates = self._checkpoint_candidates(resume)
-        if not candidates:
+        candidates, problems = self._checkpoint_candidates(resume)
+        if not candidates and not problems:
             if self.is_main:
                 print(f"no checkpoint under {self.checkpoints.root}: starting from step 0", flush=True)
             return
-        for i, path in enumerate(candidates):
+        for path in candidates:
             try:
                 self._load_checkpoint(path)
-                return
+                break
             except CheckpointError as exc:  # raised on every rank alike (the shard readers' failures are shared)
-                if i + 1 == len(candidates):
+                if resume != "auto":
                     raise
+                problems[path.name] = str(exc)
                 if self.is_main:
-                    print(f"warning: {exc}; trying the previous checkpoint {candidates[i + 1]}", flush=True)
+                    print(f"warning: {exc}; trying an older checkpoint", flush=True)
+        else:
+            listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
+            raise CheckpointError(f"no usable checkpoint under {self.checkpoints.root} ({listed}). Nothing was "
+                                  "changed; move them away or use another --run-dir to start from step 0")
+        if self.is_main and resume == "auto":
+            for name, why in problems.items():
+                if (self.checkpoints.root / name).exists():
+                    self.checkpoints.move_aside(self.checkpoints.root / name, why)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Collective: each rank reads only its own pieces, whatever layout wrote them."""
@@ -494,6 +548,7 @@ class Trainer:
         self.last_val = state.get("last_val", {})
         self.last_train = state.get("last_train", {})
         self.initialized_from = state.get("initialized_from")
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.last_saved_step = self.step
         if self.is_main:
             written = meta.layout
@@ -536,4 +591,5 @@ class Trainer:
             "precision_requested": self.precision.requested,
             "precision_reason": self.precision.reason,
             "initialized_from": self.initialized_from,
+            "skipped_steps": self.skipped_steps,
         }

@@ -99,6 +99,33 @@ def test_keeps_last_k(tmp_path):
     assert manager.latest_valid().name == "step_00000004"
 
 
+def test_pruning_keeps_the_checkpoint_just_written_and_moves_incomplete_ones_aside(tmp_path, caplog):
+    model, opt = trained_toy(1)
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    save(manager, 6, model, opt)  # a later step of an abandoned continuation, written first
+    save(manager, 5, model, opt)  # the run resumed from an older checkpoint writes step 5 now
+    assert [p.name for p in manager.checkpoints()] == ["step_00000005"]  # by name order, 6 would have won
+    assert manager.latest_valid().name == "step_00000005"
+
+    manager = CheckpointManager(tmp_path / "b", keep_last=2)
+    save(manager, 1, model, opt)
+    (save(manager, 2, model, opt) / "meta.json").unlink()  # incomplete
+    save(manager, 3, model, opt)
+    assert [p.name for p in manager.checkpoints()] == ["step_00000001", "step_00000003"]
+    assert (tmp_path / "b" / "invalid" / "step_00000002" / "shards").is_dir()  # kept for a look, not deleted
+    assert "moved unusable checkpoint" in caplog.text and "meta.json is missing" in caplog.text
+
+
+def test_malformed_meta_is_a_checkpoint_error(tmp_path):
+    model, opt = trained_toy(1)
+    path = save(CheckpointManager(tmp_path), 1, model, opt)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="meta.json is malformed: its 'files' entry"):
+        read_meta(path)
+
+
 def test_corrupt_shard_is_named_by_the_reader(tmp_path):
     model, opt = trained_toy(1)
     manager = CheckpointManager(tmp_path, keep_last=3)

@@ -1,0 +1,114 @@
+"""Faults injected for real into single-process runs: unusable checkpoints on resume, NaN gradients, NaN weights
+at save time. Nothing a run has saved is lost, and nothing non-finite is saved."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.callbacks import default_callbacks
+from pretrain.checkpoint import CheckpointError, load_checkpoint, read_meta
+from pretrain.config import load_config
+from pretrain.trainer import Trainer
+
+from .test_train_e2e import train_losses
+
+RUN = ["train.steps=4", "train.log_every=1", "train.eval_every=100", "train.eval_batches=1",
+       "train.checkpoint_every=2", "train.keep_last=3", "tracking.mlflow=false", "tracking.progress_bar=false"]
+
+
+def trainer_for(overrides, run_dir):
+    cfg = load_config(None, overrides)
+    return Trainer(cfg, run_dir, default_callbacks(cfg, run_dir))
+
+
+def flip_a_byte(checkpoint):
+    (shard,) = (checkpoint / "shards").glob("*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, tiny_data):
+    from .conftest import TINY_MODEL
+
+    run_dir = tmp_path_factory.mktemp("four_steps")
+    overrides = [*TINY_MODEL, f"data.dir={tiny_data}", *RUN]
+    trainer_for(overrides, run_dir).fit()
+    return overrides, run_dir
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_unusable(four_steps, tmp_path):
+    overrides, source = four_steps
+    run_dir = Path(shutil.copytree(source, tmp_path / "run"))
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_00000004" / "meta.json").unlink()
+    flip_a_byte(checkpoints / "step_00000002")
+    with pytest.raises(CheckpointError) as error:
+        trainer_for([*overrides, "train.steps=6"], run_dir).fit(resume="auto")
+    message = str(error.value)
+    assert "no usable checkpoint" in message and "step_00000004" in message and "meta.json is missing" in message
+    assert "step_00000002" in message and "is corrupt" in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]  # nothing moved
+
+
+def test_resume_auto_falls_back_and_moves_the_corrupt_checkpoint_aside(four_steps, tmp_path, capsys):
+    overrides, source = four_steps
+    run_dir = Path(shutil.copytree(source, tmp_path / "run"))
+    flip_a_byte(run_dir / "checkpoints" / "step_00000004")
+    summary = trainer_for([*overrides, "train.steps=6"], run_dir).fit(resume="auto")
+    assert "resumed from" in capsys.readouterr().out
+    assert summary["steps"] == 6
+    assert (run_dir / "checkpoints" / "invalid" / "step_00000004").is_dir()
+    assert train_losses(run_dir)[3] == train_losses(source)[3]  # steps 3-4 ran again from step 2's checkpoint
+
+
+def poison_step(trainer, step):
+    """The backward of `step` gets a NaN loss, so its gradients are NaN."""
+    backward = trainer.engine.backward
+
+    def poisoned(loss, accum):
+        backward(loss * float("nan") if trainer.step + 1 == step else loss, accum)
+
+    trainer.engine.backward = poisoned
+
+
+def finite(checkpoint, overrides):
+    model = load_config(None, overrides).model.build()
+    load_checkpoint(checkpoint, model, restore_rng_state=False)
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_gradients_stop_the_run_before_the_weights_change(four_steps, tmp_path):
+    overrides, _ = four_steps
+    trainer = trainer_for(overrides, tmp_path / "run")
+    poison_step(trainer, 3)
+    with pytest.raises(FloatingPointError, match="step 3: the gradient norm is nan; the step was not applied"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    newest = trainer.checkpoints.latest_valid()
+    assert newest.name == "step_00000002" and finite(newest, overrides)
+
+
+def test_nan_gradients_can_be_skipped(four_steps, tmp_path):
+    overrides, source = four_steps
+    trainer = trainer_for([*overrides, "train.on_nan=skip"], tmp_path / "run")
+    poison_step(trainer, 3)
+    summary = trainer.fit()
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1
+    assert read_meta(tmp_path / "run" / "checkpoints" / "step_00000004").state["skipped_steps"] == 1
+    assert finite(tmp_path / "run" / "checkpoints" / "step_00000004", overrides)
+    assert train_losses(tmp_path / "run")[2] == train_losses(source)[2]
+
+
+def test_non_finite_weights_are_never_saved(four_steps, tmp_path):
+    overrides, _ = four_steps
+    trainer = trainer_for(overrides, tmp_path / "run")
+    trainer.train_step()
+    with torch.no_grad():
+        trainer.model.layers[0].attn.q_proj.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="not saving step 1: 1 weight tensor.*layers.0.attn.q_proj.weight"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not trainer.checkpoints.checkpoints()
