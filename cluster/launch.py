@@ -5,6 +5,7 @@ node started with the same command and its own `--node-rank`)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -44,9 +45,28 @@ def torchrun_command(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) ->
 
 
 def launch(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> int:
+    """Runs torchrun in its own session and hands it one stop request: Ctrl-C, SIGTERM or SIGUSR1 here becomes
+    one SIGTERM to torchrun, which passes it to the ranks (they save and exit; torchrun gives them 30 s before
+    killing them). Without this, Ctrl-C would reach the ranks twice (from the terminal and from torchrun) and the
+    second would abort them. A second Ctrl-C kills everything at once."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(nproc, cli_args, nodes), env=env)
+    proc = subprocess.Popen(torchrun_command(nproc, cli_args, nodes), env=env, start_new_session=True)
+    requests = []
+
+    def forward(signum, frame):
+        if requests and signum == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif not requests:
+            proc.send_signal(signal.SIGTERM)
+        requests.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def strip_launch_options(argv: list[str]) -> list[str]:

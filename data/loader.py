@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,12 @@ def _collate(windows: list[torch.Tensor], eos: int | None = None) -> dict[str, t
     return out
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave stop signals to the training process (it saves a checkpoint; they die with it)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TokenWindowLoader:
     """Micro-batches `{"input_ids", "labels"}` of shape [micro_batch_size, seq_len] for one data-parallel rank."""
 
@@ -361,6 +368,7 @@ class TokenWindowLoader:
         eos = self.special_ids.eos if self.cfg.document_masking else None
         loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=sampler, num_workers=workers,
                             collate_fn=functools.partial(_collate, eos=eos), persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals if workers else None,
                             prefetch_factor=4 if workers else None)
         return iter(loader)
 

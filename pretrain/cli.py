@@ -66,9 +66,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or a new --run-dir",
         )
     if args.nproc and launcher.world_size == 1:
-        from cluster.launch import launch, strip_launch_options
+        import time
 
-        return launch(args.nproc, strip_launch_options(args.argv), nodes)
+        from cluster.launch import launch, strip_launch_options
+        from pretrain.stop import EXIT_RESUMABLE
+
+        started = time.time()
+        code = launch(args.nproc, strip_launch_options(args.argv), nodes)
+        summary = run_dir / "summary.json"  # the ranks exit 0 when stopped on request; rank 0 wrote why
+        if summary.is_file() and summary.stat().st_mtime >= started:  # torchrun itself may exit 1 on a signal
+            import json
+
+            if json.loads(summary.read_text()).get("stopped"):
+                return EXIT_RESUMABLE
+        return code
 
     from cluster.distributed import init_distributed
     from parallel.grid import GridShape, ProcessGrid
@@ -91,6 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = trainer.fit(resume=args.resume)
     if not main_rank:
         return 0
+    if summary["stopped"]:
+        from pretrain.stop import EXIT_RESUMABLE
+
+        print(f"stopped by {summary['stopped']} after step {summary['steps']} of {cfg.train.steps}, checkpoint "
+              f"saved: continue with --resume auto (exit code {EXIT_RESUMABLE})", flush=True)
+        return EXIT_RESUMABLE if denv.world_size == 1 else 0
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
         f"done: {summary['steps']} steps, train loss {fmt(summary['final_train_loss'])}, "

@@ -43,6 +43,7 @@ from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
+from pretrain.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.initialized_from: dict[str, Any] | None = None  # the checkpoint this run's weights started from
+        self.stopped: str | None = None  # why the run stopped before train.steps (a signal), if it did
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -223,6 +225,25 @@ class Trainer:
         if self.step == 0 and self.cfg.train.init_from:
             self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
+        with StopRequest(announce=self.is_main) as stop_request:
+            self._train_loop(stop_request)
+        summary = self.summary(time.perf_counter() - self.attempt_started)
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._emit("on_train_end", summary)
+        self.wait_for_checkpoint()
+        return summary
+
+    def _stop_agreed(self, stop_request: StopRequest) -> bool:
+        """Collective: whether any rank was asked to stop (so all stop after the same step)."""
+        flag = torch.tensor([1 if stop_request.requested else 0], device=self.device)
+        if self.grid.shape.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stopped is None:
+            self.stopped = stop_request.requested or "a stop request on another rank"
+        return bool(flag.item())
+
+    def _train_loop(self, stop_request: StopRequest) -> None:
         interval_start, interval_tokens = time.perf_counter(), 0
         while self.step < self.cfg.train.steps:
             metrics = self.train_step()
@@ -237,12 +258,8 @@ class Trainer:
             self._emit("on_step_end", metrics)
             if self.step % self.cfg.train.eval_every == 0 or self.step == self.cfg.train.steps:
                 self.run_eval()
-        summary = self.summary(time.perf_counter() - self.attempt_started)
-        if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self._emit("on_train_end", summary)
-        self.wait_for_checkpoint()
-        return summary
+            if self._stop_agreed(stop_request):  # the end of training saves the checkpoint
+                return
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -592,4 +609,5 @@ class Trainer:
             "precision_reason": self.precision.reason,
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
+            "stopped": self.stopped,
         }

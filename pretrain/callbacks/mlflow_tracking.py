@@ -106,7 +106,7 @@ class MLflowTracking(Callback):
         for name in ("config.yaml", "loss_curve.png", "summary.json", "moe_load.jsonl"):
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        self.client.set_terminated(self.run_id, status="KILLED" if summary.get("stopped") else "FINISHED")
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:

@@ -1,6 +1,7 @@
 """Bad layouts fail before any process starts; a stuck rank fails the job within the timeout, named."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -75,3 +76,28 @@ def test_stuck_rank_fails_within_timeout_naming_rank_and_phase(parallel_data, tm
     output = result.stdout + result.stderr
     assert "CollectiveError: rank 0" in output, output[-3000:]
     assert "at step 3" in output and "parallel.timeout_s=5" in output
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(parallel_data, tmp_path):
+    """`pretrain train --nproc 2` gets SIGTERM: torchrun passes one stop request to both ranks, they agree on the
+    step, save a checkpoint and the launcher exits with the resumable code."""
+    from pretrain.checkpoint import read_meta
+    from pretrain.stop import EXIT_RESUMABLE
+    from tests.parallel.cli_runs import train_metrics
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir),
+           *overrides(parallel_data), "train.steps=2000", "train.checkpoint_every=10000", "parallel.dp=2",
+           "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and train_metrics(run_dir)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+    stopped_at = max(train_metrics(run_dir))
+    assert 0 < stopped_at < 2000 and "stopped by SIGTERM" in out
+    meta = read_meta(run_dir / "checkpoints" / f"step_{stopped_at:08d}")
+    assert meta.step == stopped_at and meta.layout["world_size"] == 2

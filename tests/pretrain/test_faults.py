@@ -1,7 +1,12 @@
 """Faults injected for real into single-process runs: unusable checkpoints on resume, NaN gradients, NaN weights
 at save time. Nothing a run has saved is lost, and nothing non-finite is saved."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ import torch
 from pretrain.callbacks import default_callbacks
 from pretrain.checkpoint import CheckpointError, load_checkpoint, read_meta
 from pretrain.config import load_config
+from pretrain.stop import EXIT_RESUMABLE
 from pretrain.trainer import Trainer
 
 from .test_train_e2e import train_losses
@@ -112,3 +118,41 @@ def test_non_finite_weights_are_never_saved(four_steps, tmp_path):
     with pytest.raises(CheckpointError, match="not saving step 1: 1 weight tensor.*layers.0.attn.q_proj.weight"):
         trainer.save_checkpoint()
     assert not (tmp_path / "run" / "checkpoints").exists() or not trainer.checkpoints.checkpoints()
+
+
+def start_and_signal(cmd, run_dir, sig, after_steps=3):
+    """Start a training command in its own process group, and once it has logged `after_steps` steps send `sig`
+    to the whole group, as Ctrl-C in a terminal does (the data-loader workers get it too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    while time.time() < deadline and len(train_losses(run_dir)) < after_steps:
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint(four_steps, tmp_path, sig):
+    overrides, _ = four_steps
+    long_run = [*overrides, "train.steps=40", "train.checkpoint_every=1000", "data.num_workers=1"]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), *long_run]
+    code, out, err = start_and_signal(cmd, run_dir, sig)
+    assert code == EXIT_RESUMABLE, err[-2000:]
+    stopped_at = max(train_losses(run_dir))
+    assert stopped_at < 40, "the run ended before the signal: make it longer"
+    assert f"stopped by {sig.name} after step {stopped_at} of 40" in out
+    assert read_meta(run_dir / "checkpoints" / f"step_{stopped_at:08d}").step == stopped_at
+    if sig != signal.SIGTERM:
+        return
+    resumed = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = tmp_path / "reference"
+    trainer_for(long_run, reference).fit()
+    expected, got = train_losses(reference), train_losses(run_dir)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(stopped_at + 1, 41):
+        assert got[step] == expected[step], step
