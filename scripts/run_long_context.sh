@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The context-extension phase of the tiny model end to end on CPU (README "Long context"): pretraining at 256
+# tokens (configs/tiny.yaml), then the same 150 steps at 1,024 tokens (configs/tiny_long.yaml, --init-from the
+# pretraining checkpoint) once per RoPE scaling (none, linear = position interpolation, yarn), each evaluated with
+# `pretrain eval --tasks long_ppl,passkey`; the comparison table goes to $OUT/table.md.
+# BASE_CHECKPOINT=runs/tiny/checkpoints/step_00000240 reuses a pretraining checkpoint instead of training one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+export MLFLOW_DISABLE_TELEMETRY=true
+OUT="${OUT:-runs/long_context}"
+TOKENIZER=data_cache/tiny/tokenizer.json
+[ -f data_cache/tiny/manifest.json ] || pretrain data prepare --out data_cache/tiny --vocab-size 4096
+[ -f data_cache/tiny_long/manifest.json ] || pretrain data prepare --out data_cache/tiny_long \
+  --source bible-books --source anarchism-chapters --source shakespeare-plays --tokenizer "$TOKENIZER" \
+  --val-fraction 0.05
+[ -f data_cache/passkey_long/manifest.json ] || pretrain data prepare --out data_cache/passkey_long \
+  --source passkey:4000:4000 --tokenizer "$TOKENIZER" --val-fraction 0.02
+
+BASE="${BASE_CHECKPOINT:-}"
+if [ -z "$BASE" ]; then
+  pretrain train configs/tiny.yaml --run-dir "$OUT/base" --resume auto
+  BASE="$(ls -d "$OUT"/base/checkpoints/step_* | tail -1)"
+fi
+EVAL=(--data data_cache/tiny_long --seq-len 1024 --lengths 256,512,1024 --windows 16 --trials 4)
+YARN=(model.rope.scaling=yarn model.rope.factor=4 model.rope.original_max_seq_len=256 model.max_seq_len=1024)
+pretrain eval "$BASE" "${EVAL[@]}" --out "$OUT/eval_base.json"
+pretrain eval "$BASE" "${EVAL[@]}" --out "$OUT/eval_base_yarn.json" "${YARN[@]}"  # YaRN without training
+REPORTS=("pretrained=$OUT/eval_base.json" "pretrained+yarn=$OUT/eval_base_yarn.json")
+for scaling in none linear yarn; do
+  pretrain train configs/tiny_long.yaml --run-dir "$OUT/$scaling" --resume auto --init-from "$BASE" \
+    model.rope.scaling="$scaling"
+  pretrain eval "$(ls -d "$OUT/$scaling"/checkpoints/step_* | tail -1)" "${EVAL[@]}" --out "$OUT/eval_$scaling.json"
+  REPORTS+=("extended ($scaling)=$OUT/eval_$scaling.json")
+done
+python -m tools.long_context_report "${REPORTS[@]}" --out "$OUT/table.md"
