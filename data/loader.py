@@ -24,6 +24,7 @@ also with another number of ranks (at an optimizer-step boundary) or workers.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -287,9 +288,13 @@ def _collate(windows: list[torch.Tensor], eos: int | None = None) -> dict[str, t
     return out
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader workers leave stop signals to the training process (it saves a checkpoint; they die with it)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+def _shield_from_stop_signals(worker_id: int) -> None:
+    """A stop signal is for the training process (it finishes its step, which may need more batches, and saves):
+    workers leave the process group that Ctrl-C or `kill -- -PGID` reach, and ignore SIGINT and SIGUSR1 (a
+    scheduler's warning, which may be sent to every process of a job). They keep SIGTERM's default, by which the
+    loader and multiprocessing shut them down (and by which they die with the job)."""
+    os.setpgid(0, 0)
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -356,6 +361,17 @@ class TokenWindowLoader:
         s = self.streams[0]
         return {"path": str((s.data_dir / s.manifest.tokenizer_file).resolve()), "sha256": s.manifest.tokenizer_sha256}
 
+    def data_fingerprint(self) -> list[dict[str, Any]]:
+        """What this loader reads, independent of where the folders lie: per blended folder its weight, tokenizer
+        hash and a hash of its split's shard checksums (a resume on other data changes it)."""
+        out = []
+        for stream, (_, weight) in zip(self.streams, self.cfg.dataset_dirs(), strict=True):
+            shards = stream.manifest.splits[self.split].shards
+            digest = hashlib.sha256("".join(info.sha256 for info in shards).encode()).hexdigest()
+            out.append({"dir": str(stream.data_dir), "weight": weight,
+                        "tokenizer_sha256": stream.manifest.tokenizer_sha256, "shards_sha256": digest})
+        return out
+
     # -- iteration ----------------------------------------------------------------------------------
     def _position(self) -> tuple[int, int]:
         windows = self.consumed_micro_batches * self.micro_batch_size
@@ -368,7 +384,7 @@ class TokenWindowLoader:
         eos = self.special_ids.eos if self.cfg.document_masking else None
         loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=sampler, num_workers=workers,
                             collate_fn=functools.partial(_collate, eos=eos), persistent_workers=False,
-                            worker_init_fn=_ignore_stop_signals if workers else None,
+                            worker_init_fn=_shield_from_stop_signals if workers else None,
                             prefetch_factor=4 if workers else None)
         return iter(loader)
 

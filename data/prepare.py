@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from data.shards.manifest import Manifest, SplitInfo
 from data.shards.writer import ShardWriter, token_dtype
-from data.sources import DEFAULT_SOURCES, iter_documents
+from data.sources import DEFAULT_SOURCES, SourceError, iter_documents
 from data.tokenizer import SpecialIds, load_tokenizer, tokenizer_sha256, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -109,6 +109,10 @@ def prepare_dataset(
     val_docs = [d for d, v in zip(docs, is_val, strict=True) if v]
     if val_fraction > 0 and not val_docs:
         val_docs, train_docs = train_docs[:1], train_docs[1:]
+    if not train_docs:
+        raise SourceError(f"no training documents: the {len(docs)} document(s) of {', '.join(sources)} all went to "
+                          f"validation (--val-fraction {val_fraction}); add documents (a .jsonl file holds one per "
+                          "line) or pass --val-fraction 0")
 
     for stale in ("train", "val", "manifest.json"):
         p = out / stale

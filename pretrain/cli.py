@@ -26,6 +26,18 @@ def default_run_dir(config_path: str) -> Path:
     return Path("runs") / Path(config_path).stem
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder can be created and written, before any model, data or process is set up."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError("--run-dir", f"{run_dir} cannot be used as the run folder: {exc.strerror or exc}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.distributed import env_from_launcher
     from cluster.launch import Nodes
@@ -59,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     validate_world_size(cfg, world)  # before any process or process group starts
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    check_run_dir(run_dir)
     has_checkpoints = any((run_dir / "checkpoints").glob("step_*"))
     if has_checkpoints and not args.resume:
         raise ConfigError(

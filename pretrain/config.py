@@ -109,6 +109,9 @@ class TrainConfig:
     # A step whose gradient norm is NaN/inf is never applied. stop: end the run with an error (the last checkpoint
     # stays the newest); skip: go on with the next batch, counting it (`skipped_steps` in the metrics and summary).
     on_nan: str = "stop"
+    # Resuming on other training data than the checkpoint's (other shards or weights, same tokenizer) is an error
+    # unless this is set; another tokenizer always is.
+    allow_data_change: bool = False
 
 
 @dataclass

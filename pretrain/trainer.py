@@ -437,6 +437,8 @@ class Trainer:
             "last_train": self.last_train,
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
+            "data": self.train_loader.data_fingerprint(),
+            "skipped_shards": self.train_loader.skipped_shards,
         }
 
     def layout(self) -> dict[str, Any]:
@@ -558,6 +560,7 @@ class Trainer:
         self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path)
         restore_rng(part(loaded, RNG))
         state = meta.state
+        self._check_same_data(path, state)
         self.step = meta.step
         self.tokens_seen = state["tokens_seen"]
         self.wall_seconds_before = state["wall_seconds"]
@@ -589,6 +592,29 @@ class Trainer:
             print(f"initialized from {meta.path} (its step {meta.step}): fresh optimizer, schedule and data position"
                   + (f"; model changes: {', '.join(changes)}" if changes else ""), flush=True)
 
+    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        """The resumed run reads what the checkpoint's run read (its data position means nothing elsewhere)."""
+        theirs, ours = state.get("tokenizer"), self.train_loader.tokenizer_reference()
+        if theirs and theirs["sha256"] != ours["sha256"]:
+            raise CheckpointError(f"{path} was trained with the tokenizer {theirs['path']} (sha256 "
+                                  f"{theirs['sha256'][:12]}…), this run's data uses {ours['path']} (sha256 "
+                                  f"{ours['sha256'][:12]}…): a different vocabulary cannot continue these weights")
+        recorded = state.get("data")
+        if recorded is None:  # written before data fingerprints existed
+            return
+        key = lambda entries: [(e["weight"], e["shards_sha256"]) for e in entries]  # noqa: E731
+        if key(recorded) == key(self.train_loader.data_fingerprint()):
+            return
+        was = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in recorded)
+        now = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in self.train_loader.data_fingerprint())
+        message = f"{path} was trained on other data ({was}) than this run's ({now})"
+        if not self.cfg.train.allow_data_change:
+            raise CheckpointError(f"{message}: its data position does not apply here. Resume with the same data, or "
+                                  "set train.allow_data_change=true to go on (the position counts windows of the "
+                                  "new data), or start a new phase with --init-from")
+        if self.is_main:
+            print(f"warning: {message}; continuing (train.allow_data_change)", flush=True)
+
     def summary(self, run_seconds: float) -> dict[str, Any]:
         wall = self.wall_seconds_before + run_seconds
         tokens_per_s = self.tokens_seen / wall if wall > 0 else 0.0
@@ -610,4 +636,5 @@ class Trainer:
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
             "stopped": self.stopped,
+            "skipped_shards": self.train_loader.skipped_shards,
         }

@@ -156,3 +156,48 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(four_steps, tmp_path, s
     assert sorted(got) == list(range(1, 41))
     for step in range(stopped_at + 1, 41):
         assert got[step] == expected[step], step
+
+
+def test_resume_refuses_other_data_unless_allowed(four_steps, tmp_path, tiny_data, capsys):
+    from data.prepare import prepare_dataset
+
+    overrides, source = four_steps
+    same_tokenizer = tmp_path / "other"
+    prepare_dataset(same_tokenizer, sources=["passkey:300:300"], val_fraction=0.05, shard_tokens=20_000,
+                    tokenizer=tiny_data / "tokenizer.json")
+    other_tokenizer = tmp_path / "retokenized"
+    prepare_dataset(other_tokenizer, sources=["passkey:300:300"], vocab_size=300, val_fraction=0.05)
+    run_dir = Path(shutil.copytree(source, tmp_path / "run"))
+    more = [*overrides, "train.steps=6"]
+    with pytest.raises(CheckpointError, match="was trained on other data .* train.allow_data_change"):
+        trainer_for([*more, f"data.dir={same_tokenizer}"], run_dir).fit(resume="auto")
+    with pytest.raises(CheckpointError, match="was trained with the tokenizer"):
+        trainer_for([*more, f"data.dir={other_tokenizer}", "train.allow_data_change=true"], run_dir).fit(
+            resume="auto")
+    summary = trainer_for([*more, f"data.dir={same_tokenizer}", "train.allow_data_change=true"], run_dir).fit(
+        resume="auto")
+    assert summary["steps"] == 6 and "continuing (train.allow_data_change)" in capsys.readouterr().out
+    state = read_meta(run_dir / "checkpoints" / "step_00000006").state
+    assert state["data"][0]["dir"] == str(same_tokenizer) and state["skipped_shards"] == []
+
+
+def test_an_unusable_run_folder_is_refused_before_anything_is_built(four_steps, tmp_path, capsys):
+    from pretrain.cli import main
+
+    overrides, _ = four_steps
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for run_dir in (blocker, blocker / "below"):
+        assert main(["train", "configs/tiny.yaml", "--run-dir", str(run_dir), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert "--run-dir" in err and "cannot be used as the run folder" in err
+
+
+def test_preparing_a_single_document_is_an_error_not_an_empty_training_split(tmp_path, capsys):
+    from pretrain.cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("one small document, the whole file")
+    assert main(["data", "prepare", "--out", str(tmp_path / "out"), "--source", str(text)]) == 1
+    assert "no training documents" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()

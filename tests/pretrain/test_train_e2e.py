@@ -62,7 +62,9 @@ def test_run_folder_contents(tiny_overrides, tmp_path):
     r = tmp_path / "r"
     assert load_config(r / "config.yaml").train.steps == 12
     saved = json.loads((r / "summary.json").read_text())
-    assert saved == pytest.approx(summary)
+    assert saved.keys() == summary.keys()
+    for key, value in summary.items():
+        assert saved[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     for key in ("steps", "tokens", "final_train_loss", "val_loss", "wall_seconds", "tokens_per_s", "mfu"):
         assert saved[key] is not None, key
     assert 0 < saved["mfu"] < 1
