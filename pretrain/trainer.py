@@ -207,7 +207,8 @@ class Trainer:
         try:
             return self._fit(resume)
         except RuntimeError as exc:
-            if isinstance(exc, CollectiveError | FloatingPointError):
+            named = isinstance(exc, CheckpointError) and not self.phase.startswith("checkpoint save")
+            if isinstance(exc, CollectiveError) or named:  # a checkpoint refused on every rank is the user's error
                 raise
             raise CollectiveError(
                 f"rank {self.grid.rank} (coordinates {self.grid.coords}): {self.phase} at step {self.step + 1} "

@@ -82,3 +82,24 @@ def test_a_later_phase_starts_from_a_checkpoint_at_another_layout(parallel_data,
     assert sorted(one) == sorted(sharded) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert abs(sharded[step] - one[step]) < TOL, (step, sharded[step], one[step])
+
+
+def test_no_usable_checkpoint_is_one_clear_error_on_two_ranks(parallel_data, single, tmp_path):
+    """Every rank finds the same problem: the command says what it is (exit 1), not that a rank died."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.parallel.cli_runs import ROOT, overrides
+
+    run_dir, _ = single
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "run" / "checkpoints")
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        (checkpoint / "meta.json").unlink()
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"),
+           *overrides(parallel_data), "parallel.tp=2", "--nproc", "2", "--resume", "auto"]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "error: no usable checkpoint" in output, output[-3000:]
+    assert "CollectiveError" not in output and "meta.json is missing" in output
