@@ -87,10 +87,15 @@ def anarchism() -> Iterator[str]:
                 yield section.strip()
 
 
-def anarchism_chapters() -> Iterator[str]:
-    for text in _anarchism_files():
+def _whole(texts: Iterator[str]) -> Iterator[str]:
+    """Each text as one document (the long-document variants)."""
+    for text in texts:
         if text.strip():
             yield text.strip()
+
+
+def anarchism_chapters() -> Iterator[str]:
+    yield from _whole(_anarchism_files())
 
 
 def gcide(entries_per_document: int = 40) -> Iterator[str]:
@@ -134,9 +139,7 @@ def shakespeare() -> Iterator[str]:
 
 
 def shakespeare_plays() -> Iterator[str]:
-    for text in _shakespeare_plays():
-        if text.strip():
-            yield text.strip()
+    yield from _whole(_shakespeare_plays())
 
 
 PACKAGED = {"bible": bible, "anarchism": anarchism, "gcide": gcide, "fortunes": fortunes, "shakespeare": shakespeare,

@@ -240,9 +240,10 @@ class Trainer:
         flag = torch.tensor([1 if stop_request.requested else 0], device=self.device)
         if self.grid.shape.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.stopped is None:
+        stop = bool(flag.item())  # one host sync per step
+        if stop and self.stopped is None:
             self.stopped = stop_request.requested or "a stop request on another rank"
-        return bool(flag.item())
+        return stop
 
     def _train_loop(self, stop_request: StopRequest) -> None:
         interval_start, interval_tokens = time.perf_counter(), 0
@@ -603,11 +604,12 @@ class Trainer:
         recorded = state.get("data")
         if recorded is None:  # written before data fingerprints existed
             return
+        current = self.train_loader.data_fingerprint()
         key = lambda entries: [(e["weight"], e["shards_sha256"]) for e in entries]  # noqa: E731
-        if key(recorded) == key(self.train_loader.data_fingerprint()):
+        if key(recorded) == key(current):
             return
         was = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in recorded)
-        now = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in self.train_loader.data_fingerprint())
+        now = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in current)
         message = f"{path} was trained on other data ({was}) than this run's ({now})"
         if not self.cfg.train.allow_data_change:
             raise CheckpointError(f"{message}: its data position does not apply here. Resume with the same data, or "

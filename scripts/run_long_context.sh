@@ -6,10 +6,16 @@
 # BASE_CHECKPOINT=runs/tiny/checkpoints/step_00000240 reuses a pretraining checkpoint instead of training one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+OUT="${OUT:-runs/long_context}"
+BASE="${BASE_CHECKPOINT:-}"
+if [ -z "$BASE" ]; then  # the README's tiny recipe (install, data_cache/tiny, pretraining) into $OUT/base
+  RUN_DIR="$OUT/base" bash scripts/run_tiny.sh
+  BASE="$(ls -d "$OUT"/base/checkpoints/step_* | tail -1)"
+else
+  bash scripts/install.sh
+fi
 . .venv/bin/activate
 export MLFLOW_DISABLE_TELEMETRY=true
-OUT="${OUT:-runs/long_context}"
 TOKENIZER=data_cache/tiny/tokenizer.json
 [ -f data_cache/tiny/manifest.json ] || pretrain data prepare --out data_cache/tiny --vocab-size 4096
 [ -f data_cache/tiny_long/manifest.json ] || pretrain data prepare --out data_cache/tiny_long \
@@ -18,11 +24,6 @@ TOKENIZER=data_cache/tiny/tokenizer.json
 [ -f data_cache/passkey_long/manifest.json ] || pretrain data prepare --out data_cache/passkey_long \
   --source passkey:4000:4000 --tokenizer "$TOKENIZER" --val-fraction 0.02
 
-BASE="${BASE_CHECKPOINT:-}"
-if [ -z "$BASE" ]; then
-  pretrain train configs/tiny.yaml --run-dir "$OUT/base" --resume auto
-  BASE="$(ls -d "$OUT"/base/checkpoints/step_* | tail -1)"
-fi
 EVAL=(--data data_cache/tiny_long --seq-len 1024 --lengths 256,512,1024 --windows 16 --trials 4)
 YARN=(model.rope.scaling=yarn model.rope.factor=4 model.rope.original_max_seq_len=256 model.max_seq_len=1024)
 pretrain eval "$BASE" "${EVAL[@]}" --out "$OUT/eval_base.json"
