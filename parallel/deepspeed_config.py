@@ -12,7 +12,7 @@ from typing import Any
 
 # top-level keys we generate -> where their value comes from (for the config error on a conflicting override)
 GENERATED_KEYS = {
-    "train_batch_size": "train.global_batch_size",
+    "train_batch_size": "train.global_batch_size x parallel.cp",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x parallel.dp)",
     "gradient_clipping": "optim.grad_clip",
@@ -54,7 +54,8 @@ def generate(cfg) -> dict[str, Any]:
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     generated: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed's data-parallel ranks are our data x context ones: to it, each sequence shard is a sample
+        "train_batch_size": t.global_batch_size * cfg.parallel.cp,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default would be 1.0: always explicit

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stages 0-3) over the data-parallel group only, on our tensor-parallel model.
 
-- DeepSpeed gets our process grid as its `mpu`: it shards and reduces over `dp`, all-reduces the grad norm over
-  the model-parallel group, and counts a parameter once per tensor-parallel group unless it is marked
+- DeepSpeed gets our process grid as its `mpu`: it shards and reduces over `dp` (times `cp`: `dp_cp`), all-reduces
+  the grad norm over the model-parallel group, and counts a parameter once per tensor-parallel group unless it is marked
   `tensor_model_parallel` (ours: every sharded weight, and replicated KV heads on the first rank holding them).
 - Gradients that TP ranks only hold part of (sequence-parallel norms, replicated KV heads) are completed by
   tensor hooks during backward, before ZeRO reduces or partitions them.
@@ -77,14 +77,16 @@ class GridMPU:
         # one process (no grid groups): its one-rank world stands for every group
         return dist.group.WORLD if group is None and self.grid.shape.world_size == 1 else group
 
+    # DeepSpeed's data-parallel group is our data x context group: both see other tokens, so ZeRO reduces (and
+    # partitions) over all of them, as Megatron passes its data-parallel group "with context parallel"
     def get_data_parallel_group(self):
-        return self._group("dp")
+        return self._group("dp_cp")
 
     def get_data_parallel_rank(self):
-        return self._rank("dp")
+        return self.grid.group_ranks["dp_cp"].index(self.grid.rank)
 
     def get_data_parallel_world_size(self):
-        return self.grid.size("dp")
+        return self.grid.size("dp_cp")
 
     def get_tensor_model_parallel_group(self):
         return self._group("tp")

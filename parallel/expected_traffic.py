@@ -10,6 +10,8 @@ layers come the vocab-parallel embedding (forward) and LM head input (backward),
 vocab-parallel cross-entropy, the sequence-parallel norm weights' grads, and one scalar for the grad norm.
 The TP group's first rank also broadcasts each micro-batch's token ids and labels to its peers (they read none).
 Data parallelism all-reduces every local gradient once per step (plus 2 scalars: mean loss and CE).
+Context parallelism (parallel/context.py) all-gathers every layer's keys and values over the whole window in the
+forward pass and reduce-scatters their gradients in the backward pass, and sums one token count per loss.
 """
 
 from __future__ import annotations
@@ -49,9 +51,21 @@ def tensor_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
     return {"all_reduce@tp": m * (2 * regions * activation + loss_scalars), **grad_norm, **data}
 
 
-def data_parallel_elements(local_parameters: int) -> dict[str, int]:
-    """Per DP rank and optimizer step: every local gradient once, plus the mean loss and CE."""
-    return {"all_reduce@dp": local_parameters + 2}
+def context_parallel_elements(cfg: Config, dp: int) -> dict[str, int]:
+    """Per CP rank and optimizer step (GQA, no tensor parallelism, no MTP), keyed "op@group": per layer and
+    micro-batch, K and V of the whole window (2 · b · s · n_kv_heads · head_dim) gathered forward and their
+    gradients reduce-scattered backward; one count per loss; gradients and the 2 logged means over DP x CP. Each
+    rank sends (cp-1)/cp of the gathered bytes, what a ring exchange of K/V would send too."""
+    m, model = micro_batches(cfg, dp), cfg.model
+    keys_and_values = 2 * cfg.train.micro_batch_size * cfg.data.seq_len * model.n_kv_heads * model.head_dim
+    per_step = m * model.n_layers * keys_and_values
+    return {"all_gather@cp": per_step, "reduce_scatter@cp": per_step, "all_reduce@cp": m}
+
+
+def data_parallel_elements(local_parameters: int, group: str = "dp") -> dict[str, int]:
+    """Per DP rank and optimizer step: every local gradient once, plus the mean loss and CE (over `group`: `dp`, or
+    `dp_cp` with context parallelism)."""
+    return {f"all_reduce@{group}": local_parameters + 2}
 
 
 def shared_kinds(groups: dict[str, object]) -> dict[str, str]:

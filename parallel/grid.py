@@ -77,6 +77,11 @@ def layout(shape: GridShape) -> dict[str, list[list[int]]]:
         split[p, :, e, c, t].tolist()
         for p in range(shape.pp) for e in range(shape.ep) for c in range(shape.cp) for t in range(shape.tp)
     ]
+    # ... and the ranks holding the same experts in every expert-parallel group and context-parallel position
+    groups["expert_dp_cp"] = [
+        split[p, :, e, :, t].flatten().tolist()
+        for p in range(shape.pp) for e in range(shape.ep) for t in range(shape.tp)
+    ]
     return {k: [sorted(g) for g in v] for k, v in groups.items()}
 
 
@@ -127,7 +132,7 @@ class ProcessGrid:
     @classmethod
     def single(cls) -> ProcessGrid:
         shape = GridShape()
-        kinds = ("tp", "cp", "dp", "pp", "dp_cp", "model", "ep", "expert_dp", "embedding")
+        kinds = ("tp", "cp", "dp", "pp", "dp_cp", "model", "ep", "expert_dp", "expert_dp_cp", "embedding")
         return cls(shape=shape, rank=0, coords=coordinates(shape, 0), group_ranks={k: [0] for k in kinds})
 
     def size(self, kind: str) -> int:

@@ -13,7 +13,8 @@ accounting of mixed-precision AdamW (arXiv 1910.02054, K = 12):
 
 (DeepSpeed keeps its own fp32 copy of the weights it optimizes even when the model is fp32.)
 
-(expert weights are split over their own data-parallel group, `dp / ep`, instead of `dp`). Activations are an
+(expert weights are split over their own data-parallel group, `dp / ep`, instead of `dp`; with context
+parallelism ZeRO partitions over `dp x cp`). Activations are an
 estimate from the tensors one block keeps for its backward (see `activation_bytes`), times the micro-batches a
 pipeline stage holds in flight under 1F1B; communication buffers are the gradient buckets. A fixed reserve covers
 the CUDA context and allocator fragmentation. Step time: training FLOPs of the global batch over the GPUs' peak
@@ -158,21 +159,21 @@ def state_bytes(cfg: Config, params: RankParameters) -> tuple[float, float, floa
     bf16 = cfg.train.precision == "bf16"
     weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 12)
     stage = ds.zero_stage
-    expert_dp = p.dp // p.ep
+    expert_dp = p.dp // p.ep * p.cp
 
     def split(elements: int, bytes_each: int, partitioned: bool, over: int) -> float:
         return bytes_each * elements / (over if partitioned else 1)
 
     out = []
     for bytes_each, partitioned in ((weight, stage >= 3), (grad, stage >= 2), (optim, stage >= 1)):
-        out.append(split(params.dense, bytes_each, partitioned, p.dp)
+        out.append(split(params.dense, bytes_each, partitioned, p.dp * p.cp)
                    + split(params.expert, bytes_each, partitioned, expert_dp))
     return out[0], out[1], out[2]
 
 
-def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_parallel: bool) -> float:
-    """Elements per token that block `layer` keeps for its backward on one tensor-parallel rank, as this
-    implementation saves them (tested against autograd's saved-tensor hooks for GQA, MLA, MoE and TP blocks):
+def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_parallel: bool, cp: int = 1) -> float:
+    """Elements per (local) token that block `layer` keeps for its backward on one tensor-parallel rank, as this
+    implementation saves them (tested against autograd's saved-tensor hooks for GQA, MLA, MoE, TP and CP blocks):
     - each of the two norms: its input, reciprocal RMS and normalized input (on the sequence shard with sequence
       parallelism: 2 d + 1 split over tp), and its output as the projections read it (gathered: d);
     - GQA attention, on the rank's heads: queries, keys and values repeated to every query head and the output
@@ -180,7 +181,9 @@ def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_para
       (3 q_rank + 1) and the key-value latent with the RoPE key (3 kv_rank + rope + 1), replicated; per head
       queries and keys (qk head dim), values and output (v head dim), and the log-sum-exp. A GPU's flash or
       memory-efficient attention keeps no score matrix; on a CPU, MLA's differing query and value head sizes fall
-      back to the math kernel, which keeps h x seq more per token (and no log-sum-exp);
+      back to the math kernel, which keeps h x seq more per token (and no log-sum-exp). With context parallelism
+      the keys and values are the whole window's (gathered): cp times as many per local token, and the outputs of
+      the two query chunks are kept apart from their concatenation (one more output per token);
     - a SwiGLU MLP: gate, up, activated gate and product: 4 f. An MoE layer: the same for each of its top_k
       routed copies and the shared experts, the dispatched inputs and the expert outputs (3 top_k d), router
       scores and routing weights (E + 4 top_k)."""
@@ -191,9 +194,10 @@ def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_para
     if m.attention == "mla":
         a = m.mla
         latents = 3 * a.q_lora_rank + 1 + 3 * a.kv_lora_rank + a.qk_rope_head_dim + 1
-        elements += latents + heads * (2 * a.qk_head_dim + 2 * a.v_head_dim + 1)
+        elements += latents + heads * ((1 + cp) * (a.qk_head_dim + a.v_head_dim) + 1)
+        elements += heads * a.v_head_dim if cp > 1 else 0
     else:
-        elements += 4 * heads * m.head_dim + heads
+        elements += (2 + 2 * cp + (cp > 1)) * heads * m.head_dim + heads
     if m.moe.enabled and layer >= m.moe.first_k_dense:
         e = m.moe
         elements += 4 * (e.top_k + e.num_shared_experts) * e.expert_hidden / tp + 3 * e.top_k * d + e.num_experts
@@ -208,12 +212,12 @@ def activation_bytes(cfg: Config, layers: set[int], last: bool, recompute: bool 
     at once on top of that: the gradients of the block being back-propagated, and with full recomputation its
     recomputed activations). With full recomputation a block keeps only its input."""
     m, p = cfg.model, cfg.parallel
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp  # this rank's share of each window
     act_bytes = 2 if cfg.train.precision == "bf16" else 4
     sp = p.sequence_parallel and p.tp > 1
     kept, largest_block = 0.0, 0.0
     for layer in layers:
-        block = block_activation_elements(m, layer, p.tp, sp) * tokens * act_bytes
+        block = block_activation_elements(m, layer, p.tp, sp, p.cp) * tokens * act_bytes
         largest_block = max(largest_block, block)
         kept += m.d_model / (p.tp if sp else 1) * tokens * act_bytes if recompute else block
     if last:  # logits (bf16 under autocast), their fp32 log-softmax and its gradient, over the vocabulary shard
@@ -278,27 +282,37 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+MIN_CONTEXT_SHARD = 4096  # context parallelism is considered only down to shards of this many tokens
+
+
+def context_parallel_sizes(seq_len: int) -> list[int]:
+    """CP sizes worth planning for a window: 1, and powers of two leaving shards of at least MIN_CONTEXT_SHARD."""
+    return [1] + [c for c in (2, 4, 8, 16, 32) if seq_len % (2 * c) == 0 and seq_len // c >= MIN_CONTEXT_SHARD]
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, micro_batches: list[int]) -> list[Config]:
-    """Every combination of tp (within a node), pp, virtual stages, ep, ZeRO stage and micro-batch size whose
-    product of tp x pp x dp is `gpus`; validity is checked separately."""
+    """Every combination of tp (within a node), cp (long windows only), pp, virtual stages, ep, ZeRO stage and
+    micro-batch size whose product of tp x cp x pp x dp is `gpus`; validity is checked separately."""
     m = cfg.model
     out = []
     for tp in [d for d in _divisors(gpus) if d <= gpus_per_node]:
-        for pp in [d for d in _divisors(gpus // tp) if d <= m.n_layers]:
-            dp = gpus // (tp * pp)
-            eps = [e for e in _divisors(dp) if m.moe.num_experts % e == 0] if m.moe.enabled else [1]
-            virtuals = [1, 2] if pp > 1 else [1]
-            for ep in eps:
-                for virtual in virtuals:
-                    for zero in (0, 1, 2, 3):
-                        for micro in micro_batches:
-                            out.append(_with_layout(cfg, tp, pp, dp, ep, virtual, zero, micro))
+        for cp in [c for c in context_parallel_sizes(cfg.data.seq_len) if (gpus // tp) % c == 0]:
+            for pp in [d for d in _divisors(gpus // (tp * cp)) if d <= m.n_layers]:
+                dp = gpus // (tp * cp * pp)
+                eps = [e for e in _divisors(dp) if m.moe.num_experts % e == 0] if m.moe.enabled else [1]
+                virtuals = [1, 2] if pp > 1 else [1]
+                for ep in eps:
+                    for virtual in virtuals:
+                        for zero in (0, 1, 2, 3):
+                            for micro in micro_batches:
+                                out.append(_with_layout(cfg, tp, pp, dp, ep, virtual, zero, micro, cp))
     return out
 
 
-def _with_layout(cfg: Config, tp: int, pp: int, dp: int, ep: int, virtual: int, zero: int, micro: int) -> Config:
+def _with_layout(cfg: Config, tp: int, pp: int, dp: int, ep: int, virtual: int, zero: int, micro: int,
+                 cp: int = 1) -> Config:
     parallel = dataclasses.replace(
-        cfg.parallel, tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=virtual, sequence_parallel=tp > 1,
+        cfg.parallel, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, virtual_stages=virtual, sequence_parallel=tp > 1,
         pp_schedule="interleaved_1f1b" if virtual > 1 else ("1f1b" if pp > 1 else cfg.parallel.pp_schedule),
         pp_layers=[],
     )
@@ -309,7 +323,7 @@ def _with_layout(cfg: Config, tp: int, pp: int, dp: int, ep: int, virtual: int, 
 
 def layout_of(cfg: Config) -> dict[str, int | bool]:
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "virtual_stages": p.virtual_stages, "ep": p.ep, "dp": p.dp,
+    return {"tp": p.tp, "pp": p.pp, "virtual_stages": p.virtual_stages, "ep": p.ep, "dp": p.dp, "cp": p.cp,
             "zero_stage": cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 0,
             "micro_batch_size": cfg.train.micro_batch_size, "sequence_parallel": p.sequence_parallel}
 
@@ -335,9 +349,10 @@ def evaluate(cfg: Config, gpus: int, gpu_memory: float, peak_flops: float, mfu: 
 def plan(cfg: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak_flops: float = 989e12,
          mfu: float = 0.4, micro_batches: list[int] | None = None) -> list[PlanRow]:
     """Every candidate layout, fitting ones first: fastest first; among equally fast ones (the step time leaves out
-    communication) the lower ZeRO stage (fewer collectives per micro-batch), then the least memory."""
+    communication) the smaller context-parallel group (its K/V all-gathers are not in the step time), then the lower
+    ZeRO stage (fewer collectives per micro-batch), then the least memory."""
     rows = [evaluate(c, gpus, gpu_memory, peak_flops, mfu, recompute)
             for c in candidate_layouts(cfg, gpus, gpus_per_node, micro_batches or [1, 2, 4])
             for recompute in (False, True)]
-    return sorted(rows, key=lambda r: (not r.fits, float(f"{r.step_seconds:.6g}"), r.layout["zero_stage"],
-                                       r.memory.total if r.memory else math.inf))
+    return sorted(rows, key=lambda r: (not r.fits, float(f"{r.step_seconds:.6g}"), r.layout["cp"],
+                                       r.layout["zero_stage"], r.memory.total if r.memory else math.inf))

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.context import ContextParallel
 from parallel.data_parallel import average_gradients
 from parallel.experts import apply_expert_parallel
 from parallel.grad_norm import clip_grad_norm
@@ -54,18 +55,32 @@ class ParallelPlan:
     not_counted: frozenset[str] = frozenset()  # local copies that another rank already counts in the grad norm
     local_names: set[str] | None = None  # parameters this rank holds, when it holds only some (pipeline)
     expert_names: frozenset[str] = frozenset()  # expert weights split over the expert-parallel group
+    context: ContextParallel | None = None  # the sequence split over the context-parallel group
 
     @property
     def tp(self) -> int:
         return self.grid.size("tp")
 
+    @property
+    def cp(self) -> int:
+        return self.grid.size("cp")
+
     def loss(self, logits, labels, label_smoothing=0.0, z_loss=0.0):
         if self.tp == 1:
-            return lm_loss(logits, labels, label_smoothing, z_loss)
-        vocab_start = self.grid.coords["tp"] * (self.vocab_size // self.tp)
-        return vocab_parallel_lm_loss(
-            logits, labels, self.grid.group("tp"), vocab_start, self.vocab_size, label_smoothing, z_loss
-        )
+            loss, metrics = lm_loss(logits, labels, label_smoothing, z_loss)
+        else:
+            vocab_start = self.grid.coords["tp"] * (self.vocab_size // self.tp)
+            loss, metrics = vocab_parallel_lm_loss(
+                logits, labels, self.grid.group("tp"), vocab_start, self.vocab_size, label_smoothing, z_loss
+            )
+        if self.context is not None:  # this rank's share of the whole window's mean
+            share = self.context.loss_share(labels)
+            loss, metrics = loss * share, {name: value * share for name, value in metrics.items()}
+        return loss, metrics
+
+    def local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a batch of whole windows this rank computes (its sequence shard under context parallelism)."""
+        return batch if self.context is None else self.context.split_batch(batch)
 
     @property
     def pp(self) -> int:
@@ -104,15 +119,15 @@ class ParallelPlan:
             sync_tensor_parallel_grads(model, self.specs, self.grid.group("tp"))
         self.sync_tied_embedding(model)
         named = list(model.named_parameters())
-        if self.grid.size("dp") > 1:
+        if self.grid.size("dp_cp") > 1:  # data- and context-parallel ranks each saw other tokens
             dense = [p for name, p in named if name not in self.expert_names]
-            average_gradients(dense, self.grid.group("dp"), self.grad_bucket_bytes)
-        if self.expert_names and self.grid.size("dp") > 1:
+            average_gradients(dense, self.grid.group("dp_cp"), self.grad_bucket_bytes)
+        if self.expert_names and self.grid.size("dp_cp") > 1:
             # each expert's grad already holds its whole EP group's tokens (all-to-all backward): sum over the
-            # ranks holding the same experts, divide by all data-parallel ranks
+            # ranks holding the same experts, divide by all data- and context-parallel ranks
             experts = [p for name, p in named if name in self.expert_names]
-            average_gradients(experts, self.grid.group("expert_dp"), self.grad_bucket_bytes,
-                              divide_by=self.grid.size("dp"))
+            average_gradients(experts, self.grid.group("expert_dp_cp"), self.grad_bucket_bytes,
+                              divide_by=self.grid.size("dp_cp"))
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
         counted = [(p, self.specs[name].counted_once and name not in self.not_counted)
@@ -179,8 +194,11 @@ def parallelize(
     sp = sequence_parallel and grid.size("tp") > 1
     plan = ParallelPlan(grid, specs, sp, model.cfg.vocab_size, grad_bucket_mb * 2**20,
                         tied_embedding=last_stage_holds_embedding(model.cfg), expert_names=expert_names)
-    if grid.size("tp") > 1:
-        model.mtp_loss_function = plan.loss  # the MTP depths' logits are split over the vocabulary too
+    if grid.size("cp") > 1:
+        plan.context = ContextParallel(grid.group("cp"), grid.size("cp"), grid.coords["cp"])
+        plan.context.apply(model)
+    if grid.size("tp") > 1 or grid.size("cp") > 1:
+        model.mtp_loss_function = plan.loss  # the MTP depths' logits are split over the vocabulary / sequence too
     if grid.size("pp") > 1:
         plan.pipeline, plan.not_counted = _pipeline(model, grid, pipeline or PipelineOptions(), sp)
         plan.local_names = {name for name, _ in model.named_parameters()}
@@ -194,9 +212,10 @@ def _pipeline(model: nn.Module, grid: ProcessGrid, options: PipelineOptions, sp:
     num_stages = len(ranges)
     stage_ids = stages_of_rank(pp_rank, pp, options.virtual_stages)
     has_first, has_last = 0 in stage_ids, num_stages - 1 in stage_ids
-    stages = [StageModule(model, ranges[s], s == 0, s == num_stages - 1, options.seq_len) for s in stage_ids]
+    seq_len = options.seq_len // grid.size("cp")  # the positions this rank computes of each window
+    stages = [StageModule(model, ranges[s], s == 0, s == num_stages - 1, seq_len) for s in stage_ids]
     prune_model(model, {i for s in stage_ids for i in ranges[s]}, has_first, has_last)
-    tokens = options.seq_len // grid.size("tp") if sp else options.seq_len
+    tokens = seq_len // grid.size("tp") if sp else seq_len
     runner = PipelineRunner(
         stages, stage_ids, num_stages, grid.group("pp"), grid.group_ranks["pp"], options.schedule,
         options.n_microbatches, lambda batch: (batch, tokens, model.cfg.d_model),

@@ -230,7 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--gpus", "--gpus and --gpus-per-node must be positive")
     rows = plan(cfg, args.gpus, memory, args.gpus_per_node, args.peak_tflops * 1e12, args.mfu)
     own = layout_of(cfg) | {"recompute": cfg.train.activation_checkpointing}
-    compared = ("tp", "pp", "virtual_stages", "ep", "dp", "zero_stage", "micro_batch_size", "recompute")
+    compared = ("tp", "cp", "pp", "virtual_stages", "ep", "dp", "zero_stage", "micro_batch_size", "recompute")
     is_own = [r for r in rows if r.memory and all(r.layout[k] == own[k] for k in compared)]
     if args.format == "json":
         def as_dict(r):
@@ -240,12 +240,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({"gpus": args.gpus, "gpu_memory_bytes": memory, "mfu": args.mfu,
                           "peak_flops": args.peak_tflops * 1e12, "layouts": [as_dict(r) for r in rows]}, indent=1))
         return 0
-    header = ("  tp  pp   v   ep    dp  zero  mb  recompute | params/rank  weights  grads  optim  activ.  "
+    header = ("  tp  cp  pp   v   ep    dp  zero  mb  recompute | params/rank  weights  grads  optim  activ.  "
               "total GiB | step s")
     def line(r) -> str:
         lay, mem = r.layout, r.memory
         g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
-        return (f"{lay['tp']:4d}{lay['pp']:4d}{lay['virtual_stages']:4d}{lay['ep']:5d}{lay['dp']:6d}"
+        return (f"{lay['tp']:4d}{lay['cp']:4d}{lay['pp']:4d}{lay['virtual_stages']:4d}{lay['ep']:5d}{lay['dp']:6d}"
                 f"{lay['zero_stage']:6d}{lay['micro_batch_size']:4d}  {'full' if lay['recompute'] else 'none':>9} | "
                 f"{mem.parameters / 1e9:9.2f}B {g(mem.weights)}{g(mem.gradients)}{g(mem.optimizer)}"
                 f"{g(mem.activations)}  {mem.total / GIB:9.1f} | {r.step_seconds:6.2f}")

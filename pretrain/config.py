@@ -265,7 +265,13 @@ def validate_parallel(cfg: Config) -> None:
     p, m = cfg.parallel, cfg.model
     for name in ("tp", "dp", "pp", "cp", "ep"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
-    _require(p.cp == 1, "parallel.cp", "context parallelism is not available yet; use 1")
+    if p.cp > 1:
+        _require(cfg.data.seq_len % (2 * p.cp) == 0, "data.seq_len",
+                 f"{cfg.data.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp} (context parallelism splits "
+                 f"each window into 2 x cp equal chunks)")
+        _require(not (cfg.deepspeed.enabled and p.ep > 1), "parallel.cp",
+                 "context parallelism with DeepSpeed and expert parallelism together is not supported yet: use "
+                 "parallel.ep=1, or the plain engine (deepspeed.enabled=false)")
     if p.ep > 1:
         _require(m.moe.enabled, "parallel.ep", "expert parallelism needs an MoE model (model.moe.num_experts > 0)")
         _require(m.moe.num_experts % p.ep == 0, "parallel.ep",
@@ -289,8 +295,10 @@ def validate_parallel(cfg: Config) -> None:
             f"{m.n_kv_heads} KV heads can neither be split over nor replicated across parallel.tp={p.tp} ranks",
         )
     if p.sequence_parallel and p.tp > 1:
-        _require(cfg.data.seq_len % p.tp == 0, "data.seq_len",
-                 f"{cfg.data.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
+        local = cfg.data.seq_len // p.cp
+        _require(local % p.tp == 0, "data.seq_len",
+                 f"{cfg.data.seq_len} tokens" + (f" / parallel.cp={p.cp} = {local}" if p.cp > 1 else "")
+                 + f" is not divisible by parallel.tp={p.tp} (needed by sequence parallelism)")
         _require(m.dropout == 0, "model.dropout", "sequence parallelism does not support dropout yet; set 0")
 
 

@@ -277,7 +277,8 @@ class Trainer:
         return None if document_ids is None else Documents(document_ids, self.cfg.data.restart_positions)
 
     def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
-        return self.data_feed.deliver(next(loader), self.device)
+        """The next micro-batch: this rank's part of it (its sequence shard under context parallelism)."""
+        return self.plan.local_batch(self.data_feed.deliver(next(loader), self.device))
 
     def train_step(self) -> dict[str, float]:
         self.model.train()
@@ -353,8 +354,8 @@ class Trainer:
                   flush=True)
 
     def _moe_step_end(self) -> dict[str, float]:
-        """Per MoE layer: this step's load summed over data-parallel ranks drives the auxiliary-loss-free bias
-        update (identical on every rank), and gives the logged statistics."""
+        """Per MoE layer: this step's load summed over data- and context-parallel ranks drives the
+        auxiliary-loss-free bias update (identical on every rank), and gives the logged statistics."""
         self.phase = "MoE load statistics"
         metrics = self._local_moe_metrics() if self.moe_layers else {}
         merged = self.plan.merged_over_stages(metrics)  # each stage knows its own layers
@@ -367,9 +368,9 @@ class Trainer:
         loads = torch.stack([layer.load_since_update for layer in layers.values()])
         # per layer, in SUMMED_STATS order: dropped assignments, balance loss, router z-loss, forwards
         extras = torch.stack([layer.stats_since_update for layer in layers.values()])
-        if self.grid.size("dp") > 1:
+        if self.grid.size("dp_cp") > 1:
             both = torch.cat([loads.flatten(), extras.flatten()])
-            dist.all_reduce(both, group=self.grid.group("dp"))
+            dist.all_reduce(both, group=self.grid.group("dp_cp"))
             loads, extras = both[: loads.numel()].view_as(loads), both[loads.numel():].view_as(extras)
         metrics = {}
         for (index, layer), load, (drop, balance, z, forwards) in zip(layers.items(), loads, extras, strict=True):
@@ -395,10 +396,11 @@ class Trainer:
         return loss, parts
 
     def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
-        if self.grid.size("dp") > 1:
+        """The mean over data-parallel ranks (and context-parallel ones, whose losses are shares of their window's)."""
+        if self.grid.size("dp_cp") > 1:
             values = values.clone()
-            dist.all_reduce(values, group=self.grid.group("dp"))
-            values /= self.grid.size("dp")
+            dist.all_reduce(values, group=self.grid.group("dp_cp"))
+            values /= self.grid.size("dp_cp")
         return values
 
     @torch.no_grad()
@@ -445,7 +447,7 @@ class Trainer:
 
     def layout(self) -> dict[str, Any]:
         p = self.cfg.parallel
-        return {"world_size": self.grid.shape.world_size, "tp": p.tp, "pp": p.pp, "dp": p.dp, "ep": p.ep,
+        return {"world_size": self.grid.shape.world_size, "tp": p.tp, "pp": p.pp, "dp": p.dp, "cp": p.cp, "ep": p.ep,
                 "virtual_stages": p.virtual_stages, "engine": self.engine.name,
                 "zero_stage": self.cfg.deepspeed.zero_stage if self.engine.name == "deepspeed" else None}
 

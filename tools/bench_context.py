@@ -6,17 +6,23 @@ step (the batch shrinks as the windows grow), for the long-context phase's model
 Activation memory is measured, not estimated: the bytes of every tensor autograd saves for the backward (each
 storage once, parameters excluded), which is what grows with the length; with activation checkpointing only the
 blocks' inputs are saved. Tokens/s: median of `--repeats` forward + backward passes after a warm-up, fp32, all of
-this machine's threads. Context parallelism (which splits these activations over ranks) is not implemented yet.
+this machine's threads. With `--cp 2` the same windows are also run split over 2 context-parallel ranks (gloo
+processes sharing the machine's threads): tokens/s of the group, and the activations of one rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tools.bench_report import machine_description, write_section
 
@@ -50,6 +56,43 @@ def step_seconds(model, tokens, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _context_parallel_rank(rank: int, cp: int, init: str, config: str, lengths: list[int], tokens_per_step: int,
+                           repeats: int, threads: int, out: str) -> None:
+    """One rank of a CP group: for each length, its tokens/s share and the activations it saves."""
+    from parallel.grid import GridShape, ProcessGrid
+    from parallel.plan import parallelize
+    from pretrain.config import load_config
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=cp)
+    grid = ProcessGrid.build(GridShape(cp=cp), cp, rank)
+    results = []
+    for length in lengths:
+        cfg = load_config(config, [f"model.max_seq_len={max(length, 1024)}"], check_paths=False)
+        torch.manual_seed(0)
+        model = cfg.model.build()
+        plan = parallelize(model, grid)
+        batch = max(1, tokens_per_step // length)
+        tokens = torch.randint(0, cfg.model.vocab_size, (batch, length))
+        local = plan.local_batch({"input_ids": tokens})["input_ids"]
+        dist.barrier()
+        seconds = step_seconds(model, local, repeats)
+        results.append({"seconds": seconds, "bytes": saved_activation_bytes(model, local)})
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def context_parallel_rows(config: str, lengths: list[int], tokens_per_step: int, repeats: int, cp: int) -> list[dict]:
+    """Per length: the CP group's step seconds (its ranks run together) and rank 0's saved activation bytes."""
+    threads = max(1, torch.get_num_threads() // cp)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cp.json")
+        mp.spawn(_context_parallel_rank, nprocs=cp,
+                 args=(cp, os.path.join(tmp, "init"), config, lengths, tokens_per_step, repeats, threads, out))
+        return json.loads(Path(out).read_text())
+
+
 def main() -> None:
     from pretrain.config import load_config
 
@@ -58,6 +101,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / length)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks to compare with (1: none)")
     parser.add_argument("--out", default="BENCHMARKS.md")
     args = parser.parse_args()
     rows = []
@@ -77,18 +121,33 @@ def main() -> None:
         print(f"seq {length} x {batch}: {speed:,.0f} tokens/s, activations {plain / 2**20:.1f} MiB "
               f"({recomputed / 2**20:.1f} MiB with recomputation)", flush=True)
         rows.append((length, batch, speed, plain, recomputed))
+    split = context_parallel_rows(args.config, args.lengths, args.tokens, args.repeats, args.cp) if args.cp > 1 else []
     base_speed, base_bytes = rows[0][2], rows[0][3]
-    lines = [f"| {n} | {b} | {s:,.0f} | {s / base_speed:.2f} | {p / 2**20:.1f} | {p / base_bytes:.2f} | "
-             f"{r / 2**20:.1f} |" for n, b, s, p, r in rows]
+    lines = []
+    for i, (n, b, s, p, r) in enumerate(rows):
+        line = (f"| {n} | {b} | {s:,.0f} | {s / base_speed:.2f} | {p / 2**20:.1f} | {p / base_bytes:.2f} | "
+                f"{r / 2**20:.1f} |")
+        if split:
+            cp_speed, cp_bytes = b * n / split[i]["seconds"], split[i]["bytes"]
+            line += f" {cp_speed:,.0f} | {cp_speed / s:.2f} | {cp_bytes / 2**20:.1f} | {cp_bytes / p:.2f} |"
+        print(line, flush=True)
+        lines.append(line)
+    cp_head = (f" CP={args.cp} tokens/s | vs CP=1 | CP={args.cp} activations per rank MiB | vs CP=1 |"
+               if split else "")
+    cp_rule = "---|---|---|---|" if split else ""
     body = (
         f"`python -m tools.bench_context` — `{args.config}` model, {args.tokens} tokens per step, one forward + "
-        f"backward, fp32, median of {args.repeats}; activation memory = bytes autograd saves for the backward.\n\n"
-        "| seq | batch | tokens/s | vs shortest | activations MiB | vs shortest | with recomputation MiB |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(lines)
+        f"backward, fp32, median of {args.repeats}; activation memory = bytes autograd saves for the backward."
+        + (f" CP={args.cp}: the same windows split over {args.cp} gloo processes on the same cores "
+           f"({max(1, torch.get_num_threads() // args.cp)} thread(s) each; CP=1 uses {torch.get_num_threads()})."
+           if split else "") + "\n\n"
+        "| seq | batch | tokens/s | vs shortest | activations MiB | vs shortest | with recomputation MiB |"
+        + cp_head + "\n|---|---|---|---|---|---|---|" + cp_rule + "\n" + "\n".join(lines)
         + "\n\nAt a fixed number of tokens the saved activations do not grow with the length: SDPA's fused kernel "
         "keeps O(seq) per sequence for the backward, never the seq x seq scores, so what grows is compute (the "
-        "attention's share of the FLOPs). Context parallelism (splitting each sequence over ranks, for lengths whose "
-        "activations overflow one device) is not implemented yet; this table is CP=1."
+        "attention's share of the FLOPs). Context parallelism splits each window's activations over its ranks (for "
+        "lengths whose activations overflow one device); each rank also saves the whole window's keys and values "
+        "it gathered, and on one machine its ranks share the cores, so its speed here shows its overhead, not a gain."
     )
     write_section(Path(args.out), "bench_context", "Sequence length: speed and activation memory",
                   machine_description(), body)

@@ -54,6 +54,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * cfg.v_head_dim, d_model, bias=False)
+        self.core_attention = causal_attention  # softmax(q·kᵀ)·v; context parallelism swaps in its own
 
     def input_projections(self) -> list[nn.Linear]:
         """The linears that read the block input or a latent (initialised with the plain std)."""
@@ -87,5 +88,5 @@ class MLA(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         dropout = self.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, self.sliding_window, dropout, self.scale, allowed)
+        out = self.core_attention(q, k, v, self.sliding_window, dropout, self.scale, allowed)
         return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -209,6 +209,10 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, d_model, hidden)
         self.shared = SwiGLU(d_model, hidden * cfg.num_shared_experts) if cfg.num_shared_experts else None
         self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
+        # A sequence split over `sequence_shards` ranks (context parallelism) sums its per-sequence statistics over
+        # them with `sum_over_sequence` (swapped in by parallel/; its backward passes the gradient through)
+        self.sequence_shards = 1
+        self.sum_over_sequence = _unchanged
         self.collect_statistics = True  # off for forwards that are not training steps (shape inference)
         self.last_stats: dict[str, torch.Tensor] = {}
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
@@ -290,13 +294,15 @@ class MoE(nn.Module):
         if cfg.aux_loss_weight > 0:
             # DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i, per sequence, averaged
             e = cfg.num_experts
+            whole = seq * self.sequence_shards
             chosen = F.one_hot(ids, e).sum(1).view(batch, seq, e).float()
-            f = chosen.sum(1) * e / (cfg.top_k * seq)
+            f = self.sum_over_sequence(chosen.sum(1)) * e / (cfg.top_k * whole)
             normalized = scores / scores.sum(-1, keepdim=True)
-            p = normalized.view(batch, seq, e).mean(1)
+            p = self.sum_over_sequence(normalized.view(batch, seq, e).sum(1)) / whole
             balance = (f * p).sum(-1).mean()
             self.last_stats["balance_loss"] = balance.detach()
-            total = cfg.aux_loss_weight * balance
+            # every shard holds the whole loss, and the shards' gradients are averaged: each carries all of it
+            total = cfg.aux_loss_weight * balance * self.sequence_shards
         if cfg.router_z_loss > 0:
             z = torch.logsumexp(logits, dim=-1).pow(2).mean()
             self.last_stats["router_z_loss"] = z.detach()
@@ -319,6 +325,10 @@ class MoE(nn.Module):
         self.router.expert_bias.zero_()
         self.load_since_update.zero_()
         self.stats_since_update.zero_()
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @contextlib.contextmanager

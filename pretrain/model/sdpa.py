@@ -16,13 +16,22 @@ def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor
     return allowed
 
 
+def repeat_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with each head repeated for its group of query heads (GQA); unchanged when the counts match."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return k, v
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int = 0,
                      dropout: float = 0.0, scale: float | None = None, allowed: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """q, k: [batch, heads, seq, qk_dim], v: [batch, heads, seq, v_dim] -> [batch, heads, seq, v_dim]; each
     position sees itself and the earlier ones (the last `sliding_window` of them when it is > 0), and with
     `allowed` ([batch, 1, seq, seq], e.g. same document) only those. With more keys than queries (a KV cache), the
-    queries are the last positions."""
+    queries are the last positions. Fewer key/value heads than query heads (GQA): each serves a group of queries."""
+    k, v = repeat_kv_heads(q, k, v)
     seq, keys = q.shape[2], k.shape[2]
     if allowed is not None:
         mask = causal_mask(seq, sliding_window, q.device) & allowed[..., :seq, :seq]

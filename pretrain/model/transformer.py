@@ -45,6 +45,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.core_attention = causal_attention  # softmax(q·kᵀ)·v; context parallelism swaps in its own
 
     def input_projections(self) -> list[nn.Module]:
         """The linears that read the block input (initialised with the plain std)."""
@@ -64,12 +65,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, self.sliding_window, dropout, allowed=allowed)
+        out = self.core_attention(q, k, v, self.sliding_window, dropout, allowed=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -127,6 +124,8 @@ class Transformer(nn.Module):
         self.last_mtp_losses: list[torch.Tensor] = []
         # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
         self.mtp_loss_function = lm_loss
+        # labels -> (tokens, targets) of an MTP depth; context parallelism swaps in one that shifts across shards
+        self.mtp_shift = mtp_inputs_and_targets
         self.register_buffer("inv_freq", rope_frequencies(cfg.rope, cfg.rope_dim), persistent=False)
         if not self.embed.weight.is_meta:  # on `meta` (sharded initialization) values come later, per shard
             self.reset_parameters()
@@ -244,7 +243,7 @@ class Transformer(nn.Module):
         cos, sin, allowed = inputs if inputs is not None else self.attention_inputs(labels.shape[1], documents)
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
-            tokens, targets = mtp_inputs_and_targets(labels, depth)
+            tokens, targets = self.mtp_shift(labels, depth)
             hidden = module(hidden, self.embed(tokens), cos, sin, allowed=allowed)
             losses.append(self.mtp_loss_function(self.lm_head(module.norm(hidden)), targets)[0])
         self.last_mtp_losses = [loss.detach() for loss in losses]

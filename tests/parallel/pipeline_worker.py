@@ -41,7 +41,7 @@ def run(overrides: list[str], data_dir: str, rank: int, world: int) -> dict:
     flags = [o for o in overrides if o.startswith("+")]
     cfg = load_config(None, [*MODEL, f"data.dir={data_dir}", *(o for o in overrides if o not in flags)])
     p = cfg.parallel
-    grid = ProcessGrid.build(GridShape(tp=p.tp, pp=p.pp, dp=p.dp), world, rank)
+    grid = ProcessGrid.build(GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep), world, rank)
     # what the single process shares with the layout: the model and the data options (e.g. document masking)
     shared = [o for o in overrides if o.startswith(("model.", "data."))]
     if "+break=reference_unmasked" in flags:  # negative control: masking must change the result

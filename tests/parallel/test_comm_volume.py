@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from parallel.comm_volume import CommVolume
 from parallel.expected_traffic import (
     as_measured,
+    context_parallel_elements,
     data_parallel_elements,
     megatron_layer_elements,
     shared_kinds,
@@ -51,7 +52,8 @@ def test_counts_payload_and_ring_bytes(tmp_path):
     assert set(got) == {"all_reduce@n=2", "all_reduce@pair", "all_gather@n=2", "reduce_scatter@n=2", "broadcast@pair"}
 
 
-TRAINER_LAYOUTS = [["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.dp=2"]]
+TRAINER_LAYOUTS = [["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.dp=2"],
+                   ["parallel.cp=2"]]
 MODEL = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
          "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
          "tracking.mlflow=false", "train.precision=fp32"]
@@ -68,10 +70,10 @@ def _trainer_worker(rank: int, world: int, init_file: str, data_dir: str, run_di
     for overrides in TRAINER_LAYOUTS:
         cfg = load_config(None, [*MODEL, f"data.dir={data_dir}", *overrides])
         p = cfg.parallel
-        grid = ProcessGrid.build(GridShape(tp=p.tp, dp=p.dp), world, rank)
+        grid = ProcessGrid.build(GridShape(tp=p.tp, dp=p.dp, cp=p.cp), world, rank)
         trainer = Trainer(cfg, f"{run_dir}/{rank}", callbacks=[], grid=grid)
         trainer.train_step()
-        groups = {k: grid.group(k) for k in ("tp", "dp", "model")}
+        groups = {k: grid.group(k) for k in ("tp", "dp", "cp", "dp_cp", "model")}
         with CommVolume(groups) as vol:
             trainer.train_step()
         local = sum(q.numel() for q in trainer.model.parameters())
@@ -85,14 +87,15 @@ def _trainer_worker(rank: int, world: int, init_file: str, data_dir: str, run_di
 
 @pytest.mark.timeout(300)
 def test_training_step_traffic_matches_megatron_formula(parallel_data, tmp_path):
-    """One Trainer step at TP=2, TP=2+SP and DP=2 moves exactly the elements the formulas predict: a missing or
-    extra collective (e.g. one all-reduce per q/k/v projection instead of one per attention input) fails it."""
+    """One Trainer step at TP=2, TP=2+SP, DP=2 and CP=2 moves exactly the elements the formulas predict: a missing
+    or extra collective (e.g. one all-reduce per q/k/v projection instead of one per attention input, or K/V
+    gathered after the GQA repeat) fails it."""
     from pretrain.config import load_config
 
     out = tmp_path / "out.json"
     mp.spawn(_trainer_worker, args=(2, str(tmp_path / "init"), str(parallel_data), str(tmp_path / "runs"), str(out)),
              nprocs=2)
-    tp, tp_sp, dp = json.loads(out.read_text())
+    tp, tp_sp, dp, cp = json.loads(out.read_text())
     cfg = load_config(None, [*MODEL, f"data.dir={parallel_data}", *TRAINER_LAYOUTS[0]])
     cfg_sp = load_config(None, [*MODEL, f"data.dir={parallel_data}", *TRAINER_LAYOUTS[1]])
 
@@ -110,3 +113,9 @@ def test_training_step_traffic_matches_megatron_formula(parallel_data, tmp_path)
     assert expected_sp["all_gather@tp"] == expected_sp["reduce_scatter@tp"] == activations
 
     assert dp["traffic"] == as_measured(data_parallel_elements(dp["local_parameters"]), dp["shared"])
+
+    cfg_cp = load_config(None, [*MODEL, f"data.dir={parallel_data}", *TRAINER_LAYOUTS[3]])
+    expected_cp = context_parallel_elements(cfg_cp, dp=1) | data_parallel_elements(cp["local_parameters"], "dp_cp")
+    assert cp["traffic"] == as_measured(expected_cp, cp["shared"])
+    # 4 micro-batches x 2 layers x K and V of 2 x 32 tokens x 2 KV heads x 16 dims
+    assert expected_cp["all_gather@cp"] == 4 * 2 * 2 * (2 * 32 * 2 * 16)

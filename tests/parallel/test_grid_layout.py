@@ -21,7 +21,7 @@ def test_every_kind_partitions_the_world_and_coordinates_agree(tp, cp, dp, pp, e
     groups = layout(shape)
     world = list(range(shape.world_size))
     sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp, "ep": ep, "expert_dp": dp // ep, "dp_cp": dp * cp,
-             "model": tp * pp}
+             "expert_dp_cp": dp // ep * cp, "model": tp * pp}
     for kind, members in groups.items():
         assert sorted(itertools.chain(*members)) == world, kind
         if kind != "embedding":
@@ -37,6 +37,10 @@ def test_every_kind_partitions_the_world_and_coordinates_agree(tp, cp, dp, pp, e
         assert dp_group.index(rank) == c["dp"]
         (ep_group,) = [g for g in groups["ep"] if rank in g]
         assert ep_group.index(rank) == c["ep"] and set(ep_group) <= set(dp_group)
+        # the ranks holding this rank's experts, over data and context: the same (pp, tp) and expert index
+        (expert_dp_cp,) = [g for g in groups["expert_dp_cp"] if rank in g]
+        assert all(coordinates(shape, r)["ep"] == c["ep"] and coordinates(shape, r)["tp"] == c["tp"]
+                   and coordinates(shape, r)["pp"] == c["pp"] for r in expert_dp_cp)
 
 
 def test_sizes_must_multiply_to_world():

@@ -27,9 +27,10 @@ def test_tp_not_dividing_the_model_is_a_config_error(parallel_data, tmp_path):
     assert result.returncode == 2 and "model.n_heads" in result.stderr and "parallel.tp=3" in result.stderr
 
 
-def test_unsupported_dimension_is_named(parallel_data, tmp_path):
-    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.cp=2")
-    assert result.returncode == 2 and "parallel.cp" in result.stderr and "not available yet" in result.stderr
+def test_window_not_splitting_over_context_parallel_ranks_fails_before_launch(parallel_data, tmp_path):
+    result = cli("--run-dir", str(tmp_path / "r"), *overrides(parallel_data), "parallel.cp=3", "--nproc", "3")
+    assert result.returncode == 2 and "data.seq_len" in result.stderr and "2 x parallel.cp = 6" in result.stderr
+    assert "torch.distributed" not in result.stderr and not (tmp_path / "r").exists()
 
 
 def test_more_pipeline_stages_than_layers_fails_before_launch(parallel_data, tmp_path):

@@ -193,3 +193,34 @@ def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_pa
     finally:
         dist.destroy_process_group()
     assert per_token == pytest.approx(block_activation_elements(cfg.model, 0, 2, sequence_parallel), abs=1)
+
+
+def test_context_parallel_block_activations_equal_what_autograd_saves():
+    """On one rank of CP=2 (fake process group), a GQA block keeps for its half of each window what the planner
+    counts per local token: the whole window's (gathered) keys and values, its own queries, the query chunks'
+    outputs and their concatenation. Less the causal masks that torch's CPU kernel materializes for each query chunk
+    (a GPU kernel keeps none). (MLA runs on the CPU's math kernel, whose per-chunk copies a GPU does not make.)"""
+    from parallel.memory_plan import block_activation_elements
+
+    cfg = load_config("configs/tiny_moe.yaml", ["parallel.cp=2", "data.seq_len=128", "model.max_seq_len=128"],
+                      check_paths=False)
+    dist.init_process_group("fake", rank=1, world_size=2, store=FakeStore())
+    try:
+        grid = ProcessGrid.build(GridShape(cp=2), 2, 1)
+        torch.manual_seed(0)
+        model = cfg.model.build()
+        parallelize(model, grid)
+        batch, seq = 4, 128
+        local = seq // 2
+        x = torch.randn(batch, local, cfg.model.d_model, requires_grad=True)
+        cos, sin, chunks = model.attention_inputs(local)
+        per_token = saved_elements_per_token(lambda *a: model.layers[1](*a, None, chunks), x, cos, sin, model,
+                                             batch * local)
+    finally:
+        dist.destroy_process_group()
+    per_token -= (local // 2) * sum(chunks.ends) / (batch * local)  # the CPU kernel's [chunk, end] float masks
+    assert per_token == pytest.approx(block_activation_elements(cfg.model, 1, 1, False, cp=2), abs=16)
+    # the gathered keys and values are most of what CP adds: 2 x (cp - 1) x heads x head_dim per local token
+    heads_dims = cfg.model.n_heads * cfg.model.head_dim
+    assert block_activation_elements(cfg.model, 1, 1, False, cp=2) - block_activation_elements(
+        cfg.model, 1, 1, False) == 3 * heads_dims
