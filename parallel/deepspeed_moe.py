@@ -4,7 +4,8 @@ ZeRO-1/2 treat a parameter with `allreduce = False` and a `group_name` as an exp
 with `'moe': True` and that `name` as an expert group: its gradients are reduced (reduce-scatter) over the
 expert-data-parallel group `expert_dp_process_group[name]` only, divided by the whole data-parallel size, as
 `ParallelPlan.sync_grads` does (each expert's gradient already holds its expert-parallel group's tokens from the
-all-to-all's backward), its fp32 master weights and AdamW states are partitioned over that group, and DeepSpeed's
+all-to-all's backward; with context parallelism both groups also span the context-parallel ranks: `dp_cp` and
+`expert_dp_cp`), its fp32 master weights and AdamW states are partitioned over that group, and DeepSpeed's
 `safe_get_full_*`/`safe_set_full_*` gather and scatter them over it. Dense parameters stay on `dp`. The global
 grad norm sums every rank's partition of every group over `dp` (each expert shard's partition once: `dp` is
 `ep` x `expert_dp`) and over the model-parallel group, as `ParallelPlan.clip` counts it.
@@ -69,7 +70,7 @@ def register_groups(plan: ParallelPlan) -> None:
     name = group_name(plan)
     for kind, table, rank_table in (
         ("ep", groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS),
-        ("expert_dp", groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS),
+        ("expert_dp_cp", groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS),
     ):
         group, ranks = plan.grid.group(kind), list(plan.grid.group_ranks[kind])
         if group is None or _ranks(group) != ranks:
@@ -134,9 +135,9 @@ def check_groups(ds_engine, zero_optimizer, plan: ParallelPlan) -> None:
     if not zero_optimizer.contiguous_gradients:  # the other path reduces expert gradients over `dp`
         raise RuntimeError("expert parallelism with ZeRO needs zero_optimization.contiguous_gradients=true")
     name = group_name(plan)
-    want = {"dp": list(plan.grid.group_ranks["dp"]), "expert_dp": list(plan.grid.group_ranks["expert_dp"])}
+    want = {"dp": list(plan.grid.group_ranks["dp_cp"]), "expert_dp": list(plan.grid.group_ranks["expert_dp_cp"])}
     if _ranks(ds_engine.expert_data_parallel_group[name]) != want["expert_dp"]:
-        raise RuntimeError("DeepSpeed's expert-data-parallel group is not our grid's expert_dp group")
+        raise RuntimeError("DeepSpeed's expert-data-parallel group is not our grid's expert_dp(_cp) group")
     if _ranks(ds_engine.expert_parallel_group[name]) != list(plan.grid.group_ranks["ep"]):
         raise RuntimeError("DeepSpeed's expert-parallel group is not our grid's ep group")
     groups = zero_optimizer.real_dp_process_group

@@ -269,9 +269,6 @@ def validate_parallel(cfg: Config) -> None:
         _require(cfg.data.seq_len % (2 * p.cp) == 0, "data.seq_len",
                  f"{cfg.data.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp} (context parallelism splits "
                  f"each window into 2 x cp equal chunks)")
-        _require(not (cfg.deepspeed.enabled and p.ep > 1), "parallel.cp",
-                 "context parallelism with DeepSpeed and expert parallelism together is not supported yet: use "
-                 "parallel.ep=1, or the plain engine (deepspeed.enabled=false)")
     if p.ep > 1:
         _require(m.moe.enabled, "parallel.ep", "expert parallelism needs an MoE model (model.moe.num_experts > 0)")
         _require(m.moe.num_experts % p.ep == 0, "parallel.ep",

@@ -45,8 +45,9 @@ def dry_run_report(cfg: Config) -> list[str]:
     lines += [
         f"training FLOPs per token:   {fpt:.4g} (seq_len {cfg.data.seq_len}); per step {fpt * tokens:.4g}",
         f"tokens per step:            {tokens:,} ({t.global_batch_size} sequences x {cfg.data.seq_len})",
-        f"layout: tp={p.tp} pp={p.pp} dp={p.dp} ep={p.ep} -> {p.world_size} process(es), "
-        f"{cfg.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per rank and step",
+        f"layout: tp={p.tp} pp={p.pp} dp={p.dp} ep={p.ep}" + (f" cp={p.cp}" if p.cp > 1 else "")
+        + f" -> {p.world_size} process(es), {cfg.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per rank "
+        "and step" + (f" ({cfg.data.seq_len // p.cp:,} tokens of each window per rank)" if p.cp > 1 else ""),
         "dry run: config valid; no process started, no data read, no run folder created",
     ]
     return lines

@@ -146,8 +146,9 @@ def main() -> None:
         + "\n\nAt a fixed number of tokens the saved activations do not grow with the length: SDPA's fused kernel "
         "keeps O(seq) per sequence for the backward, never the seq x seq scores, so what grows is compute (the "
         "attention's share of the FLOPs). Context parallelism splits each window's activations over its ranks (for "
-        "lengths whose activations overflow one device); each rank also saves the whole window's keys and values "
-        "it gathered, and on one machine its ranks share the cores, so its speed here shows its overhead, not a gain."
+        "lengths whose activations overflow one device): a rank keeps half of everything plus the whole window's "
+        "keys and values it gathered (and on CPUs the causal masks of its query chunks), which grow with the length; "
+        "on one machine its ranks share the cores, so its speed here shows its overhead, not a gain."
     )
     write_section(Path(args.out), "bench_context", "Sequence length: speed and activation memory",
                   machine_description(), body)

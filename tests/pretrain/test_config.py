@@ -209,8 +209,6 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
         ([*MOE, "model.moe.num_experts=3", "model.moe.top_k=1", "parallel.ep=2", "parallel.dp=2"], "parallel.ep",
          "not divisible"),
         ([*MOE, "parallel.ep=2", "parallel.dp=1"], "parallel.ep", "must divide parallel.dp=1"),
-        ([*MOE, "parallel.ep=2", "parallel.dp=2", "parallel.cp=2", *DS, "deepspeed.zero_stage=2"], "parallel.cp",
-         "context parallelism with DeepSpeed and expert parallelism together is not supported yet"),
         (["data.seq_len=36", "model.max_seq_len=64", "parallel.cp=2", "parallel.tp=4", "model.n_heads=4",
           "model.n_kv_heads=4", "parallel.sequence_parallel=true"], "data.seq_len",
          "36 tokens / parallel.cp=2 = 18 is not divisible by parallel.tp=4"),
