@@ -1,5 +1,5 @@
-"""Checkpoints do not depend on the layout that wrote them: a run saved at one layout (tensor, sequence, data or
-pipeline parallel, DeepSpeed ZeRO) resumes at another and continues the uninterrupted single-process loss curve,
+"""Checkpoints do not depend on the layout that wrote them: a run saved at one layout (tensor, sequence, context, data
+or pipeline parallel, DeepSpeed ZeRO) resumes at another and continues the uninterrupted single-process loss curve,
 optimizer state and data stream included (fp32, tolerance 2e-4 on the loss per step)."""
 
 import shutil
@@ -28,9 +28,10 @@ ZERO3_DP2 = ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"
         # background saves and recomputed blocks: TP2+SP -> PP2
         (["parallel.tp=2", "parallel.sequence_parallel=true", "train.async_checkpoint=true",
           "train.activation_checkpointing=true"], ["parallel.pp=2", "train.activation_checkpointing=true"]),
+        (["parallel.cp=2"], ["parallel.tp=2"]),  # CP=2 -> TP=2: a sequence split over ranks leaves no trace
     ],
     ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2", "zero3->zero1", "zero3->dp2", "zero3->dp1",
-         "tp2->zero2", "pp2zero1->dp1", "tp2sp async recompute->pp2 recompute"],
+         "tp2->zero2", "pp2zero1->dp1", "tp2sp async recompute->pp2 recompute", "cp2->tp2"],
 )
 def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp_path, writer, reader):
     _, reference = single
