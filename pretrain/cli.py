@@ -212,7 +212,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"-> {args.out}")
+    if not args.no_mlflow:
+        _log_evaluation(Path(args.checkpoint), report, args.overrides)
     return 0
+
+
+def _log_evaluation(checkpoint: Path, report: dict, overrides: list[str]) -> None:
+    """Into the MLflow run of the run that wrote the checkpoint (RUN_DIR/checkpoints/step_N), if it was tracked."""
+    import json
+    import tempfile
+
+    from pretrain.callbacks.mlflow_tracking import log_evaluation
+    from pretrain.evaluate import report_metrics
+
+    run_dir = checkpoint.resolve().parent.parent
+    cfg = load_config(checkpoint / "config.yaml", overrides, check_paths=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        label = "_".join(overrides).replace("/", "_")[:80] or "as_trained"
+        name = Path(tmp) / f"step_{report['step']:08d}_{label}.json"
+        name.write_text(json.dumps(report | {"overrides": overrides}, indent=1))
+        run_id = log_evaluation(run_dir, cfg.tracking.tracking_uri, report["step"], report_metrics(report), name)
+    if run_id:
+        print(f"-> MLflow run {run_id} of {run_dir} (metrics eval/..., artifact eval/{name.name})")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -328,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--trials", type=int, default=4, help="passkey: random keys per length and depth")
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--out", help="also write the report as JSON here")
+    evaluation.add_argument("--no-mlflow", action="store_true",
+                            help="do not log the results into the MLflow run of the run that wrote the checkpoint")
     evaluation.add_argument("overrides", nargs="*", metavar="section.key=value",
                             help="change the checkpoint's config, e.g. model.rope.scaling=yarn")
     evaluation.set_defaults(func=cmd_eval)

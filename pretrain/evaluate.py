@@ -156,6 +156,23 @@ def evaluate_checkpoint(checkpoint: Path, settings: EvalSettings, overrides: lis
     return report
 
 
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The report's numbers as flat metric names (for MLflow): eval/long_ppl/loss and per position bucket,
+    eval/passkey/accuracy and per length and depth."""
+    metrics: dict[str, float] = {}
+    if "long_ppl" in report:
+        r = report["long_ppl"]
+        metrics[f"eval/long_ppl/loss_{r['seq_len']}"] = r["loss"]
+        for b in r["buckets"]:
+            metrics[f"eval/long_ppl/loss_{r['seq_len']}_pos_{b['start']}_{b['end']}"] = b["loss"]
+    if "passkey" in report:
+        r = report["passkey"]
+        metrics["eval/passkey/accuracy"] = r["accuracy"]
+        for c in r["cells"]:
+            metrics[f"eval/passkey/len_{c['length']}_depth_{c['depth']:.2f}"] = c["accuracy"]
+    return metrics
+
+
 def format_report(report: dict[str, Any]) -> list[str]:
     lines = [f"{report['checkpoint']} (step {report['step']}, trained at {report['trained_seq_len']} tokens, RoPE "
              f"scaling {report['rope_scaling']}" + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none"

@@ -109,6 +109,24 @@ class MLflowTracking(Callback):
         self.client.set_terminated(self.run_id, status="KILLED" if summary.get("stopped") else "FINISHED")
 
 
+def log_evaluation(run_dir: Path, tracking_uri: str, step: int, metrics: dict[str, float], report_file: Path
+                   ) -> str | None:
+    """An evaluation of one of a run's checkpoints, logged into that run's MLflow run: its metrics at the checkpoint's
+    step and its report as an artifact under `eval/`. Returns the run id; None when the run was not tracked."""
+    id_file = Path(run_dir) / RUN_ID_FILE
+    if not id_file.is_file():
+        return None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, run_dir))
+    run_id = id_file.read_text().strip()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())])
+    client.log_artifact(run_id, str(report_file), artifact_path="eval")
+    return run_id
+
+
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     import matplotlib
 

@@ -50,3 +50,33 @@ def test_cli_writes_the_table_and_json(base_run, tmp_path, capsys):
     assert main(["eval", str(base_run["checkpoint"]), "--tasks", "mmlu"]) == 2
     assert main(["eval", str(base_run["checkpoint"]), "--depths", "2"]) == 2
     assert "--depths" in capsys.readouterr().err
+
+
+def test_results_go_into_the_runs_mlflow_run(base_run, tmp_path, monkeypatch, capsys):
+    """A tracked run (its MLflow run id in the run folder) gets the evaluation's metrics at the checkpoint's step
+    and the report as an artifact, in a real sqlite MLflow store; `--no-mlflow` logs nothing."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.callbacks.mlflow_tracking import RUN_ID_FILE, default_tracking_uri, local_artifact_location
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "tracked"
+    shutil.copytree(base_run["checkpoint"].parent.parent, run_dir)
+    uri = default_tracking_uri(run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("eval", local_artifact_location(uri))).info.run_id
+    (run_dir / RUN_ID_FILE).write_text(run_id)
+    checkpoint = run_dir / "checkpoints" / base_run["checkpoint"].name
+    args = ["eval", str(checkpoint), "--tasks", "long_ppl,passkey", "--windows", "2", "--lengths", "200",
+            "--depths", "0", "--trials", "1", "--out", str(tmp_path / "eval.json")]
+    assert main([*args, "--no-mlflow"]) == 0
+    assert not client.get_run(run_id).data.metrics
+    assert main(args) == 0
+    assert f"MLflow run {run_id}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    history = client.get_metric_history(run_id, "eval/long_ppl/loss_64")
+    assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["long_ppl"]["loss"]))]
+    assert client.get_run(run_id).data.metrics["eval/passkey/len_200_depth_0.00"] == report["passkey"]["accuracy"]
+    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/step_00000004_as_trained.json"]
