@@ -224,8 +224,8 @@ class DeepSpeedEngine:
             self.tied_copy.grad = None  # its sum now lives on the first stage, which DeepSpeed steps
         on_phase("optimizer step")
         self.engine.step()
+        on_phase("tied embedding broadcast")  # on every rank: ranks count the phases they enter
         if group is not None:
-            on_phase("tied embedding broadcast")
             dist.broadcast(self.model.embed.weight.data, src=self.plan.grid.group_ranks["embedding"][0], group=group)
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, config_to_dict, config_to_yaml
 from pretrain.hardware import peak_flops
+from pretrain.heartbeat import Heartbeat, default_store
 from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
@@ -105,7 +106,10 @@ class Trainer:
         self.callbacks = callbacks or []
         self.grid = grid or ProcessGrid.single()
         self.is_main = self.grid.rank == 0
+        self.phases_entered = 0  # every rank enters the same phases in the same order: a rank's place in the run
         self.phase = "setup"
+        self.current_step = 0  # the step being worked on (its callbacks, evaluation and stop check included)
+        self.progress = 0  # moved by every micro-batch read: the watchdog's sign of life
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with warnings.catch_warnings():  # a slow-precision warning once, from the main rank
             if not self.is_main:
@@ -176,6 +180,10 @@ class Trainer:
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
         self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        world = self.grid.shape.world_size
+        self.heartbeat = Heartbeat(default_store(), self.grid.rank, world,
+                                   lambda: (self.current_step, self.phase, self.phases_entered, self.progress),
+                                   cfg.parallel.timeout_s) if world > 1 else None
 
     def _agree_on_precision(self, choice: PrecisionChoice) -> PrecisionChoice:
         """Every rank computes in the same precision: bf16 only if every rank's device runs it natively."""
@@ -197,24 +205,29 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _emit(self, hook: str, *args) -> None:
+        self.phase = f"{hook} callbacks"
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
     # -- the recipe -----------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:
-        if self.grid.shape.world_size == 1:
+        if self.heartbeat is None:
             return self._fit(resume)
+        self.heartbeat.start()
         try:
             return self._fit(resume)
         except RuntimeError as exc:
             named = isinstance(exc, CheckpointError) and not self.phase.startswith("checkpoint save")
             if isinstance(exc, CollectiveError) or named:  # a checkpoint refused on every rank is the user's error
                 raise
+            behind = self.heartbeat.behind()
             raise CollectiveError(
-                f"rank {self.grid.rank} (coordinates {self.grid.coords}): {self.phase} at step {self.step + 1} "
-                f"failed — a rank died or stopped answering (parallel.timeout_s={self.cfg.parallel.timeout_s}): "
-                f"{str(exc).splitlines()[0]}"
+                f"rank {self.grid.rank} (coordinates {self.grid.coords}): {self.phase} at step {self.current_step} "
+                f"failed — a rank died or stopped answering (parallel.timeout_s={self.cfg.parallel.timeout_s})"
+                + (f"; held up by {', '.join(behind)}" if behind else "") + f": {str(exc).splitlines()[0]}"
             ) from exc
+        finally:
+            self.heartbeat.stop()
 
     def _fit(self, resume: str | None) -> dict[str, Any]:
         if self.is_main:
@@ -237,6 +250,7 @@ class Trainer:
 
     def _stop_agreed(self, stop_request: StopRequest) -> bool:
         """Collective: whether any rank was asked to stop (so all stop after the same step)."""
+        self.phase = "stop check"
         flag = torch.tensor([1 if stop_request.requested else 0], device=self.device)
         if self.grid.shape.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -248,6 +262,9 @@ class Trainer:
     def _train_loop(self, stop_request: StopRequest) -> None:
         interval_start, interval_tokens = time.perf_counter(), 0
         while self.step < self.cfg.train.steps:
+            self.current_step, self.phase = self.step + 1, "step start"
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             metrics = self.train_step()
             interval_tokens += self.tokens_per_step
             if self.should_log():
@@ -262,6 +279,15 @@ class Trainer:
                 self.run_eval()
             if self._stop_agreed(stop_request):  # the end of training saves the checkpoint
                 return
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self._phase = phase
+        self.phases_entered += 1
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -278,6 +304,7 @@ class Trainer:
 
     def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
         """The next micro-batch: this rank's part of it (its sequence shard under context parallelism)."""
+        self.progress += 1
         return self.plan.local_batch(self.data_feed.deliver(next(loader), self.device))
 
     def train_step(self) -> dict[str, float]:

@@ -7,6 +7,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from tests.parallel.cli_runs import ROOT, overrides
 
 
@@ -42,7 +44,7 @@ def test_more_pipeline_stages_than_layers_fails_before_launch(parallel_data, tmp
 
 STUCK_RANK = textwrap.dedent(
     """
-    import sys, time
+    import os, signal, sys, time
     from pretrain.callbacks.base import Callback
     from pretrain import cli
     from pretrain.callbacks import default_callbacks as real_callbacks
@@ -51,6 +53,8 @@ STUCK_RANK = textwrap.dedent(
     class Stall(Callback):
         def on_step_end(self, trainer, metrics):
             if trainer.grid.rank == 1 and trainer.step == 2:
+                if os.environ.get("STALL") == "sigstop":  # the whole process stops, its watchdog thread too
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 time.sleep(120)
 
     def with_stall(cfg, run_dir, main_rank=True):
@@ -62,21 +66,41 @@ STUCK_RANK = textwrap.dedent(
 )
 
 
-def test_stuck_rank_fails_within_timeout_naming_rank_and_phase(parallel_data, tmp_path):
+@pytest.mark.parametrize("stall", ["sleep", "sigstop"])
+def test_stuck_rank_fails_within_timeout_naming_rank_and_phase(parallel_data, tmp_path, stall):
+    """Rank 1 stalls in a callback after step 2 (sleeping, or stopped whole by SIGSTOP): rank 0's collective times
+    out and its error names rank 1 and where it was (from the heartbeats in the rendezvous store); a sleeping rank's
+    watchdog also says where it is stuck, a stopped one can say nothing and is named by its last step's start."""
     script = tmp_path / "stuck.py"
     script.write_text(STUCK_RANK)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "STALL": stall}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
            "train", "configs/tiny.yaml", "--run-dir", str(tmp_path / "r"), *overrides(parallel_data),
            "parallel.dp=2", "parallel.timeout_s=5"]
     start = time.time()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    with open(tmp_path / "stdout", "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        err = []
+        try:  # read until rank 0's error: torchrun would then wait ~30 s for a stopped rank to take its SIGTERM
+            for line in proc.stderr:
+                err.append(line)
+                if "CollectiveError: rank" in line or time.time() - start > 150:
+                    break
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            subprocess.run(["pkill", "-KILL", "-f", str(script)], check=False)  # the ranks: in their own groups
     took = time.time() - start
-    assert result.returncode != 0
     assert took < 100, f"took {took:.0f} s: the stuck collective was not cut by parallel.timeout_s"
-    output = result.stdout + result.stderr
+    output = (tmp_path / "stdout").read_text() + "".join(err)
     assert "CollectiveError: rank 0" in output, output[-3000:]
-    assert "at step 3" in output and "parallel.timeout_s=5" in output
+    assert "stop check at step 2" in output and "parallel.timeout_s=5" in output
+    # the waiting rank names the one that held it up, and where
+    where = "on_step_end callbacks" if stall == "sleep" else "step start"
+    assert f"held up by rank 1 (step 2, {where}, last heard" in output, output[-3000:]
+    if stall == "sleep":  # the stuck rank's watchdog says so itself
+        assert "rank 1: no progress for" in output and "in phase 'on_step_end callbacks' at step 2" in output
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(parallel_data, tmp_path):
