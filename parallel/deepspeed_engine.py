@@ -121,7 +121,7 @@ class GridMPU:
 
 class DeepSpeedEngine:
     name = "deepspeed"
-    steps_non_finite = True  # DeepSpeed applies a bf16/fp32 step whatever its gradient norm
+    last_step_applied = True  # whether DeepSpeed applied the last step (it may whatever its gradient norm)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg):
         self.model, self.plan, self.cfg = model, plan, cfg
@@ -210,8 +210,9 @@ class DeepSpeedEngine:
         with one, the schedule's gradients are reduced and applied here."""
         if self.pipelined:
             self._pipelined_step(on_phase)
-        if not self.engine.was_step_applied():
-            raise RuntimeError("DeepSpeed skipped the optimizer step (non-finite gradients)")
+        self.last_step_applied = bool(self.engine.was_step_applied())
+        if not self.last_step_applied:  # it found non-finite gradients and skipped the step: the trainer's NaN policy
+            return float("nan")
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None  # None: this DeepSpeed optimizer does not report it
 
@@ -268,7 +269,8 @@ class DeepSpeedEngine:
         the AdamW states are set whole (each rank keeps its partition)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        if self.engine is None:
+        started = self.engine is not None  # a rollback: DeepSpeed holds the weights already
+        if not started:
             load_model_tensors(self.model, model, source)
         self.initialize()
         steps = set()
@@ -277,6 +279,8 @@ class DeepSpeedEngine:
                 continue
             if name in model:
                 safe_set_full_fp32_param(p, model[name].to(torch.float32))
+                if started:  # the masters alone would reach the module's weights only after the next step
+                    p.data.copy_(model[name].to(p.dtype))
             for key in ADAM_STATES:
                 if f"{name}/{key}" in optimizer:
                     safe_set_full_optimizer_state(p, optimizer[f"{name}/{key}"].to(torch.float32), key)

@@ -34,7 +34,7 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 
-    steps_non_finite = False  # a step whose gradient norm is not finite is not applied (the weights stay finite)
+    last_step_applied = True  # a step whose gradient norm is not finite is not applied (the weights stay finite)
 
     def step(self, on_phase=lambda phase: None) -> float:
         """After the step's backward passes: sync, clip, step (unless the norm is not finite), zero. Returns the
@@ -43,7 +43,8 @@ class PlainEngine:
         self.plan.sync_grads(self.model)
         on_phase("gradient clipping")
         grad_norm = self.plan.clip(self.model, self.grad_clip)
-        if math.isfinite(grad_norm):  # the norm is global: every rank takes the same branch
+        self.last_step_applied = math.isfinite(grad_norm)
+        if self.last_step_applied:  # the norm is global: every rank takes the same branch
             on_phase("optimizer step")
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -107,8 +107,11 @@ class TrainConfig:
     # resumes from its own checkpoints ignores it. `pretrain train --init-from PATH` sets it.
     init_from: str = ""
     # A step whose gradient norm is NaN/inf is never applied. stop: end the run with an error (the last checkpoint
-    # stays the newest); skip: go on with the next batch, counting it (`skipped_steps` in the metrics and summary).
+    # stays the newest); skip: go on with the next batch, counting it (`skipped_steps` in the metrics and summary);
+    # rollback: back to the newest checkpoint's weights and optimizer, the data going on from where it is (the
+    # windows since that checkpoint are not read again), at most `max_rollbacks` times (`rollbacks` in the summary).
     on_nan: str = "stop"
+    max_rollbacks: int = 3
     # Resuming on other training data than the checkpoint's (other shards or weights, same tokenizer) is an error
     # unless this is set; another tokenizer always is.
     allow_data_change: bool = False
@@ -488,9 +491,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     validate_attention(cfg)
     validate_moe(cfg)
     validate_mtp(cfg)
-    _require(t.on_nan in ("stop", "skip"), "train.on_nan", f"must be stop or skip, got '{t.on_nan}'")
-    _require(t.on_nan == "stop" or not cfg.deepspeed.enabled, "train.on_nan",
-             "skip needs the plain engine: DeepSpeed applies a step whatever its gradient norm (use stop)")
+    _require(t.on_nan in ("stop", "skip", "rollback"), "train.on_nan",
+             f"must be stop, skip or rollback, got '{t.on_nan}'")
+    _require(t.on_nan != "skip" or not cfg.deepspeed.enabled, "train.on_nan",
+             "skip needs the plain engine: DeepSpeed applies a step whatever its gradient norm (use stop or rollback)")
+    _require(t.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
+    _require(t.on_nan != "rollback" or not cfg.deepspeed.enabled or cfg.deepspeed.zero_stage < 3, "train.on_nan",
+             "rollback with DeepSpeed needs deepspeed.zero_stage 0-2 (ZeRO-3's partitioned weights are not restored "
+             "in place yet)")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",

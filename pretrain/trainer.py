@@ -175,6 +175,7 @@ class Trainer:
         self.initialized_from: dict[str, Any] | None = None  # the checkpoint this run's weights started from
         self.stopped: str | None = None  # why the run stopped before train.steps (a signal), if it did
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
+        self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
@@ -266,6 +267,8 @@ class Trainer:
             if self.heartbeat is not None:
                 self.heartbeat.beat()
             metrics = self.train_step()
+            if metrics is None:  # rolled back to a checkpoint: the loop goes on from its step
+                continue
             interval_tokens += self.tokens_per_step
             if self.should_log():
                 elapsed = time.perf_counter() - interval_start
@@ -307,7 +310,8 @@ class Trainer:
         self.progress += 1
         return self.plan.local_batch(self.data_feed.deliver(next(loader), self.device))
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; None when it was rolled back instead (train.on_nan=rollback)."""
         self.model.train()
         set_lr(self.engine, lr_at(self.step, self.cfg.train.steps, self.cfg.optim))
         accum = self.cfg.grad_accum_steps
@@ -342,6 +346,9 @@ class Trainer:
         skipped = grad_norm is not None and not math.isfinite(grad_norm)
         if grad_norm is None:
             grad_norm = float("nan")  # not reported by this engine
+        if skipped and self.cfg.train.on_nan == "rollback":
+            self._roll_back(f"step {self.step + 1}: the gradient norm is {grad_norm}")
+            return None
         if skipped:
             self._non_finite_step(grad_norm)
         moe_metrics = self._moe_step_end() if self.cfg.model.moe.enabled else {}
@@ -364,12 +371,39 @@ class Trainer:
             **moe_metrics,
         }
 
+    def _roll_back(self, where: str) -> None:
+        """train.on_nan=rollback: the newest checkpoint's weights, optimizer state, step and RNG, with the data going
+        on from here (the windows read since that checkpoint, the bad ones included, are not read again). Collective:
+        the gradient norm is global, so every rank rolls back together."""
+        done = self.rollbacks
+        if len(done) >= self.cfg.train.max_rollbacks:
+            raise FloatingPointError(f"{where} after {len(done)} rollbacks (train.max_rollbacks="
+                                     f"{self.cfg.train.max_rollbacks}): lower optim.lr or check the data")
+        self.wait_for_checkpoint()
+        candidates, _ = self._checkpoint_candidates("auto")
+        if not candidates:
+            raise FloatingPointError(f"{where}; there is no checkpoint to roll back to yet (train.on_nan=rollback): "
+                                     "lower optim.lr, check the data, or save checkpoints earlier")
+        at_step = self.step + 1
+        loader, skipped, wall = self.train_loader.state_dict(), self.skipped_steps, self.wall_seconds_before
+        self._load_checkpoint(candidates[0])
+        self.train_loader.load_state_dict(loader)
+        self.skipped_steps, self.wall_seconds_before = skipped, wall  # counters of the run, not of the weights
+        for layer in self.moe_layers.values():  # this step's loads never reach a bias update
+            layer.load_since_update.zero_()
+            layer.stats_since_update.zero_()
+        self.rollbacks = [*done, {"at_step": at_step, "to_step": self.step}]
+        if self.is_main:
+            print(f"warning: {where}; rolled back to the checkpoint of step {self.step} ({candidates[0].name}), "
+                  f"the data going on ({len(self.rollbacks)} rollback(s) so far, train.max_rollbacks="
+                  f"{self.cfg.train.max_rollbacks})", flush=True)
+
     def _non_finite_step(self, grad_norm: float) -> None:
         """The gradient norm of the step being finished is NaN/inf (the same on every rank)."""
         where = f"step {self.step + 1}: the gradient norm is {grad_norm}"
         last = (f"the last checkpoint is step {self.last_saved_step}" if self.last_saved_step >= 0
                 else "no checkpoint yet")
-        if self.engine.steps_non_finite:
+        if self.engine.last_step_applied:
             raise FloatingPointError(f"{where} and DeepSpeed applied the step: the weights are no longer finite and "
                                      f"are not saved ({last}); lower optim.lr or check the data")
         if self.cfg.train.on_nan == "stop":
@@ -468,6 +502,7 @@ class Trainer:
             "last_train": self.last_train,
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "data": self.train_loader.data_fingerprint(),
             "skipped_shards": self.train_loader.skipped_shards,
         }
@@ -600,6 +635,7 @@ class Trainer:
         self.last_train = state.get("last_train", {})
         self.initialized_from = state.get("initialized_from")
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.rollbacks = state.get("rollbacks", [])
         self.last_saved_step = self.step
         if self.is_main:
             written = meta.layout
@@ -667,6 +703,7 @@ class Trainer:
             "precision_reason": self.precision.reason,
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "stopped": self.stopped,
             "skipped_shards": self.train_loader.skipped_shards,
         }

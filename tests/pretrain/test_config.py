@@ -163,6 +163,10 @@ DS = ["deepspeed.enabled=true"]
         ([*DS, "deepspeed.config.zero_optimization.stage=2"], "deepspeed.config.zero_optimization.stage",
          "deepspeed.zero_stage"),
         (["deepspeed.enabled=maybe"], "deepspeed.enabled", "maybe"),
+        ([*DS, "deepspeed.zero_stage=2", "train.on_nan=skip"], "train.on_nan", "skip needs the plain engine"),
+        ([*DS, "deepspeed.zero_stage=3", "train.on_nan=rollback"], "train.on_nan", "rollback with DeepSpeed needs"),
+        (["train.on_nan=retry"], "train.on_nan", "must be stop, skip or rollback"),
+        (["train.max_rollbacks=-1"], "train.max_rollbacks", ">= 0"),
     ],
 )
 def test_bad_deepspeed_settings(data_dir, overrides, key, match):

@@ -1,6 +1,7 @@
 """Faults injected for real into single-process runs: unusable checkpoints on resume, NaN gradients, NaN weights
 at save time. Nothing a run has saved is lost, and nothing non-finite is saved."""
 
+import math
 import os
 import shutil
 import signal
@@ -107,6 +108,74 @@ def test_nan_gradients_can_be_skipped(four_steps, tmp_path):
     assert read_meta(tmp_path / "run" / "checkpoints" / "step_00000004").state["skipped_steps"] == 1
     assert finite(tmp_path / "run" / "checkpoints" / "step_00000004", overrides)
     assert train_losses(tmp_path / "run")[2] == train_losses(source)[2]
+
+
+def poison_once(trainer, step):
+    """Only the first time `step` runs does its backward get a NaN loss."""
+    backward, done = trainer.engine.backward, []
+
+    def poisoned(loss, accum):
+        bad = trainer.step + 1 == step and not done
+        done.extend([True] if bad else [])
+        backward(loss * float("nan") if bad else loss, accum)
+
+    trainer.engine.backward = poisoned
+
+
+@pytest.mark.parametrize("engine", [[], ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]],
+                         ids=["plain", "deepspeed zero2"])
+def test_nan_gradients_roll_back_to_the_last_checkpoint(four_steps, tmp_path, capsys, engine):
+    """Step 3's gradients are NaN: back to step 2's checkpoint (DeepSpeed, which applied the NaN step, gets its
+    weights back too), the data going on, so steps 3 and 4 train on the windows after the bad one."""
+    overrides, source = four_steps
+    trainer = trainer_for([*overrides, *engine, "train.on_nan=rollback"], tmp_path / "run")
+    poison_once(trainer, 3)
+    summary = trainer.fit()
+    assert "rolled back to the checkpoint of step 2" in capsys.readouterr().out
+    assert summary["steps"] == 4 and summary["rollbacks"] == [{"at_step": 3, "to_step": 2}]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert read_meta(checkpoint).state["rollbacks"] == [{"at_step": 3, "to_step": 2}] and finite(checkpoint, overrides)
+    losses, reference = train_losses(tmp_path / "run"), train_losses(source)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[2] == pytest.approx(reference[2], abs=1e-5)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert abs(losses[3] - reference[3]) > 1e-4  # step 3 ran again, on the next windows
+
+
+@pytest.mark.parametrize("engine", [[], ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]],
+                         ids=["plain", "deepspeed zero2"])
+def test_rollback_restores_the_checkpoints_weights(four_steps, tmp_path, engine):
+    """NaN at step 4 after step 3 changed the weights: the weights the next step starts from are step 2's
+    checkpoint's exactly (the module's own parameters, which DeepSpeed computes with, not only its masters)."""
+    overrides, _ = four_steps
+    trainer = trainer_for([*overrides, *engine, "train.on_nan=rollback"], tmp_path / "run")
+    poison_once(trainer, 4)
+    roll_back, after = trainer._roll_back, {}
+
+    def recording(where):
+        roll_back(where)
+        after.update({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
+
+    trainer._roll_back = recording
+    assert trainer.fit()["rollbacks"] == [{"at_step": 4, "to_step": 2}]
+    saved = load_config(None, overrides).model.build()
+    load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002", saved, restore_rng_state=False)
+    moved = 0.0
+    for name, p in saved.named_parameters():
+        assert torch.equal(after[name], p), name
+        moved = max(moved, (trainer.model.get_parameter(name).detach() - p).abs().max().item())
+    assert moved > 1e-4  # and the run went on training from there
+
+
+def test_rollback_without_a_checkpoint_or_beyond_the_limit_stops(four_steps, tmp_path):
+    overrides, _ = four_steps
+    trainer = trainer_for([*overrides, "train.on_nan=rollback", "train.checkpoint_every=100"], tmp_path / "none")
+    poison_once(trainer, 1)
+    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to yet"):
+        trainer.fit()
+    trainer = trainer_for([*overrides, "train.on_nan=rollback", "train.max_rollbacks=0"], tmp_path / "limit")
+    poison_once(trainer, 3)
+    with pytest.raises(FloatingPointError, match="after 0 rollbacks"):
+        trainer.fit()
 
 
 def test_non_finite_weights_are_never_saved(four_steps, tmp_path):
