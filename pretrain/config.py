@@ -112,6 +112,12 @@ class TrainConfig:
     # windows since that checkpoint are not read again), at most `max_rollbacks` times (`rollbacks` in the summary).
     on_nan: str = "stop"
     max_rollbacks: int = 3
+    # Loss spikes: a step whose loss is more than spike_zscore standard deviations above the mean of the last
+    # spike_window steps; max_spikes of them within spike_window steps stop the run with an error listing them.
+    # 0: not watched.
+    spike_zscore: float = 0.0
+    spike_window: int = 50
+    max_spikes: int = 3
     # Resuming on other training data than the checkpoint's (other shards or weights, same tokenizer) is an error
     # unless this is set; another tokenizer always is.
     allow_data_change: bool = False
@@ -496,6 +502,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.on_nan != "skip" or not cfg.deepspeed.enabled, "train.on_nan",
              "skip needs the plain engine: DeepSpeed applies a step whatever its gradient norm (use stop or rollback)")
     _require(t.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
+    _require(t.spike_zscore >= 0, "train.spike_zscore", "must be >= 0 (0: loss spikes are not watched)")
+    _require(t.spike_window >= 2, "train.spike_window", "must be >= 2")
+    _require(t.max_spikes >= 1, "train.max_spikes", "must be >= 1")
     _require(t.on_nan != "rollback" or not cfg.deepspeed.enabled or cfg.deepspeed.zero_stage < 3, "train.on_nan",
              "rollback with DeepSpeed needs deepspeed.zero_stage 0-2 (ZeRO-3's partitioned weights are not restored "
              "in place yet)")

@@ -44,6 +44,7 @@ from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
+from pretrain.spikes import LossSpikeDetector
 from pretrain.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Trainer:
         self.stopped: str | None = None  # why the run stopped before train.steps (a signal), if it did
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
+        self.spikes = LossSpikeDetector(t.spike_zscore, t.spike_window, t.max_spikes)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
@@ -269,6 +271,11 @@ class Trainer:
             metrics = self.train_step()
             if metrics is None:  # rolled back to a checkpoint: the loop goes on from its step
                 continue
+            spike = self.spikes.observe(self.step, metrics["loss"])  # raises at train.max_spikes
+            if spike is not None and self.is_main:
+                print(f"warning: loss spike at {spike.describe()} ({len(self.spikes.spikes)} within "
+                      f"{self.cfg.train.spike_window} steps; the run stops at train.max_spikes="
+                      f"{self.cfg.train.max_spikes})", flush=True)
             interval_tokens += self.tokens_per_step
             if self.should_log():
                 elapsed = time.perf_counter() - interval_start
