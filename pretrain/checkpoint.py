@@ -161,6 +161,22 @@ class CheckpointMeta:
         return {name: (t.shape, t.dtype) for name, t in self.tensors.items()}
 
 
+def save_failed(final: Path, why: object) -> CheckpointError:
+    """The error of a save that did not complete: its partial folder removed (by rank 0, once every rank has
+    stopped writing), the checkpoint before it untouched and named."""
+    import torch.distributed as dist
+
+    tmp = final.parent / f".tmp-{final.name}"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = sorted(p.name for p in final.parent.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                  and p != final) if final.parent.is_dir() else []
+    full = any(f"[Errno {code}]" in str(why) for code in (27, 28))  # EFBIG, ENOSPC
+    hint = " (is the disk full or a file-size limit reached?)" if full else ""
+    before = f"the newest checkpoint is still {kept[-1]}" if kept else "there is no earlier checkpoint"
+    return CheckpointError(f"saving {final} failed: {why}{hint}; its partial files were removed and {before}")
+
+
 class PendingSave:
     """A checkpoint being written in the background; `wait()` returns its path once it is in place."""
 
@@ -172,7 +188,7 @@ class PendingSave:
             try:
                 self.future.result()
             except BaseException as exc:  # DCP raises a BaseException (CheckpointException) for rank failures
-                raise CheckpointError(f"saving {self.path} failed: {exc}") from None
+                raise save_failed(self.path, exc) from None
             self.future = None
         return self.path
 
@@ -231,7 +247,7 @@ class CheckpointManager:
         try:
             future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous)
         except ShardWriteError as exc:
-            raise CheckpointError(f"saving {final} failed: {exc}") from None
+            raise save_failed(final, exc) from None
         return PendingSave(final, future)
 
     def checkpoints(self) -> list[Path]:

@@ -227,6 +227,37 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(four_steps, tmp_path, s
         assert got[step] == expected[step], step
 
 
+def test_a_save_past_a_file_size_limit_fails_cleanly_and_the_run_resumes(four_steps, tmp_path):
+    """The disk "fills" during a save (a file-size limit set on the running process, as a full disk's ENOSPC
+    would): the run stops with the path, the errno and the newest intact checkpoint named, the partial folder is
+    removed, and `--resume auto` (limit gone) continues from the checkpoint before."""
+    import resource
+
+    overrides, _ = four_steps
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir),
+           *overrides, "train.steps=2000", "train.checkpoint_every=3", "train.eval_every=10000"]
+
+    def ignore_file_size_signal():  # then a write past the limit fails with EFBIG instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_file_size_signal, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step_00000003").is_dir() and time.time() < deadline:
+        time.sleep(0.02)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (100_000, 100_000))  # below one checkpoint's shard file
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert "failed: rank 0: [Errno 27] File too large (is the disk full" in err
+    assert "the newest checkpoint is still step_00000003" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003"]
+    resumed = subprocess.run([*cmd[:-3], "train.steps=5", "train.checkpoint_every=3", "--resume", "auto"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and sorted(train_losses(run_dir))[-1] == 5
+
+
 def test_resume_refuses_other_data_unless_allowed(four_steps, tmp_path, tiny_data, capsys):
     from data.prepare import prepare_dataset
 
