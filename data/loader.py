@@ -261,6 +261,19 @@ class WindowDataset(Dataset):
         return torch.from_numpy(self.streams[d][i].astype(np.int64))
 
 
+class _NumberedWindows(Dataset):
+    """(g, window g): the index travels with its window into the batch (data accounting)."""
+
+    def __init__(self, windows: WindowDataset):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, g: int) -> tuple[int, torch.Tensor]:
+        return g, self.windows[g]
+
+
 class RankSampler(Sampler[int]):
     """This rank's global window indices, from optimizer step `start_step` on, forever."""
 
@@ -277,11 +290,13 @@ class RankSampler(Sampler[int]):
             step, offset = step + 1, 0
 
 
-def _collate(windows: list[torch.Tensor], eos: int | None = None) -> dict[str, torch.Tensor]:
-    """`eos` given (document masking): also `document_ids`, each input position's document in its window (the
-    number of EOS before it: an EOS belongs to the document it ends)."""
-    batch = torch.stack(windows)
-    out = {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+def _collate(windows: list[tuple[int, torch.Tensor]], eos: int | None = None) -> dict[str, torch.Tensor]:
+    """Token ids, labels and `window_ids` (each window's index in the global stream). `eos` given (document
+    masking): also `document_ids`, each input position's document in its window (the number of EOS before it: an
+    EOS belongs to the document it ends)."""
+    batch = torch.stack([tokens for _, tokens in windows])
+    out = {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous(),
+           "window_ids": torch.tensor([g for g, _ in windows], dtype=torch.long)}
     if eos is not None:
         ends = (out["input_ids"] == eos).long()
         out["document_ids"] = ends.cumsum(dim=1) - ends
@@ -382,7 +397,8 @@ class TokenWindowLoader:
         sampler = RankSampler(self.global_batch_size, self.dp_rank, self.dp_size, step, offset)
         workers = self.cfg.num_workers
         eos = self.special_ids.eos if self.cfg.document_masking else None
-        loader = DataLoader(self.dataset, batch_size=self.micro_batch_size, sampler=sampler, num_workers=workers,
+        loader = DataLoader(_NumberedWindows(self.dataset), batch_size=self.micro_batch_size, sampler=sampler,
+                            num_workers=workers,
                             collate_fn=functools.partial(_collate, eos=eos), persistent_workers=False,
                             worker_init_fn=_shield_from_stop_signals if workers else None,
                             prefetch_factor=4 if workers else None)
@@ -396,7 +412,8 @@ class TokenWindowLoader:
             self.consumed_micro_batches += 1
             shape = (self.micro_batch_size, self.cfg.seq_len)
             names = ["input_ids", "labels"] + (["document_ids"] if self.cfg.document_masking else [])
-            return {name: torch.zeros(shape, dtype=torch.long) for name in names}
+            batch = {name: torch.zeros(shape, dtype=torch.long) for name in names}
+            return batch | {"window_ids": torch.full((self.micro_batch_size,), -1, dtype=torch.long)}
         if self._iterator is None:
             self._iterator = self._make_iterator()
         batch = next(self._iterator)

@@ -52,6 +52,9 @@ class DataConfig:
     # A shard whose checksum or tar structure is bad is an error naming it, or, with this on, skipped and logged.
     skip_corrupt_shards: bool = False
     verify_checksums: bool = True
+    # Data accounting: each reading rank appends the global index of every training window it takes, with the step,
+    # to RUN_DIR/windows/rank_<r>.jsonl (a step run again after a resume appears again: its last record counts).
+    record_windows: bool = False
 
     def dataset_dirs(self) -> list[tuple[str, float]]:
         if self.blend:

@@ -177,6 +177,7 @@ class Trainer:
         self.stopped: str | None = None  # why the run stopped before train.steps (a signal), if it did
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
+        self.windows_log = None  # data.record_windows: this rank's file of the training windows it took
         self.spikes = LossSpikeDetector(t.spike_zscore, t.spike_window, t.max_spikes)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -315,7 +316,17 @@ class Trainer:
     def next_batch(self, loader: TokenWindowLoader) -> dict[str, torch.Tensor]:
         """The next micro-batch: this rank's part of it (its sequence shard under context parallelism)."""
         self.progress += 1
-        return self.plan.local_batch(self.data_feed.deliver(next(loader), self.device))
+        batch = self.data_feed.deliver(next(loader), self.device)
+        if loader is self.train_loader and self.cfg.data.record_windows and self.data_feed.reads:
+            self._record_windows(batch["window_ids"])
+        return self.plan.local_batch(batch)
+
+    def _record_windows(self, window_ids: torch.Tensor) -> None:
+        if self.windows_log is None:
+            path = self.run_dir / "windows" / f"rank_{self.grid.rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.windows_log = open(path, "a", buffering=1)  # noqa: SIM115 - one line per micro-batch, kept open
+        self.windows_log.write(json.dumps({"step": self.step + 1, "windows": window_ids.tolist()}) + "\n")
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; None when it was rolled back instead (train.on_nan=rollback)."""

@@ -61,9 +61,10 @@ def assert_packs_documents(lanes, docs, eos):
 def test_micro_batches_are_shifted_windows(tiny_dir):
     loader = make(tiny_dir, mb=3, gbs=6)
     batch = next(loader)
-    assert set(batch) == {"input_ids", "labels"}
-    for t in batch.values():
-        assert t.dtype == torch.long and t.shape == (3, SEQ_LEN)
+    assert set(batch) == {"input_ids", "labels", "window_ids"}
+    assert batch["window_ids"].tolist() == [0, 1, 2]  # each window's index in the global stream
+    for name in ("input_ids", "labels"):
+        assert batch[name].dtype == torch.long and batch[name].shape == (3, SEQ_LEN)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     assert np.array_equal(windows([batch]), np.stack([loader.dataset[g].numpy() for g in range(3)]))
     assert loader.vocab_size == 512 and loader.special_ids.eos == 1

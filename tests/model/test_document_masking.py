@@ -84,6 +84,6 @@ def test_loader_marks_documents_at_eos(tmp_path):
 
     eos = 1
     window = torch.tensor([5, 6, eos, 7, eos, eos, 8, 9, 3])  # docs: [5 6 EOS] [7 EOS] [EOS] [8 9 ...
-    batch = _collate([window], eos=eos)
+    batch = _collate([(0, window)], eos=eos)
     assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
-    assert "document_ids" not in _collate([window])
+    assert "document_ids" not in _collate([(0, window)])
