@@ -7,8 +7,6 @@ named by argv[2]. argv[1] is a JSON list of layouts: {"cp", "tp", "dp", "ep", "s
 from __future__ import annotations
 
 import copy
-import json
-import sys
 
 import torch
 import torch.distributed as dist
@@ -19,6 +17,7 @@ from pretrain.model import ModelConfig, Transformer, lm_loss
 from pretrain.model.config import MLAConfig
 from pretrain.model.documents import Documents
 from pretrain.model.moe import MoEConfig
+from tests.parallel.layout_workers import worker_main
 
 STEPS = 4
 GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 96
@@ -106,17 +105,5 @@ def run_layout(layout: dict, rank: int, world: int) -> dict:
     return result
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    results = [run_layout(layout, rank, world) for layout in json.loads(sys.argv[1])]
-    if rank == 0:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run_layout)

@@ -5,8 +5,6 @@ after the last step) to the JSON file named by argv[2]. argv[1] is a JSON list o
 from __future__ import annotations
 
 import copy
-import json
-import sys
 
 import torch
 import torch.distributed as dist
@@ -16,6 +14,7 @@ from parallel.plan import parallelize
 from parallel.tensor.apply import gather_full
 from pretrain.model import ModelConfig, Transformer, lm_loss
 from pretrain.model.documents import Documents
+from tests.parallel.layout_workers import worker_main
 
 STEPS = 4
 GLOBAL_BATCH, SEQ = 8, 16
@@ -119,17 +118,5 @@ def Transformer_init_params(layout):  # noqa: N802 - the reference's starting po
     return dict(Transformer(model_config(layout.get("kv", 2))).named_parameters())
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    results = [run_layout(layout, rank, world) for layout in json.loads(sys.argv[1])]
-    if rank == 0:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run_layout)

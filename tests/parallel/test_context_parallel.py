@@ -8,32 +8,22 @@ Tolerances as for tensor parallelism (fp32): loss 1e-5, grads 1e-6 (grad scale ~
 reduction-order noise, 2e-5 otherwise). The negative controls (RoPE at local instead of true positions; MoE
 balance statistics of the local shard only) are off by far more."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from parallel.context import ContextParallelError, gathered_order, shard_positions
+from tests.parallel.layout_workers import launch as launch_worker
 from tests.parallel.test_pipeline_parallel import MASKED
 from tests.parallel.test_pipeline_parallel import check as check_trainer
 from tests.parallel.test_pipeline_parallel import launch as launch_trainer
 
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
-ROOT = WORKER.parents[2]
 
 
 def launch(nproc: int, layouts: list[dict], tmp_path: Path) -> list[dict]:
-    out = tmp_path / f"results_{nproc}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), json.dumps(layouts), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return launch_worker(WORKER, nproc, layouts, tmp_path)
 
 
 def check(result: dict) -> None:

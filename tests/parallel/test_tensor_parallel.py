@@ -5,26 +5,17 @@ the same model trained in the same process on the same global batches.
 Tolerances (fp32): loss 1e-5, grads 1e-6 (grad scale ~8e-2), grad norm 1e-4, params 5e-4 after 4 steps at
 lr 1e-2 (params move ~4e-2). A real bug is off by far more: the negative control shows it."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.parallel.layout_workers import launch as launch_worker
+
 WORKER = Path(__file__).with_name("equivalence_worker.py")
-ROOT = WORKER.parents[2]
 
 
 def launch(nproc: int, layouts: list[dict], tmp_path: Path) -> list[dict]:
-    out = tmp_path / f"results_{nproc}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), json.dumps(layouts), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return launch_worker(WORKER, nproc, layouts, tmp_path)
 
 
 def check(result: dict) -> None:
