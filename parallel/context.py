@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from parallel.tensor import comm
 from pretrain.model.documents import Documents, positions_in_document
@@ -75,6 +76,16 @@ class _GatherShards(torch.autograd.Function):
 
 def gather_shards(x: torch.Tensor, dim: int, group, cp: int) -> torch.Tensor:
     return _GatherShards.apply(x, dim, group, cp)
+
+
+def _lower_right_causal(queries: int, keys: int, device):
+    """The last `queries` positions of `keys` seeing each key up to their own: torch's `causal_lower_right` (no
+    materialized mask; GPU kernels handle it natively), or the same boolean mask under a dispatch mode (e.g. the
+    communication counter), where torch cannot create that tensor subclass."""
+    if _get_current_dispatch_mode() is None:
+        return causal_lower_right(queries, keys)
+    i = torch.arange(keys - queries, keys, device=device).unsqueeze(1)
+    return torch.arange(keys, device=device).unsqueeze(0) <= i
 
 
 class CausalChunks:
@@ -163,7 +174,7 @@ class ContextParallel:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
         outputs = []
         for queries, end in zip(q.split(allowed.chunk, dim=2), allowed.ends, strict=True):
-            mask = causal_lower_right(queries.shape[2], end)
+            mask = _lower_right_causal(queries.shape[2], end, q.device)
             outputs.append(F.scaled_dot_product_attention(queries, k[:, :, :end], v[:, :, :end], attn_mask=mask,
                                                           dropout_p=dropout, scale=scale))
         return torch.cat(outputs, dim=2)

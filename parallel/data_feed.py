@@ -32,8 +32,9 @@ class DataFeed:
         """The micro-batch on `device`: the reader's own, its peers' received (collectives on the training
         device, which NCCL requires)."""
         on_device = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-        if self.peers is not None:
-            pending = [dist.broadcast(t, group=self.peers, group_src=0, async_op=True) for t in on_device.values()]
+        if self.peers is not None:  # the window ids stay with the reader (data accounting is the readers')
+            shared = [t for name, t in on_device.items() if name != "window_ids"]
+            pending = [dist.broadcast(t, group=self.peers, group_src=0, async_op=True) for t in shared]
             for work in pending:
                 work.wait()
         return on_device
