@@ -4,7 +4,7 @@ PP=2 with and without MTP (the MTP modules run on the last stage, with its copy 
 and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and
 EP=2 with PP=2 and with TP=2+SP; DeepSpeed ZeRO-1/2 with EP=2 (expert weights reduced and partitioned over the
 expert-data-parallel group: DP=2 and DP=4, with TP=2+SP, with PP=2, with optimizer offload), context parallelism
-CP=2 alone and CP=2 x DP=2 x EP=2 with ZeRO-1, and a
+CP=2 x DP=2 x EP=2 with ZeRO-1, and a
 DeepSeek-V3-like MLA + MoE + MTP model under TP=2+SP (MLA split by heads) and PP=2 x EP=2.
 Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
 expert biases.
@@ -75,7 +75,6 @@ LAYOUTS = {
     "moe+mtp untied zero1 pp2 ep2": ("moe_mtp_untied", [*MOE, *MTP, *UNTIED, "parallel.pp=2", "parallel.dp=2",
                                                         "parallel.ep=2", "train.micro_batch_size=2", *ZERO1], 4),
     # context parallelism: balance statistics over the window's shards, loads and biases over data x context ranks
-    "moe+mtp cp2": ("moe_mtp", [*MOE, *MTP, "parallel.cp=2"], 2),
     "moe+mtp zero1 cp2 dp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.cp=2", "parallel.dp=2", "parallel.ep=2",
                                               "train.micro_batch_size=2", *ZERO1], 4),
 }

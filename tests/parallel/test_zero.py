@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2/3 over the data-parallel group (with tensor and sequence parallelism, ZeRO-1 with
-pipeline parallelism and tied embeddings across the first and last stage, and ZeRO-3 over data x context
+pipeline parallelism and tied embeddings across the first and last stage, and ZeRO-3 over the context
 ranks) equals one process with the plain
 engine, through the real `pretrain train` command: the loss and the global grad norm at each of 8 steps, and
 after them the whole parameters and AdamW states in the layout-free checkpoint (fp32).
@@ -28,7 +28,7 @@ LAYOUTS = {
     "zero2 dp2, optimizer offload": (["parallel.dp=2", *zero(2), "deepspeed.offload_optimizer=true"], 2),
     "zero1 pp2 x dp2": (["parallel.pp=2", "parallel.dp=2", "train.micro_batch_size=2", *zero(1)], 4),
     "zero1 pp2 x tp2 +sp": (["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", *zero(1)], 4),
-    "zero3 cp2 x dp2": (["parallel.cp=2", "parallel.dp=2", *zero(3)], 4),  # ZeRO over data x context ranks
+    "zero3 cp2": (["parallel.cp=2", *zero(3)], 2),  # ZeRO partitions over data x context ranks
 }
 
 
