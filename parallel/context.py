@@ -33,6 +33,7 @@ from parallel.tensor import comm
 from pretrain.model.documents import Documents, positions_in_document
 from pretrain.model.moe import MoE
 from pretrain.model.mtp import mtp_inputs_and_targets
+from pretrain.model.sdpa import repeat_kv_heads
 
 
 class ContextParallelError(ValueError):
@@ -167,9 +168,7 @@ class ContextParallel:
             raise ContextParallelError("context-parallel attention needs the mask of its model's attention_inputs "
                                        "(a KV cache is not supported)")
         k, v = gather_shards(k, 2, self.group, self.cp), gather_shards(v, 2, self.group, self.cp)
-        groups = q.shape[1] // k.shape[1]  # GQA: gathered before the repeat, so only the KV heads travel
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v = repeat_kv_heads(q, k, v)  # GQA: gathered before the repeat, so only the KV heads travel
         if not chunked:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
         outputs = []

@@ -169,8 +169,7 @@ def save_failed(final: Path, why: object) -> CheckpointError:
     tmp = final.parent / f".tmp-{final.name}"
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    kept = sorted(p.name for p in final.parent.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                  and p != final) if final.parent.is_dir() else []
+    kept = [p.name for p in CheckpointManager(final.parent).checkpoints() if p != final]
     full = any(f"[Errno {code}]" in str(why) for code in (27, 28))  # EFBIG, ENOSPC
     hint = " (is the disk full or a file-size limit reached?)" if full else ""
     before = f"the newest checkpoint is still {kept[-1]}" if kept else "there is no earlier checkpoint"
