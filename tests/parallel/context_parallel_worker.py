@@ -17,7 +17,7 @@ from pretrain.model import ModelConfig, Transformer, lm_loss
 from pretrain.model.config import MLAConfig
 from pretrain.model.documents import Documents
 from pretrain.model.moe import MoEConfig
-from tests.parallel.layout_workers import worker_main
+from tests.parallel.layout_workers import clip_and_step, worker_main
 
 STEPS = 4
 GLOBAL_BATCH, SEQ, VOCAB = 4, 32, 96
@@ -84,13 +84,7 @@ def run_layout(layout: dict, rank: int, world: int) -> dict:
             ref_grads = {n: p.grad for n, p in reference.named_parameters()}
             result["grad_diff"] = max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
             result["grad_scale"] = max(g.abs().max().item() for g in ref_grads.values())
-        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0).item()
-        norm = plan.clip(model, 1.0)
-        result["norm_diff"] = max(result.get("norm_diff", 0.0), abs(norm - ref_norm))
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
+        clip_and_step(reference, model, plan, (opt_ref, opt), result)
         mtp = torch.stack(model.last_mtp_losses) if model.mtp else torch.zeros(1)
         mean = torch.cat([loss.detach().reshape(1), mtp.detach()])
         dist.all_reduce(mean, group=grid.group("dp_cp"))

@@ -14,7 +14,7 @@ from parallel.plan import parallelize
 from parallel.tensor.apply import gather_full
 from pretrain.model import ModelConfig, Transformer, lm_loss
 from pretrain.model.documents import Documents
-from tests.parallel.layout_workers import worker_main
+from tests.parallel.layout_workers import clip_and_step, worker_main
 
 STEPS = 4
 GLOBAL_BATCH, SEQ = 8, 16
@@ -69,13 +69,7 @@ def run_layout(layout: dict, rank: int, world: int) -> dict:
             ref_grads = dict(reference.named_parameters())
             result["grad_diff"] = max((grads[n] - ref_grads[n].grad).abs().max().item() for n in grads)
             result["grad_scale"] = max(ref_grads[n].grad.abs().max().item() for n in grads)
-        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0).item()
-        norm = plan.clip(model, 1.0)
-        result["norm_diff"] = max(result.get("norm_diff", 0.0), abs(norm - ref_norm))
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
+        clip_and_step(reference, model, plan, (opt_ref, opt), result)
         mean_loss = loss.detach().clone()
         if dp > 1:
             dist.all_reduce(mean_loss, group=grid.group("dp"))

@@ -7,27 +7,18 @@ element by ~lr whatever the size of its gradient, so an element whose gradient i
 noise can differ by a fraction of lr: measured up to 2.4e-4 at PP2 x TP2). The negative control (the tied
 embedding's gradient not summed between first and last stage) is off by far more (grads > 1e-3)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.parallel.layout_workers import launch as launch_worker
+
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 MASKED = ["data.document_masking=true", "data.restart_positions=true"]  # packed documents masked apart
-ROOT = WORKER.parents[2]
 
 
 def launch(nproc: int, layouts: list[list[str]], data_dir: Path, tmp_path: Path) -> list[dict]:
-    out = tmp_path / f"pipeline_{nproc}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), json.dumps(layouts), str(data_dir), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return launch_worker(WORKER, nproc, layouts, tmp_path, str(data_dir))
 
 
 def check(result: dict) -> None:
