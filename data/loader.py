@@ -320,17 +320,7 @@ class TokenWindowLoader:
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, reads: bool = True):
         """`reads=False`: a rank that gets its batches from a peer (or does not use them) keeps the position
         and state but reads nothing, yielding zeros of the right shape."""
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x dp {dp_size}"
-            )
-        self.cfg = data_cfg
-        self.split = split
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.per_rank = global_batch_size // dp_size
-        self.seed = seed
-        self.reads = reads
+        self._set_batching(data_cfg, split, micro_batch_size, global_batch_size, dp_rank, dp_size, seed, reads)
         dirs = data_cfg.dataset_dirs()
         self.streams = [
             ShardedTokenStream(d, split, data_cfg.seq_len, seed, i, data_cfg.verify_checksums,
@@ -342,6 +332,21 @@ class TokenWindowLoader:
             raise ManifestError(f"blended data folders {[d for d, _ in dirs]} were prepared with different tokenizers")
         self.schedule = BlendSchedule([w for _, w in dirs])
         self.dataset = WindowDataset(self.streams, self.schedule)
+        self.collate = functools.partial(_collate, eos=self.special_ids.eos if data_cfg.document_masking else None)
+
+    def _set_batching(self, data_cfg, split: str, micro_batch_size: int, global_batch_size: int, dp_rank: int,
+                      dp_size: int, seed: int, reads: bool) -> None:
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x dp {dp_size}"
+            )
+        self.cfg = data_cfg
+        self.split = split
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.per_rank = global_batch_size // dp_size
+        self.seed = seed
+        self.reads = reads
         self.consumed_micro_batches = 0  # by this rank, since the start of the stream
         self._iterator = None
 
@@ -396,13 +401,15 @@ class TokenWindowLoader:
         step, offset = self._position()
         sampler = RankSampler(self.global_batch_size, self.dp_rank, self.dp_size, step, offset)
         workers = self.cfg.num_workers
-        eos = self.special_ids.eos if self.cfg.document_masking else None
-        loader = DataLoader(_NumberedWindows(self.dataset), batch_size=self.micro_batch_size, sampler=sampler,
-                            num_workers=workers,
-                            collate_fn=functools.partial(_collate, eos=eos), persistent_workers=False,
+        loader = DataLoader(self.numbered_windows(), batch_size=self.micro_batch_size, sampler=sampler,
+                            num_workers=workers, collate_fn=self.collate, persistent_workers=False,
                             worker_init_fn=_shield_from_stop_signals if workers else None,
                             prefetch_factor=4 if workers else None)
         return iter(loader)
+
+    def numbered_windows(self) -> Dataset:
+        """The dataset the DataLoader reads: item `g` is window `g` of the global stream, with its number."""
+        return _NumberedWindows(self.dataset)
 
     def __iter__(self):
         return self

@@ -36,8 +36,15 @@ class BlendEntry:
 
 @dataclass
 class DataConfig:
-    # A folder written by `pretrain data prepare` (manifest.json, tokenizer.json, shards).
+    # A folder written by `pretrain data prepare` (manifest.json, tokenizer.json, shards), or with format chat one
+    # written by `pretrain data prepare --format sft` (chat_manifest.json, tokenizer.json, train/val JSONL).
     dir: str = "data_cache/tiny"
+    # text: token shards (pretraining). chat: conversations packed into windows, the loss on assistant tokens only,
+    # normalized by the supervised tokens of the whole global batch (supervised fine-tuning).
+    format: str = "text"
+    # chat: a conversation that breaks the format (or does not fit a window) is an error naming its file and line,
+    # or, with this on, skipped and counted.
+    skip_invalid_records: bool = False
     # Several prepared folders mixed by weight; when set it replaces `dir`. All must share one tokenizer.
     blend: list[BlendEntry] = field(default_factory=list)
     seq_len: int = 256
@@ -515,6 +522,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",
              "restarting positions per document needs data.document_masking: true")
+    _require(d.format in ("text", "chat"), "data.format", f"must be text or chat, got '{d.format}'")
+    if d.format == "chat":
+        _require(d.document_masking, "data.document_masking",
+                 "chat data packs several conversations into a window: set data.document_masking: true")
+        _require(not d.blend, "data.blend", "blending is for text data; chat data reads one folder (data.dir)")
+        _require(cfg.parallel.pp == 1, "parallel.pp",
+                 "chat data (data.format: chat) does not run under pipeline parallelism yet: use tp, dp, cp or ZeRO")
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")
@@ -544,12 +558,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if check_paths:
         for i, (data_dir, _) in enumerate(d.dataset_dirs()):
             key = f"data.blend[{i}].dir" if d.blend else "data.dir"
-            manifest = Path(data_dir) / "manifest.json"
-            _require(
-                manifest.is_file(),
-                key,
-                f"data folder '{data_dir}' has no manifest.json; run `pretrain data prepare --out {data_dir}` first",
-            )
+            chat = d.format == "chat"
+            manifest = Path(data_dir) / ("chat_manifest.json" if chat else "manifest.json")
+            prepare = f"pretrain data prepare --format sft --out {data_dir} --tokenizer T" if chat else \
+                f"pretrain data prepare --out {data_dir}"
+            _require(manifest.is_file(), key, f"data folder '{data_dir}' has no {manifest.name}; run `{prepare}` first")
             try:
                 tokenizer_vocab = int(json.loads(manifest.read_text())["vocab_size"])
             except (ValueError, KeyError, TypeError) as exc:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data.chat_dataset import IGNORE_INDEX
+from data.chat_loader import build_loader
 from data.loader import TokenWindowLoader
 from parallel.data_feed import DataFeed
 from parallel.engine import PlainEngine
@@ -151,11 +153,11 @@ class Trainer:
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
         self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline, cfg.data.document_masking)
-        self.train_loader = TokenWindowLoader(
+        self.train_loader = build_loader(
             cfg.data, split="train", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
             dp_rank=dp_rank, dp_size=dp_size, seed=t.seed, reads=self.data_feed.reads,
         )
-        self.val_loader = TokenWindowLoader(
+        self.val_loader = build_loader(
             cfg.data, split="val", micro_batch_size=t.micro_batch_size,
             global_batch_size=t.micro_batch_size * dp_size, dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
             reads=self.data_feed.reads,
@@ -184,6 +186,10 @@ class Trainer:
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
         self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        # chat data supervises some tokens only: every micro-batch's loss is weighted by its share of the global
+        # batch's supervised tokens, so accumulation and data parallelism give the gradient of one big batch
+        self.token_weighted = cfg.data.format == "chat"
+        self.supervised_tokens_seen = 0
         world = self.grid.shape.world_size
         self.heartbeat = Heartbeat(default_store(), self.grid.rank, world,
                                    lambda: (self.current_step, self.phase, self.phases_entered, self.progress),
@@ -319,7 +325,23 @@ class Trainer:
         batch = self.data_feed.deliver(next(loader), self.device)
         if loader is self.train_loader and self.cfg.data.record_windows and self.data_feed.reads:
             self._record_windows(batch["window_ids"])
-        return self.plan.local_batch(batch)
+        local = self.plan.local_batch(batch)
+        if self.token_weighted:  # counted over whole windows, before a context-parallel split
+            local["supervised_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+        return local
+
+    def loss_weights(self, batches: list[dict[str, torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
+        """Per micro-batch, the factor that turns its mean loss into its part of the mean over every supervised token
+        of the global batch (all micro-batches of all data-parallel ranks), undoing the engine's division by the
+        accumulation steps and the gradients' averaging over data-parallel ranks; and the global count."""
+        counts = torch.stack([b["supervised_tokens"] for b in batches]).to(torch.float64)
+        total = counts.sum().reshape(1)
+        if self.grid.size("dp") > 1:
+            dist.all_reduce(total, group=self.grid.group("dp"))
+        if total.item() == 0:
+            raise ValueError(f"step {self.step + 1}: the global batch holds no supervised token")
+        factor = len(batches) * self.grid.size("dp") / total[0]
+        return [(count * factor).to(torch.float32) for count in counts], int(total.item())
 
     def _record_windows(self, window_ids: torch.Tensor) -> None:
         if self.windows_log is None:
@@ -349,17 +371,22 @@ class Trainer:
                                                    documents)
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
-        for _ in range(accum):
-            batch = self.next_batch(self.train_loader)
+        weights, supervised = [1.0] * accum, 0
+        if self.token_weighted and accum:
+            batches = [self.next_batch(self.train_loader) for _ in range(accum)]
+            weights, supervised = self.loss_weights(batches)
+        for index in range(accum):
+            batch = batches[index] if self.token_weighted else self.next_batch(self.train_loader)
             input_ids, labels = batch["input_ids"], batch["labels"]
             with self.autocast():
                 logits = self.forward(input_ids, labels, batch.get("document_ids"))
             loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+            loss, ce = loss * weights[index], parts["ce"] * weights[index]
             if self.cfg.model.mtp_depth:
                 total_mtp += torch.stack(self.model.last_mtp_losses).float() / self.cfg.grad_accum_steps
             self.engine.backward(loss, self.cfg.grad_accum_steps)
             total_loss += loss.detach() / self.cfg.grad_accum_steps
-            total_ce += parts["ce"].detach() / self.cfg.grad_accum_steps
+            total_ce += ce.detach() / self.cfg.grad_accum_steps
         grad_norm = self.engine.step(self.set_phase)
         skipped = grad_norm is not None and not math.isfinite(grad_norm)
         if grad_norm is None:
@@ -372,6 +399,7 @@ class Trainer:
         moe_metrics = self._moe_step_end() if self.cfg.model.moe.enabled else {}
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        self.supervised_tokens_seen += supervised
         self.phase = "metrics all-reduce"
         loss_value, ce_value, *mtp_values = self.mean_over_dp(torch.cat([torch.stack([total_loss, total_ce]),
                                                                          total_mtp])).tolist()
@@ -386,6 +414,7 @@ class Trainer:
             "lr": self.engine.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
+            **({"supervised_tokens": self.supervised_tokens_seen} if self.token_weighted else {}),
             **moe_metrics,
         }
 
@@ -513,6 +542,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "tokens_seen": self.tokens_seen,
+            "supervised_tokens_seen": self.supervised_tokens_seen,
             "wall_seconds": self.wall_seconds_before + (time.perf_counter() - self.attempt_started),
             "train_loader": self.train_loader.state_dict(),
             "tokenizer": self.train_loader.tokenizer_reference(),
@@ -647,6 +677,7 @@ class Trainer:
         self._check_same_data(path, state)
         self.step = meta.step
         self.tokens_seen = state["tokens_seen"]
+        self.supervised_tokens_seen = state.get("supervised_tokens_seen", 0)
         self.wall_seconds_before = state["wall_seconds"]
         self.train_loader.load_state_dict(state["train_loader"])
         self.last_val = state.get("last_val", {})
@@ -688,7 +719,7 @@ class Trainer:
         if recorded is None:  # written before data fingerprints existed
             return
         current = self.train_loader.data_fingerprint()
-        key = lambda entries: [(e["weight"], e["shards_sha256"]) for e in entries]  # noqa: E731
+        key = lambda entries: [(e["weight"], e.get("shards_sha256") or e.get("records_sha256")) for e in entries]  # noqa: E731
         if key(recorded) == key(current):
             return
         was = ", ".join(f"{e['dir']} (weight {e['weight']:g})" for e in recorded)
@@ -707,6 +738,7 @@ class Trainer:
         return {
             "steps": self.step,
             "tokens": self.tokens_seen,
+            **({"supervised_tokens": self.supervised_tokens_seen} if self.token_weighted else {}),
             "final_train_loss": self.last_train.get("loss"),
             "val_loss": self.last_val.get("val_loss"),
             "val_ppl": self.last_val.get("val_ppl"),

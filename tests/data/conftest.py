@@ -74,3 +74,18 @@ def split_docs(data_dir: Path, split: str) -> list[np.ndarray]:
         for info in manifest.splits[split].shards
         for doc in read_shard_docs(data_dir / info.path, np.dtype(manifest.dtype), info)
     ]
+
+
+def fortune_conversations(fortunes: list[str], count: int, offset: int = 0) -> list[dict]:
+    """Real text of very different lengths: a fortune's opening as the question, its rest (or a word) as the reply;
+    every third one with a system message, every fifth with a second exchange."""
+    conversations = []
+    for i, text in enumerate(fortunes[offset:offset + count]):
+        words = text.split()
+        messages = [{"role": "system", "content": "You finish fortunes."}] if i % 3 == 0 else []
+        messages += [{"role": "user", "content": " ".join(words[:6])},
+                     {"role": "assistant", "content": " ".join(words[6:24]) or "Indeed."}]
+        if i % 5 == 0:
+            messages += [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": words[0]}]
+        conversations.append({"messages": messages})
+    return conversations

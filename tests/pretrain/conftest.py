@@ -55,3 +55,23 @@ def base_run(tmp_path_factory, tiny_data):
     cfg = load_config(None, [*TINY_MODEL, f"data.dir={tiny_data}", *BASE_RUN])
     summary = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir)).fit()
     return {"dir": run_dir, "checkpoint": run_dir / "checkpoints" / "step_00000004", "summary": summary}
+
+
+SFT = ["data.format=chat", "data.document_masking=true", "data.restart_positions=true", "model.max_seq_len=128",
+       "data.seq_len=128"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, tiny_data):
+    """Chat data from real text (fortunes split into question and reply) over tiny_data's tokenizer."""
+    import itertools
+
+    from data.chat_dataset import write_chat_folder
+    from data.sources import iter_documents
+    from tests.data.conftest import fortune_conversations
+
+    fortunes = list(itertools.islice(iter_documents("fortunes"), 300))
+    out = tmp_path_factory.mktemp("tiny_chat")
+    write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
+                            "val": fortune_conversations(fortunes, 40, offset=260)}, tiny_data / "tokenizer.json")
+    return out

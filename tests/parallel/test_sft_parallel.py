@@ -1,0 +1,38 @@
+"""Supervised fine-tuning under data and context parallelism equals one process: each rank's micro-batches hold
+different numbers of supervised tokens, and the loss is still the mean over the whole global batch's."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from data.chat_dataset import write_chat_folder
+from data.sources import iter_documents
+from tests.data.conftest import fortune_conversations
+from tests.parallel.cli_runs import assert_curve_matches, train
+
+SFT = ["data.format=chat", "data.document_masking=true", "model.max_seq_len=128", "data.seq_len=128"]
+
+
+@pytest.fixture(scope="module")
+def chat_data(parallel_data, tmp_path_factory):
+    fortunes = list(itertools.islice(iter_documents("fortunes"), 300))
+    out = tmp_path_factory.mktemp("parallel_chat")
+    write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
+                            "val": fortune_conversations(fortunes, 40, offset=260)}, parallel_data / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_sft(chat_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single_sft") / "run"
+    train(chat_data, run_dir, *SFT)
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.cp=2"]], ids=["dp2", "cp2"])
+def test_fine_tuning_on_two_ranks_matches_one_process(chat_data, single_sft, tmp_path, layout):
+    run_dir = tmp_path / "run"
+    train(chat_data, run_dir, *SFT, *layout, nproc=2)
+    assert_curve_matches(run_dir, single_sft, also=("supervised_tokens",))
