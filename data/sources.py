@@ -42,14 +42,19 @@ def _missing(what: str, package: str) -> SourceError:
     return SourceError(f"{what} not found: install {package} (scripts/install.sh does it)")
 
 
-def _bible_verses(book_level: bool) -> Iterator[str]:
-    """The King James Bible, one document per chapter (or per book)."""
+def bible_verse_lines() -> list[str]:
+    """The whole King James Bible from the `bible` program, one verse a line: "Ge1:1 In the beginning …"."""
     exe = shutil.which("bible")
     if exe is None:
         raise _missing("the `bible` program", "the Debian package bible-kjv")
     out = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def _bible_verses(book_level: bool) -> Iterator[str]:
+    """The King James Bible, one document per chapter (or per book)."""
     current, verses = None, []
-    for line in out.splitlines():
+    for line in bible_verse_lines():
         ref, _, text = line.partition(" ")
         chapter = ref.rsplit(":", 1)[0]  # e.g. "Exo1"; its book is the part before the chapter number
         key = re.sub(r"\d+$", "", chapter) if book_level else chapter
@@ -98,12 +103,17 @@ def anarchism_chapters() -> Iterator[str]:
     yield from _whole(_anarchism_files())
 
 
-def gcide(entries_per_document: int = 40) -> Iterator[str]:
+def gcide_entries() -> list[str]:
+    """The GCIDE dictionary's entries in file order, each starting with its headword line ("Cat \\Cat\\, n. …")."""
     if not GCIDE_FILE.is_file():
         raise _missing(str(GCIDE_FILE), "the Debian package dict-gcide")
     text = gzip.decompress(GCIDE_FILE.read_bytes()).decode("utf-8", errors="replace")
     entries = [e.strip() for e in re.split(r"\n(?=\S[^\n]*\\[^\n]*\\)", text) if e.strip()]
-    entries = [e for e in entries if not e.startswith("00-database")]
+    return [e for e in entries if not e.startswith("00-database")]
+
+
+def gcide(entries_per_document: int = 40) -> Iterator[str]:
+    entries = gcide_entries()
     for i in range(0, len(entries), entries_per_document):
         yield "\n\n".join(entries[i : i + entries_per_document])
 

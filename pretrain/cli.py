@@ -46,12 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"train.init_from={args.init_from}"]
     cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     if cfg.train.init_from and not args.dry_run:
+        from data.chat_dataset import ChatManifest
         from data.shards.manifest import Manifest
         from pretrain.checkpoint import read_meta
         from pretrain.trainer import check_initialization_source
 
         # a missing, truncated or mismatched checkpoint stops here, before any process starts
-        manifest = Manifest.load(Path(cfg.data.dataset_dirs()[0][0]))
+        manifest_class = ChatManifest if cfg.data.format == "chat" else Manifest
+        manifest = manifest_class.load(Path(cfg.data.dataset_dirs()[0][0]))
         tokenizer = {"path": str(Path(cfg.data.dataset_dirs()[0][0]) / manifest.tokenizer_file),
                      "sha256": manifest.tokenizer_sha256}
         check_initialization_source(read_meta(Path(cfg.train.init_from)), cfg, tokenizer)
@@ -132,13 +134,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    if args.format == "sft":
+        from data.chat_prepare import DEFAULT_CHAT_SOURCES, prepare_chat_dataset
+
+        if not args.tokenizer:
+            raise ConfigError("--tokenizer", "--format sft needs the tokenizer.json of the pretraining data, e.g. "
+                              "--tokenizer data_cache/tiny/tokenizer.json")
+        names = [name for option in args.source or [] for name in option.split(",") if name]
+        prepare_chat_dataset(
+            out_dir=args.out,
+            sources=names or list(DEFAULT_CHAT_SOURCES),
+            tokenizer=args.tokenizer,
+            val_fraction=0.02 if args.val_fraction is None else args.val_fraction,
+            seed=args.seed,
+            max_per_source=args.max_per_source,
+        )
+        return 0
+    if args.max_per_source is not None:
+        raise ConfigError("--max-per-source", "applies to --format sft only")
     from data.prepare import prepare_dataset
 
     prepare_dataset(
         out_dir=args.out,
         sources=args.source or None,
         vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
         shard_tokens=args.shard_tokens,
         seed=args.seed,
         tokenizer=args.tokenizer,
@@ -202,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--depths", f"depths are fractions of the filler within [0, 1], got {depths}")
     settings = EvalSettings(tasks=tasks, seq_len=args.seq_len, data_dir=args.data or "", windows=args.windows,
                             buckets=args.buckets, lengths=numbers("--lengths", args.lengths, int), depths=depths,
-                            trials=args.trials, seed=args.seed)
+                            trials=args.trials, seed=args.seed, questions=args.questions)
     try:
         report = evaluate_checkpoint(Path(args.checkpoint), settings, args.overrides)
     except ValueError as exc:
@@ -317,30 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="build tokenizer + webdataset shards from text")
+    prep = data_sub.add_parser(
+        "prepare", help="build tokenizer + webdataset shards from text, or (--format sft) chat conversations")
     prep.add_argument("--out", required=True, help="output data folder")
+    prep.add_argument("--format", choices=["text", "sft"], default="text",
+                      help="text: pretraining shards; sft: train/val.jsonl of chat conversations for fine-tuning")
     prep.add_argument(
         "--source", action="append",
         help="a packaged corpus name (bible, anarchism, gcide, fortunes, shakespeare) or a .txt/.jsonl/dir/glob; "
-        "repeatable; default: all packaged corpora",
+        "repeatable; default: all packaged corpora. With --format sft: dictionary, bible (repeatable or "
+        "comma-separated; default: both)",
     )
     prep.add_argument("--vocab-size", type=int, default=8192)
-    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of whole documents held out")
+    prep.add_argument("--val-fraction", type=float,
+                      help="share held out: whole documents (default 0.01), or conversations by question (sft: 0.02)")
     prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
     prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (folders to blend)")
+    prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (folders to blend); "
+                      "required with --format sft: the pretraining data's tokenizer")
+    prep.add_argument("--max-per-source", type=int, metavar="N",
+                      help="--format sft: at most N conversations of each source (a seeded sample)")
     prep.set_defaults(func=cmd_data_prepare)
     stats = data_sub.add_parser("stats", help="token counts and unigram entropy of a prepared folder")
     stats.add_argument("dir")
     stats.set_defaults(func=cmd_data_stats)
 
-    evaluation = sub.add_parser("eval", help="long-context evaluation of a checkpoint: loss by position, passkey")
+    evaluation = sub.add_parser("eval", help="evaluate a checkpoint: loss by position, passkey, held-out chat answers")
     evaluation.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny_long/checkpoints/step_00000150")
-    evaluation.add_argument("--tasks", default="long_ppl,passkey", help="comma-separated: long_ppl, passkey")
+    evaluation.add_argument("--tasks", default="long_ppl,passkey", help="comma-separated: long_ppl, passkey, sft")
     evaluation.add_argument("--seq-len", type=int, default=0,
                             help="long_ppl window length and passkey's base length (default: the run's data.seq_len)")
-    evaluation.add_argument("--data", help="prepared data folder for long_ppl (its val split) and the tokenizer "
-                            "(default: the run's data.dir)")
+    evaluation.add_argument("--data", help="prepared data folder for long_ppl (its val split) and the tokenizer, "
+                            "or for sft a --format sft folder (its val conversations) (default: the run's data.dir)")
     evaluation.add_argument("--windows", type=int, default=16, help="long_ppl: validation windows to average")
     evaluation.add_argument("--buckets", type=int, default=4, help="long_ppl: position buckets per window")
     evaluation.add_argument("--lengths", help="passkey: prompt lengths in tokens, e.g. 128,256,512,1024 (default: "
@@ -348,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--depths", help="passkey: where the key sits in the filler, e.g. 0,0.5,1")
     evaluation.add_argument("--trials", type=int, default=4, help="passkey: random keys per length and depth")
     evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--questions", type=int, default=100, help="sft: held-out conversations to answer")
     evaluation.add_argument("--out", help="also write the report as JSON here")
     evaluation.add_argument("--no-mlflow", action="store_true",
                             help="do not log the results into the MLflow run of the run that wrote the checkpoint")
