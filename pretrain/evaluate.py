@@ -4,6 +4,8 @@ long_ppl  validation loss per position bucket of windows of `seq_len` tokens: a 
           gets worse in the buckets past the length it was trained at.
 passkey   a random 5-digit number hidden at several depths of filler text of several lengths (data/passkey.py),
           greedy-decoded after the question; exact match of the digits. Accuracy per length x depth.
+sft       held-out chat questions (the validation split of a `--format sft` folder): the last reply generated
+          greedily, exact match and word F1 against the reference (pretrain/eval_sft.py).
 
 The model comes from the checkpoint's own config (overrides may change what needs no new tensors, e.g. the RoPE
 scaling, to evaluate a scaling without training).
@@ -32,7 +34,7 @@ from pretrain.generate import greedy
 from pretrain.model.transformer import Transformer
 from pretrain.precision import choose_precision
 
-TASKS = ("long_ppl", "passkey")
+TASKS = ("long_ppl", "passkey", "sft")
 ANSWER_TOKENS = 8  # room left after a passkey prompt for the generated digits
 
 
@@ -47,6 +49,7 @@ class EvalSettings:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 4
     seed: int = 0
+    questions: int = 100  # sft: held-out conversations answered
 
 
 @dataclass
@@ -153,6 +156,10 @@ def evaluate_checkpoint(checkpoint: Path, settings: EvalSettings, overrides: lis
     if "passkey" in settings.tasks:
         data_dir = Path(settings.data_dir or loaded.cfg.data.dataset_dirs()[0][0])
         report["passkey"] = passkey(loaded, data_dir / "tokenizer.json", settings)
+    if "sft" in settings.tasks:
+        from pretrain.eval_sft import sft_answers
+
+        report["sft"] = sft_answers(loaded, Path(settings.data_dir or loaded.cfg.data.dir), settings.questions)
     return report
 
 
@@ -170,6 +177,9 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         metrics["eval/passkey/accuracy"] = r["accuracy"]
         for c in r["cells"]:
             metrics[f"eval/passkey/len_{c['length']}_depth_{c['depth']:.2f}"] = c["accuracy"]
+    if "sft" in report:
+        metrics["eval/sft/exact_match"] = report["sft"]["exact_match"]
+        metrics["eval/sft/f1"] = report["sft"]["f1"]
     return metrics
 
 
@@ -191,4 +201,10 @@ def format_report(report: dict[str, Any]) -> list[str]:
         for length in r["lengths"]:
             row = [c["accuracy"] for c in r["cells"] if c["length"] == length]
             lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
+    if "sft" in report:
+        r = report["sft"]
+        lines.append(f"sft: {r['questions']} held-out questions ({r['data_dir']}): exact match {r['exact_match']:.1%}, "
+                     f"word F1 {r['f1']:.3f}")
+        for e in r["examples"]:
+            lines.append(f"  Q: {e['question']}\n     A: {e['answer']}\n  want: {e['reference']}")
     return lines
