@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config, validate_world_size
+from pretrain.generate_cli import add_generate_parser
 
 
 def _user_facing_errors() -> tuple[type[Exception], ...]:
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("overrides", nargs="*", metavar="section.key=value",
                             help="change the checkpoint's config, e.g. model.rope.scaling=yarn")
     evaluation.set_defaults(func=cmd_eval)
+    add_generate_parser(sub)
 
     planner = sub.add_parser("plan", help="which layouts fit N GPUs: memory per rank by category and step time")
     planner.add_argument("config", help="YAML config, e.g. configs/llama3_70b.yaml")
