@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.chat import ChatFormatError, ChatTemplate, RenderedConversation
+from data.record_folder import write_record_folder
 from data.tokenizer import load_tokenizer
 
 CHAT_MANIFEST = "chat_manifest.json"
@@ -183,33 +184,5 @@ def write_chat_folder(out_dir: str | Path, splits: dict[str, list[dict[str, Any]
                       sources: dict[str, int] | None = None, seed: int = 0) -> ChatManifest:
     """OUT/{tokenizer.json, SPLIT.jsonl..., chat_manifest.json}: each file written whole then renamed, the manifest
     last (a folder without it is an unfinished prepare); the tokenizer copied byte for byte."""
-    import os
-    import shutil
-
-    from data.tokenizer import SpecialIds, tokenizer_sha256
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CHAT_MANIFEST).unlink(missing_ok=True)
-    tokenizer = Path(tokenizer)
-    if not tokenizer.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer} not found: prepare pretraining data first "
-                                "(`pretrain data prepare --out data_cache/tiny`) and pass its tokenizer.json")
-    shutil.copyfile(tokenizer, out / ".tokenizer.json.tmp")
-    os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
-    split_info = {}
-    for split, records in splits.items():
-        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-        temporary = out / f".{split}.jsonl.tmp"
-        temporary.write_bytes(text)
-        os.replace(temporary, out / f"{split}.jsonl")
-        split_info[split] = {"file": f"{split}.jsonl", "records": len(records),
-                             "sha256": hashlib.sha256(text).hexdigest()}
-    loaded = load_tokenizer(out / "tokenizer.json")
-    special = SpecialIds.of(loaded)
-    manifest = ChatManifest("tokenizer.json", tokenizer_sha256(out / "tokenizer.json"), loaded.get_vocab_size(),
-                            special.bos, special.eos, special.pad, split_info)
-    body = {"format": "chat", "version": 1, **manifest.__dict__, "sources": sources or {}, "seed": seed}
-    (out / f".{CHAT_MANIFEST}.tmp").write_text(json.dumps(body, indent=1))
-    os.replace(out / f".{CHAT_MANIFEST}.tmp", out / CHAT_MANIFEST)
-    return manifest
+    written = write_record_folder(out_dir, splits, tokenizer, CHAT_MANIFEST, "chat", sources, seed)
+    return ChatManifest(**{name: written[name] for name in ChatManifest.__dataclass_fields__})
