@@ -55,6 +55,10 @@ class ChatWindowLoader(TokenWindowLoader):
 
 
 def build_loader(data_cfg, **options) -> TokenWindowLoader:
-    """The loader for `data.format`: token shards (pretraining) or chat conversations (SFT)."""
+    """The loader for `data.format`: token shards (pretraining), chat conversations (SFT) or preference pairs (DPO)."""
+    if data_cfg.format == "preference":
+        from data.preference_loader import PreferenceWindowLoader
+
+        return PreferenceWindowLoader(data_cfg, **options)
     loader_class = ChatWindowLoader if data_cfg.format == "chat" else TokenWindowLoader
     return loader_class(data_cfg, **options)

@@ -48,13 +48,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     if cfg.train.init_from and not args.dry_run:
         from data.chat_dataset import ChatManifest
+        from data.preference_dataset import load_preference_manifest
         from data.shards.manifest import Manifest
         from pretrain.checkpoint import read_meta
         from pretrain.trainer import check_initialization_source
 
         # a missing, truncated or mismatched checkpoint stops here, before any process starts
-        manifest_class = ChatManifest if cfg.data.format == "chat" else Manifest
-        manifest = manifest_class.load(Path(cfg.data.dataset_dirs()[0][0]))
+        load_manifest = {"chat": ChatManifest.load, "preference": load_preference_manifest}.get(cfg.data.format,
+                                                                                               Manifest.load)
+        manifest = load_manifest(Path(cfg.data.dataset_dirs()[0][0]))
         tokenizer = {"path": str(Path(cfg.data.dataset_dirs()[0][0]) / manifest.tokenizer_file),
                      "sha256": manifest.tokenizer_sha256}
         check_initialization_source(read_meta(Path(cfg.train.init_from)), cfg, tokenizer)
@@ -135,14 +137,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    if args.format == "sft":
+    if args.format in ("sft", "dpo"):
         from data.chat_prepare import DEFAULT_CHAT_SOURCES, prepare_chat_dataset
+        from data.preference_prepare import prepare_preference_dataset
 
         if not args.tokenizer:
-            raise ConfigError("--tokenizer", "--format sft needs the tokenizer.json of the pretraining data, e.g. "
-                              "--tokenizer data_cache/tiny/tokenizer.json")
+            raise ConfigError("--tokenizer", f"--format {args.format} needs the tokenizer.json of the pretraining "
+                              "data, e.g. --tokenizer data_cache/tiny/tokenizer.json")
         names = [name for option in args.source or [] for name in option.split(",") if name]
-        prepare_chat_dataset(
+        prepare = prepare_chat_dataset if args.format == "sft" else prepare_preference_dataset
+        prepare(
             out_dir=args.out,
             sources=names or list(DEFAULT_CHAT_SOURCES),
             tokenizer=args.tokenizer,
@@ -152,7 +156,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         )
         return 0
     if args.max_per_source is not None:
-        raise ConfigError("--max-per-source", "applies to --format sft only")
+        raise ConfigError("--max-per-source", "applies to --format sft and dpo only")
     from data.prepare import prepare_dataset
 
     prepare_dataset(
@@ -339,14 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser(
-        "prepare", help="build tokenizer + webdataset shards from text, or (--format sft) chat conversations")
+        "prepare", help="build tokenizer + webdataset shards from text, or chat conversations (--format sft) or "
+        "preference pairs (--format dpo) for fine-tuning")
     prep.add_argument("--out", required=True, help="output data folder")
-    prep.add_argument("--format", choices=["text", "sft"], default="text",
-                      help="text: pretraining shards; sft: train/val.jsonl of chat conversations for fine-tuning")
+    prep.add_argument("--format", choices=["text", "sft", "dpo"], default="text",
+                      help="text: pretraining shards; sft: train/val.jsonl of chat conversations for fine-tuning; "
+                      "dpo: train/val.jsonl of preference pairs (prompt, chosen, rejected)")
     prep.add_argument(
         "--source", action="append",
         help="a packaged corpus name (bible, anarchism, gcide, fortunes, shakespeare) or a .txt/.jsonl/dir/glob; "
-        "repeatable; default: all packaged corpora. With --format sft: dictionary, bible (repeatable or "
+        "repeatable; default: all packaged corpora. With --format sft/dpo: dictionary, bible (repeatable or "
         "comma-separated; default: both)",
     )
     prep.add_argument("--vocab-size", type=int, default=8192)
@@ -355,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (folders to blend); "
-                      "required with --format sft: the pretraining data's tokenizer")
+                      "required with --format sft/dpo: the pretraining data's tokenizer")
     prep.add_argument("--max-per-source", type=int, metavar="N",
-                      help="--format sft: at most N conversations of each source (a seeded sample)")
+                      help="--format sft/dpo: at most N conversations or pairs of each source (a seeded sample)")
     prep.set_defaults(func=cmd_data_prepare)
     stats = data_sub.add_parser("stats", help="token counts and unigram entropy of a prepared folder")
     stats.add_argument("dir")

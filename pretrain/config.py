@@ -40,7 +40,8 @@ class DataConfig:
     # written by `pretrain data prepare --format sft` (chat_manifest.json, tokenizer.json, train/val JSONL).
     dir: str = "data_cache/tiny"
     # text: token shards (pretraining). chat: conversations packed into windows, the loss on assistant tokens only,
-    # normalized by the supervised tokens of the whole global batch (supervised fine-tuning).
+    # normalized by the supervised tokens of the whole global batch (supervised fine-tuning). preference: pairs of
+    # replies from `pretrain data prepare --format dpo`, chosen and rejected side by side in a window (DPO, see dpo).
     format: str = "text"
     # chat: a conversation that breaks the format (or does not fit a window) is an error naming its file and line,
     # or, with this on, skipped and counted.
@@ -184,6 +185,17 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """DPO (`data.format: preference`): the loss on each pair's summed reply log-probabilities against a frozen
+    reference, the weights the phase starts from (`train.init_from`)."""
+
+    beta: float = 0.1
+    # cDPO: the share of pairs assumed to be labeled the wrong way round (sigmoid loss only), in [0, 0.5)
+    label_smoothing: float = 0.0
+    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +204,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     @property
     def dp_size(self) -> int:
@@ -392,6 +405,22 @@ def validate_mtp(cfg: Config) -> None:
              f"depth {m.mtp_depth} leaves no positions in sequences of data.seq_len={cfg.data.seq_len}")
 
 
+def validate_preference(cfg: Config) -> None:
+    dpo, p = cfg.dpo, cfg.parallel
+    _require(dpo.beta > 0, "dpo.beta", f"must be positive, got {dpo.beta}")
+    _require(dpo.loss in ("sigmoid", "ipo"), "dpo.loss", f"must be sigmoid or ipo, got '{dpo.loss}'")
+    _require(0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    _require(dpo.loss == "sigmoid" or dpo.label_smoothing == 0, "dpo.label_smoothing",
+             "label smoothing (cDPO) applies to the sigmoid loss only")
+    _require(bool(cfg.train.init_from), "train.init_from",
+             "DPO starts from a fine-tuned model, whose weights are also the frozen reference: set train.init_from "
+             "(or pass --init-from)")
+    for key, size in (("tp", p.tp), ("cp", p.cp), ("ep", p.ep)):
+        _require(size == 1, f"parallel.{key}", "DPO runs data-parallel only for now (the frozen reference is a "
+                 "whole copy of the model on each rank): use parallel.dp")
+    _require(not cfg.deepspeed.enabled, "deepspeed.enabled", "DPO runs with the plain engine for now")
+
+
 def validate_deepspeed(cfg: Config) -> None:
     ds = cfg.deepspeed
     if not ds.enabled:
@@ -522,13 +551,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",
              "restarting positions per document needs data.document_masking: true")
-    _require(d.format in ("text", "chat"), "data.format", f"must be text or chat, got '{d.format}'")
-    if d.format == "chat":
+    _require(d.format in ("text", "chat", "preference"), "data.format",
+             f"must be text, chat or preference, got '{d.format}'")
+    if d.format != "text":
         _require(d.document_masking, "data.document_masking",
-                 "chat data packs several conversations into a window: set data.document_masking: true")
-        _require(not d.blend, "data.blend", "blending is for text data; chat data reads one folder (data.dir)")
+                 f"{d.format} data packs several conversations into a window: set data.document_masking: true")
+        _require(not d.blend, "data.blend", f"blending is for text data; {d.format} data reads one folder (data.dir)")
         _require(cfg.parallel.pp == 1, "parallel.pp",
-                 "chat data (data.format: chat) does not run under pipeline parallelism yet: use tp, dp, cp or ZeRO")
+                 f"{d.format} data does not run under pipeline parallelism yet: use tp, dp, cp or ZeRO")
+    if d.format == "preference":
+        validate_preference(cfg)
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")
@@ -558,10 +590,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if check_paths:
         for i, (data_dir, _) in enumerate(d.dataset_dirs()):
             key = f"data.blend[{i}].dir" if d.blend else "data.dir"
-            chat = d.format == "chat"
-            manifest = Path(data_dir) / ("chat_manifest.json" if chat else "manifest.json")
-            prepare = f"pretrain data prepare --format sft --out {data_dir} --tokenizer T" if chat else \
-                f"pretrain data prepare --out {data_dir}"
+            manifest = Path(data_dir) / {"chat": "chat_manifest.json", "preference": "preference_manifest.json"}.get(
+                d.format, "manifest.json")
+            prepare = {"chat": f"pretrain data prepare --format sft --out {data_dir} --tokenizer T",
+                       "preference": f"pretrain data prepare --format dpo --out {data_dir} --tokenizer T"}.get(
+                d.format, f"pretrain data prepare --out {data_dir}")
             _require(manifest.is_file(), key, f"data folder '{data_dir}' has no {manifest.name}; run `{prepare}` first")
             try:
                 tokenizer_vocab = int(json.loads(manifest.read_text())["vocab_size"])

@@ -46,6 +46,8 @@ from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
+from pretrain.preference_objective import METRICS as PREFERENCE_METRICS
+from pretrain.preference_objective import PreferenceObjective
 from pretrain.spikes import LossSpikeDetector
 from pretrain.stop import StopRequest
 
@@ -188,8 +190,13 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         # chat data supervises some tokens only: every micro-batch's loss is weighted by its share of the global
         # batch's supervised tokens, so accumulation and data parallelism give the gradient of one big batch
-        self.token_weighted = cfg.data.format == "chat"
-        self.supervised_tokens_seen = 0
+        self.token_weighted = cfg.data.format != "text"
+        self.units_name = "pairs" if cfg.data.format == "preference" else "supervised_tokens"
+        self.supervised_tokens_seen = 0  # (chat) or pairs (preference) trained on
+        self.objective = None
+        if cfg.data.format == "preference":  # documents: two per pair, and the padding's
+            most_pairs = max(self.train_loader.max_pairs_per_window, self.val_loader.max_pairs_per_window)
+            self.objective = PreferenceObjective(cfg.dpo, 2 * most_pairs + 2)
         world = self.grid.shape.world_size
         self.heartbeat = Heartbeat(default_store(), self.grid.rank, world,
                                    lambda: (self.current_step, self.phase, self.phases_entered, self.progress),
@@ -244,9 +251,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         self.attempt_started = time.perf_counter()
+        if self.objective is not None:  # the frozen reference: the weights the phase starts from
+            self.initialize_from(Path(self.cfg.train.init_from))
+            self.objective.take_reference(self.model)
         if resume:
             self.resume(resume)
-        if self.step == 0 and self.cfg.train.init_from:
+        if self.step == 0 and self.cfg.train.init_from and self.objective is None:
             self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
         with StopRequest(announce=self.is_main) as stop_request:
@@ -326,20 +336,22 @@ class Trainer:
         if loader is self.train_loader and self.cfg.data.record_windows and self.data_feed.reads:
             self._record_windows(batch["window_ids"])
         local = self.plan.local_batch(batch)
-        if self.token_weighted:  # counted over whole windows, before a context-parallel split
-            local["supervised_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+        if self.objective is not None:
+            local["loss_units"] = self.objective.pairs_in(batch["labels"], batch["document_ids"])
+        elif self.token_weighted:  # counted over whole windows, before a context-parallel split
+            local["loss_units"] = (batch["labels"] != IGNORE_INDEX).sum()
         return local
 
     def loss_weights(self, batches: list[dict[str, torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
         """Per micro-batch, the factor that turns its mean loss into its part of the mean over every supervised token
-        of the global batch (all micro-batches of all data-parallel ranks), undoing the engine's division by the
-        accumulation steps and the gradients' averaging over data-parallel ranks; and the global count."""
-        counts = torch.stack([b["supervised_tokens"] for b in batches]).to(torch.float64)
+        (or pair) of the global batch (all micro-batches of all data-parallel ranks), undoing the engine's division
+        by the accumulation steps and the gradients' averaging over data-parallel ranks; and the global count."""
+        counts = torch.stack([b["loss_units"] for b in batches]).to(torch.float64)
         total = counts.sum().reshape(1)
         if self.grid.size("dp") > 1:
             dist.all_reduce(total, group=self.grid.group("dp"))
         if total.item() == 0:
-            raise ValueError(f"step {self.step + 1}: the global batch holds no supervised token")
+            raise ValueError(f"step {self.step + 1}: the global batch holds no supervised token or pair")
         factor = len(batches) * self.grid.size("dp") / total[0]
         return [(count * factor).to(torch.float32) for count in counts], int(total.item())
 
@@ -372,17 +384,23 @@ class Trainer:
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
         weights, supervised = [1.0] * accum, 0
+        total_preference = torch.zeros(len(PREFERENCE_METRICS), device=self.device)
         if self.token_weighted and accum:
             batches = [self.next_batch(self.train_loader) for _ in range(accum)]
             weights, supervised = self.loss_weights(batches)
         for index in range(accum):
             batch = batches[index] if self.token_weighted else self.next_batch(self.train_loader)
             input_ids, labels = batch["input_ids"], batch["labels"]
-            with self.autocast():
-                logits = self.forward(input_ids, labels, batch.get("document_ids"))
-            loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+            if self.objective is not None:
+                loss, sums = self._preference_loss(batch)
+                total_preference += sums
+                parts = {"ce": loss}
+            else:
+                with self.autocast():
+                    logits = self.forward(input_ids, labels, batch.get("document_ids"))
+                loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
             loss, ce = loss * weights[index], parts["ce"] * weights[index]
-            if self.cfg.model.mtp_depth:
+            if self.cfg.model.mtp_depth and self.objective is None:  # DPO scores replies with the main head only
                 total_mtp += torch.stack(self.model.last_mtp_losses).float() / self.cfg.grad_accum_steps
             self.engine.backward(loss, self.cfg.grad_accum_steps)
             total_loss += loss.detach() / self.cfg.grad_accum_steps
@@ -408,15 +426,33 @@ class Trainer:
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower optim.lr or check the data")
         if self.skipped_steps:
             moe_metrics["skipped_steps"] = self.skipped_steps
+        if self.objective is not None:
+            moe_metrics |= self._preference_metrics(total_preference, supervised)
         return {
             "loss": loss_value,
             "ce": ce_value,
             "lr": self.engine.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
-            **({"supervised_tokens": self.supervised_tokens_seen} if self.token_weighted else {}),
+            **({self.units_name: self.supervised_tokens_seen} if self.token_weighted else {}),
             **moe_metrics,
         }
+
+    def _preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPO: the mean loss over the micro-batch's pairs and its sums of PREFERENCE_METRICS."""
+        documents = batch["document_ids"]
+        with self.autocast():
+            logits = self.forward(batch["input_ids"], None, documents)
+            with torch.no_grad():
+                reference = self.objective.reference(batch["input_ids"], None, self._documents(documents))
+        return self.objective.loss(logits, reference, batch["labels"], documents)
+
+    def _preference_metrics(self, sums: torch.Tensor, pairs: int, prefix: str = "dpo/") -> dict[str, float]:
+        """Means over the global batch's pairs."""
+        if self.grid.size("dp") > 1:
+            dist.all_reduce(sums, group=self.grid.group("dp"))
+        return {f"{prefix}{name}": value / pairs for name, value in zip(PREFERENCE_METRICS, sums.tolist(),
+                                                                          strict=True)}
 
     def _roll_back(self, where: str) -> None:
         """train.on_nan=rollback: the newest checkpoint's weights, optimizer state, step and RNG, with the data going
@@ -517,6 +553,8 @@ class Trainer:
         self.model.eval()
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
+        if self.objective is not None:
+            return self._evaluate_preference()
         for _ in range(self.cfg.train.eval_batches):
             batch = self.next_batch(self.val_loader)
             if self.plan.pipeline is not None:
@@ -531,6 +569,22 @@ class Trainer:
             total += parts["ce"]
         val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def _evaluate_preference(self) -> dict[str, float]:
+        """DPO on held-out pairs: the loss and the metrics, each a mean over all pairs read."""
+        batches = [self.next_batch(self.val_loader) for _ in range(self.cfg.train.eval_batches)]
+        total, sums, pairs = torch.zeros((), device=self.device), torch.zeros(len(PREFERENCE_METRICS)), 0
+        with torch.no_grad():
+            for batch in batches:
+                loss, batch_sums = self._preference_loss(batch)
+                total += loss * batch["loss_units"]
+                sums += batch_sums.cpu()
+                pairs += int(batch["loss_units"])
+        counts = torch.tensor([float(total), float(pairs)])
+        if self.grid.size("dp") > 1:
+            dist.all_reduce(counts, group=self.grid.group("dp"))
+        metrics = self._preference_metrics(sums, int(counts[1]), prefix="val_")
+        return {"val_loss": float(counts[0] / counts[1]), **metrics}
 
     def run_eval(self) -> None:
         if self.cfg.train.eval_batches == 0:
@@ -738,7 +792,7 @@ class Trainer:
         return {
             "steps": self.step,
             "tokens": self.tokens_seen,
-            **({"supervised_tokens": self.supervised_tokens_seen} if self.token_weighted else {}),
+            **({self.units_name: self.supervised_tokens_seen} if self.token_weighted else {}),
             "final_train_loss": self.last_train.get("loss"),
             "val_loss": self.last_val.get("val_loss"),
             "val_ppl": self.last_val.get("val_ppl"),

@@ -51,7 +51,9 @@ class Progress(Callback):
             )
 
     def on_eval(self, trainer, metrics) -> None:
-        line = f"eval step {trainer.step} | val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.2f}"
+        shown = " | ".join(f"{name} {value:.4f}" if name != "val_ppl" else f"{name} {value:.2f}"
+                           for name, value in metrics.items())
+        line = f"eval step {trainer.step} | {shown}"
         if self.bar is not None:
             self.bar.write(line)
         else:

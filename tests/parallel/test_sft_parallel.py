@@ -1,5 +1,6 @@
-"""Supervised fine-tuning under data and context parallelism equals one process: each rank's micro-batches hold
-different numbers of supervised tokens, and the loss is still the mean over the whole global batch's."""
+"""Fine-tuning under data (and context) parallelism equals one process: SFT, where each rank's micro-batches hold
+different numbers of supervised tokens and the loss is still the mean over the whole global batch's, and DPO, where
+the loss and its reward metrics are means over the global batch's pairs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tests.data.conftest import fortune_conversations
 from tests.parallel.cli_runs import assert_curve_matches, train
 
 SFT = ["data.format=chat", "data.document_masking=true", "model.max_seq_len=128", "data.seq_len=128"]
+DPO = ["data.format=preference", "data.document_masking=true", "model.max_seq_len=256", "data.seq_len=256",
+       "data.skip_invalid_records=true", "dpo.beta=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +39,23 @@ def test_fine_tuning_on_two_ranks_matches_one_process(chat_data, single_sft, tmp
     run_dir = tmp_path / "run"
     train(chat_data, run_dir, *SFT, *layout, nproc=2)
     assert_curve_matches(run_dir, single_sft, also=("supervised_tokens",))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(parallel_data, single, tmp_path_factory):
+    """Pairs from the packaged Bible, and one process training on them from the reference run's checkpoint."""
+    from data.preference_prepare import prepare_preference_dataset
+
+    pairs = tmp_path_factory.mktemp("parallel_pairs")
+    prepare_preference_dataset(pairs, ["bible"], parallel_data / "tokenizer.json", val_fraction=0.1,
+                               max_per_source=300)
+    options = [*DPO, f"train.init_from={single[0] / 'checkpoints' / 'step_00000008'}"]
+    run_dir = tmp_path_factory.mktemp("single_dpo") / "run"
+    train(pairs, run_dir, *options)
+    return pairs, options, run_dir
+
+
+def test_dpo_on_two_data_parallel_ranks_matches_one_process(dpo_run, tmp_path):
+    pairs, options, reference = dpo_run
+    train(pairs, tmp_path / "run", *options, "parallel.dp=2", nproc=2)
+    assert_curve_matches(tmp_path / "run", reference, also=("pairs", "dpo/"))

@@ -75,3 +75,17 @@ def tiny_chat(tmp_path_factory, tiny_data):
     write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
                             "val": fortune_conversations(fortunes, 40, offset=260)}, tiny_data / "tokenizer.json")
     return out
+
+
+DPO = ["data.format=preference", "data.document_masking=true", "data.restart_positions=true",
+       "model.max_seq_len=256", "data.seq_len=256", "data.skip_invalid_records=true", "dpo.beta=0.5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, tiny_data):
+    """Preference pairs from the packaged Bible (a verse chosen, its neighbour rejected) over tiny_data's tokenizer."""
+    from data.preference_prepare import prepare_preference_dataset
+
+    out = tmp_path_factory.mktemp("tiny_pairs")
+    prepare_preference_dataset(out, ["bible"], tiny_data / "tokenizer.json", val_fraction=0.1, max_per_source=300)
+    return out

@@ -4,6 +4,7 @@ tokens of the whole global batch, and a fine-tuning phase starts from a pretrain
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,10 @@ def uneven_chat(tmp_path_factory, tiny_data):
 
 def first_step_gradients(overrides, run_dir):
     trainer = Trainer(load_config(None, overrides), run_dir)
+    if trainer.cfg.train.init_from:  # as fit() starts a phase
+        trainer.initialize_from(Path(trainer.cfg.train.init_from))
+    if trainer.objective is not None:
+        trainer.objective.take_reference(trainer.model)
     grads = {}
 
     def capture(optimizer, args, kwargs):
