@@ -261,6 +261,20 @@ def _log_evaluation(checkpoint: Path, report: dict, overrides: list[str]) -> Non
         print(f"-> MLflow run {run_id} of {run_dir} (metrics eval/..., artifact eval/{name.name})")
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from pretrain.recipe import format_results, run_recipe
+
+    if args.resume not in (None, "auto"):
+        raise ConfigError("--resume", "a recipe resumes each phase from its own newest checkpoint: use --resume auto")
+    try:
+        results = run_recipe(Path(args.config), Path(args.run_dir) if args.run_dir else None)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print("\n".join(format_results(results)), flush=True)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -391,6 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="change the checkpoint's config, e.g. model.rope.scaling=yarn")
     evaluation.set_defaults(func=cmd_eval)
     add_generate_parser(sub)
+
+    recipe = sub.add_parser("recipe", help="run a lifecycle of phases (pretrain, context extension, SFT, DPO), each "
+                            "from the previous one's final checkpoint; running it again continues where it stopped")
+    recipe.add_argument("config", help="a recipe YAML, e.g. configs/recipe_tiny.yaml")
+    recipe.add_argument("--run-dir", help="the recipe's folder (one subfolder per phase); default: the recipe's "
+                        "run_dir, else runs/<recipe name>")
+    recipe.add_argument("--resume", choices=["auto"], help="accepted for symmetry with train: a recipe always "
+                        "continues done and interrupted phases")
+    recipe.set_defaults(func=cmd_recipe)
 
     planner = sub.add_parser("plan", help="which layouts fit N GPUs: memory per rank by category and step time")
     planner.add_argument("config", help="YAML config, e.g. configs/llama3_70b.yaml")

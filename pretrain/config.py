@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A config value that is unknown, of the wrong type, or inconsistent with another."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config error at '{key}': {message}")
 
 
@@ -557,8 +557,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _require(d.document_masking, "data.document_masking",
                  f"{d.format} data packs several conversations into a window: set data.document_masking: true")
         _require(not d.blend, "data.blend", f"blending is for text data; {d.format} data reads one folder (data.dir)")
-        _require(cfg.parallel.pp == 1, "parallel.pp",
-                 f"{d.format} data does not run under pipeline parallelism yet: use tp, dp, cp or ZeRO")
+        _require(cfg.parallel.pp == 1 or (d.format == "chat" and cfg.parallel.cp == 1), "parallel.pp",
+                 "chat data runs under pipeline parallelism without context parallelism; preference data does not "
+                 "run under pipeline parallelism yet")
     if d.format == "preference":
         validate_preference(cfg)
     for i, b in enumerate(d.blend):

@@ -193,6 +193,7 @@ class Trainer:
         self.token_weighted = cfg.data.format != "text"
         self.units_name = "pairs" if cfg.data.format == "preference" else "supervised_tokens"
         self.supervised_tokens_seen = 0  # (chat) or pairs (preference) trained on
+        self.pipeline_units = 1  # under pipeline parallelism: the step's global count, for the last stage's losses
         self.objective = None
         if cfg.data.format == "preference":  # documents: two per pair, and the padding's
             most_pairs = max(self.train_loader.max_pairs_per_window, self.val_loader.max_pairs_per_window)
@@ -371,9 +372,14 @@ class Trainer:
         total_ce = torch.zeros((), device=self.device)
         total_mtp = torch.zeros(self.cfg.model.mtp_depth, device=self.device)
         self.phase = "forward/backward"
+        weights, supervised = [1.0] * accum, 0
+        total_preference = torch.zeros(len(PREFERENCE_METRICS), device=self.device)
         if self.plan.pipeline is not None:
             self.engine.initialize()
             batches = [self.next_batch(self.train_loader) for _ in range(accum)]
+            if self.token_weighted:  # counted by the stages that read labels; the last one weighs its losses
+                _, supervised = self.loss_weights(batches)
+                self.pipeline_units = max(supervised, 1)
             input_ids = torch.cat([b["input_ids"] for b in batches])
             labels = torch.cat([b["labels"] for b in batches])
             documents = self._documents(torch.cat([b["document_ids"] for b in batches])
@@ -383,8 +389,6 @@ class Trainer:
                                                    documents)
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
             accum = 0
-        weights, supervised = [1.0] * accum, 0
-        total_preference = torch.zeros(len(PREFERENCE_METRICS), device=self.device)
         if self.token_weighted and accum:
             batches = [self.next_batch(self.train_loader) for _ in range(accum)]
             weights, supervised = self.loss_weights(batches)
@@ -532,6 +536,10 @@ class Trainer:
         """The last stage's loss: the main loss, plus the MTP modules' (they live there) when it has them."""
         logits, hidden = output if isinstance(output, tuple) else (output, None)
         loss, parts = self.plan.loss(logits, target, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
+        if self.token_weighted:  # this micro-batch's share of the global batch's supervised tokens (see loss_weights)
+            weight = (target != IGNORE_INDEX).sum() * self.cfg.grad_accum_steps * self.grid.size("dp") \
+                / self.pipeline_units
+            loss, parts["ce"] = loss * weight, parts["ce"] * weight
         if hidden is not None:  # reported like the other paths: the main loss, MTP losses apart
             parts["reported_loss"] = loss
             with self.autocast():
@@ -796,6 +804,7 @@ class Trainer:
             "final_train_loss": self.last_train.get("loss"),
             "val_loss": self.last_val.get("val_loss"),
             "val_ppl": self.last_val.get("val_ppl"),
+            "validation": self.last_val,
             "wall_seconds": wall,
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh dev,megatron,hf
 . .venv/bin/activate
 export MLFLOW_DISABLE_TELEMETRY=true
-python -m pytest tests -q "$@"
+python -m pytest tests -q --durations=30 "$@"

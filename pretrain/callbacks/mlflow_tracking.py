@@ -16,6 +16,7 @@ from pretrain.config import config_to_dict, flatten
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 RUN_ID_FILE = "mlflow_run_id"
+PARENT_RUN_ENV = "PRETRAIN_MLFLOW_PARENT_RUN"
 MAX_PARAM_LENGTH = 500
 
 
@@ -60,7 +61,10 @@ class MLflowTracking(Callback):
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.experiment, artifact_location=local_artifact_location(self.tracking_uri))
-        run = self.client.create_run(exp_id, run_name=self.run_name, tags={"run_dir": str(self.run_dir.resolve())})
+        tags = {"run_dir": str(self.run_dir.resolve())}
+        if os.environ.get(PARENT_RUN_ENV):  # a phase of `pretrain recipe`: a child of the recipe's run
+            tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+        run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
         self._log_params(trainer)

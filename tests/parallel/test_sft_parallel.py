@@ -34,7 +34,8 @@ def single_sft(chat_data, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.cp=2"]], ids=["dp2", "cp2"])
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.cp=2"], ["parallel.pp=2"]],
+                         ids=["dp2", "cp2", "pp2"])
 def test_fine_tuning_on_two_ranks_matches_one_process(chat_data, single_sft, tmp_path, layout):
     run_dir = tmp_path / "run"
     train(chat_data, run_dir, *SFT, *layout, nproc=2)

@@ -1,0 +1,245 @@
+"""`pretrain recipe CONFIG`: a model's lifecycle as a list of phases (pretraining, context extension, SFT, DPO),
+each a `pretrain train` run of its own config in RUN_DIR/<phase>, started from the previous phase's final checkpoint.
+
+Each phase runs as its own process (or `--nproc` processes), so any layout works per phase. Done phases (a summary
+with all their steps) are skipped, an interrupted one resumes from its newest checkpoint (`--resume auto`), so
+running the same command again continues a half-done recipe where it stopped. The data a phase needs is prepared
+first when missing; after a phase, `pretrain eval` runs the tasks it lists. With MLflow on, the recipe is one parent
+run and each phase a child run in one experiment. At the end: a table per phase (RUN_DIR/results.md and .json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.callbacks.mlflow_tracking import PARENT_RUN_ENV
+from pretrain.config import ConfigError, load_config
+
+
+@dataclass
+class PhaseSpec:
+    name: str = ""
+    config: str = ""  # relative to the recipe file
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 0  # 0: one process
+    # `pretrain data prepare` argument lists for the data this phase reads, each run when its --out folder lacks
+    # a manifest
+    prepare: list[list[str]] = field(default_factory=list)
+    # `pretrain eval` on the phase's final checkpoint: its tasks and further arguments
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecipeSpec:
+    name: str = "recipe"  # the MLflow experiment of every phase
+    run_dir: str = ""  # default: runs/<recipe file name>
+    mlflow: bool = True
+    phases: list[PhaseSpec] = field(default_factory=list)
+
+
+def load_recipe(path: Path) -> RecipeSpec:
+    if not path.is_file():
+        raise ConfigError("<recipe>", f"recipe file {path} does not exist")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeSpec), OmegaConf.load(path))
+        recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "<recipe>"
+        raise ConfigError(key, f"{str(exc).splitlines()[0]} ({path})") from None
+    if not recipe.phases:
+        raise ConfigError("phases", f"{path} lists no phase")
+    names = [phase.name for phase in recipe.phases]
+    for index, phase in enumerate(recipe.phases):
+        if not phase.name or not phase.name.replace("_", "").isalnum():
+            raise ConfigError(f"phases[{index}].name", f"'{phase.name}' must be a word (letters, digits, _)")
+        if names.count(phase.name) > 1:
+            raise ConfigError(f"phases[{index}].name", f"'{phase.name}' names two phases")
+        phase.config = str((path.parent / phase.config).resolve()) if phase.config else ""
+    return recipe
+
+
+def check_phases(recipe: RecipeSpec) -> None:
+    """Every phase's config, with its overrides, validates before any phase starts (data folders may not exist
+    yet: they are prepared on the way)."""
+    for index, phase in enumerate(recipe.phases):
+        follows = ["train.init_from=<previous phase>"] if index else []
+        try:
+            load_config(phase.config or None, [*phase.overrides, *follows], check_paths=False)
+        except ConfigError as exc:
+            raise ConfigError(f"phases[{index}] ({phase.name}): {exc.key}", exc.message) from None
+
+
+def newest_checkpoint(phase_dir: Path) -> Path | None:
+    from pretrain.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(phase_dir / "checkpoints")
+    valid = [path for path in manager.checkpoints() if (path / "meta.json").is_file()]
+    return valid[-1] if valid else None
+
+
+def phase_done(phase_dir: Path) -> dict[str, Any] | None:
+    """The phase's summary when it ran all its steps."""
+    summary_file, config_file = phase_dir / "summary.json", phase_dir / "config.yaml"
+    if not summary_file.is_file() or not config_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    steps = OmegaConf.load(config_file).train.steps
+    return summary if summary.get("steps") == steps and not summary.get("stopped") else None
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain.cli", *args]
+
+
+@contextlib.contextmanager
+def _waiting_for_child():
+    """Ctrl-C or SIGTERM reach the phase too (same process group): it finishes its step, saves and exits 75, and the
+    recipe passes that on instead of dying first."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(command: list[str], env: dict[str, str], what: str) -> None:
+    print(f"recipe: {what}: {' '.join(command[2:])}", flush=True)
+    with _waiting_for_child():
+        code = subprocess.run(command, env=env).returncode
+    if code:
+        from pretrain.stop import EXIT_RESUMABLE
+
+        if code == EXIT_RESUMABLE:
+            raise SystemExit(EXIT_RESUMABLE)  # stopped on request, checkpoint saved: the same command continues
+        raise RuntimeError(f"recipe: {what} failed (exit code {code}); run the same command again to continue "
+                           "from where it stopped")
+
+
+def prepare_data(phase: PhaseSpec, env: dict[str, str]) -> None:
+    for arguments in phase.prepare:
+        out = Path(arguments[arguments.index("--out") + 1]) if "--out" in arguments else None
+        if out is not None and any((out / name).is_file() for name in
+                                   ("manifest.json", "chat_manifest.json", "preference_manifest.json")):
+            continue
+        _run(_cli("data", "prepare", *arguments), env, f"{phase.name}: prepare data")
+
+
+class RecipeTracking:
+    """The recipe's parent MLflow run (its id kept in RUN_DIR, so a resumed recipe keeps it)."""
+
+    def __init__(self, recipe: RecipeSpec, run_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        from pretrain.callbacks.mlflow_tracking import local_artifact_location, resolve_tracking_uri
+
+        uri = resolve_tracking_uri("", run_dir / "phase")  # the store the phases' runs use: RUN_DIR/mlflow.db
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = run_dir / "mlflow_run_id"
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            return
+        experiment = self.client.get_experiment_by_name(recipe.name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            recipe.name, artifact_location=local_artifact_location(uri))
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
+                                             tags={"run_dir": str(run_dir.resolve())}).info.run_id
+        id_file.write_text(self.run_id)
+
+    def finish(self, results: list[dict[str, Any]], table: Path) -> None:
+        for row in results:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "steps":
+                    self.client.log_metric(self.run_id, f"{row['phase']}/{key}", float(value))
+        self.client.log_artifact(self.run_id, str(table))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+def run_recipe(path: Path, run_dir: Path | None = None) -> list[dict[str, Any]]:
+    recipe = load_recipe(path)
+    check_phases(recipe)
+    run_dir = Path(run_dir or recipe.run_dir or Path("runs") / path.stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    tracking = RecipeTracking(recipe, run_dir) if recipe.mlflow else None
+    if tracking is not None:
+        env[PARENT_RUN_ENV] = tracking.run_id
+    previous: Path | None = None
+    results = []
+    for phase in recipe.phases:
+        phase_dir = run_dir / phase.name
+        started = time.perf_counter()
+        if phase_done(phase_dir) is None:
+            prepare_data(phase, env)
+            command = _cli("train", phase.config, "--run-dir", str(phase_dir), "--resume", "auto")
+            if previous is not None:
+                command += ["--init-from", str(previous)]
+            if phase.nproc:
+                command += ["--nproc", str(phase.nproc)]
+            tracking_options = [f"tracking.experiment={recipe.name}", f"tracking.run_name={phase.name}"]
+            if not recipe.mlflow:
+                tracking_options.append("tracking.mlflow=false")
+            _run(command + [*phase.overrides, *tracking_options], env, f"phase {phase.name}")
+        else:
+            print(f"recipe: phase {phase.name} already done ({phase_dir})", flush=True)
+        previous = newest_checkpoint(phase_dir)
+        if previous is None:
+            raise RuntimeError(f"recipe: phase {phase.name} left no checkpoint in {phase_dir / 'checkpoints'}")
+        evaluation = phase_dir / "eval.json"
+        if phase.eval_tasks and not evaluation.is_file():
+            _run(_cli("eval", str(previous), "--tasks", ",".join(phase.eval_tasks), "--out", str(evaluation),
+                      *([] if recipe.mlflow else ["--no-mlflow"]), *phase.eval_args), env, f"{phase.name}: evaluate")
+        results.append(phase_result(phase.name, phase_dir, evaluation, time.perf_counter() - started))
+    table = run_dir / "results.md"
+    table.write_text("\n".join(format_results(results)) + "\n")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if tracking is not None:
+        tracking.finish(results, table)
+    return results
+
+
+def phase_result(name: str, phase_dir: Path, evaluation: Path, seconds: float) -> dict[str, Any]:
+    summary = json.loads((phase_dir / "summary.json").read_text())
+    row: dict[str, Any] = {"phase": name, "steps": summary["steps"], "train_seconds": summary["wall_seconds"],
+                           "train_loss": summary.get("final_train_loss"), "val_loss": summary.get("val_loss")}
+    validation = summary.get("validation") or {}
+    if "val_reward_accuracy" in validation:
+        row["reward_accuracy"] = validation["val_reward_accuracy"]
+        row["reward_margin"] = validation["val_reward_margin"]
+    if evaluation.is_file():
+        report = json.loads(evaluation.read_text())
+        if "long_ppl" in report:
+            row["long_loss"] = report["long_ppl"]["loss"]
+        if "passkey" in report:
+            row["passkey_accuracy"] = report["passkey"]["accuracy"]
+        if "sft" in report:
+            row["answer_exact_match"] = report["sft"]["exact_match"]
+            row["answer_f1"] = report["sft"]["f1"]
+    return row
+
+
+def format_results(results: list[dict[str, Any]]) -> list[str]:
+    def show(value: Any) -> str:
+        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| phase | steps | train time | train loss | val loss | other |", "|---|---:|---:|---:|---:|---|"]
+    for row in results:
+        minutes, seconds = divmod(round(row["train_seconds"]), 60)
+        other = ", ".join(f"{key} {show(value)}" for key, value in row.items()
+                          if key not in ("phase", "steps", "train_seconds", "train_loss", "val_loss"))
+        lines.append(f"| {row['phase']} | {row['steps']} | {minutes} min {seconds:02d} s | {show(row['train_loss'])} "
+                     f"| {show(row['val_loss'])} | {other} |")
+    return lines
