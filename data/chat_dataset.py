@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.chat import ChatFormatError, ChatTemplate, RenderedConversation
-from data.record_folder import write_record_folder
+from data.record_folder import read_records, write_record_folder
 from data.tokenizer import load_tokenizer
 
 CHAT_MANIFEST = "chat_manifest.json"
@@ -58,31 +58,12 @@ class ChatManifest:
 def read_conversations(path: Path, template: ChatTemplate, max_tokens: int,
                        skip_invalid: bool) -> tuple[list[RenderedConversation], int]:
     """The conversations of a JSONL file, rendered, and how many invalid ones were skipped."""
-    conversations, skipped = [], 0
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                conversations.append(_render_line(raw, template, max_tokens, where))
-            except ChatFormatError:
-                if not skip_invalid:
-                    raise
-                skipped += 1
-    if not conversations:
-        raise ChatFormatError(f"{path} holds no usable conversation ({skipped} skipped)")
-    return conversations, skipped
+    return read_records(path, lambda record, where: _render(record, template, max_tokens, where), skip_invalid,
+                        "conversation")
 
 
-def _render_line(raw: bytes, template: ChatTemplate, max_tokens: int, where: str) -> RenderedConversation:
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ChatFormatError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise ChatFormatError(f"{where}: not a JSON object ({exc.msg})") from None
-    if not isinstance(record, dict) or "messages" not in record:
+def _render(record: dict[str, Any], template: ChatTemplate, max_tokens: int, where: str) -> RenderedConversation:
+    if "messages" not in record:
         raise ChatFormatError(f"{where}: expected an object with a 'messages' list")
     conversation = template.render(record["messages"], where)
     if len(conversation) > max_tokens:

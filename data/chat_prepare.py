@@ -16,6 +16,7 @@ from pathlib import Path
 from data.chat_dataset import CHAT_MANIFEST, write_chat_folder
 from data.chat_sources import CHAT_SOURCES, Conversation
 from data.prepare import _digest, is_validation
+from data.record_folder import check_prepare_options
 from data.sources import SourceError
 from data.tokenizer import BOS, CHAT_TOKENS, EOS, PAD, load_tokenizer
 
@@ -80,15 +81,7 @@ def prepare_chat_dataset(
     """Writes OUT_DIR/{train.jsonl, val.jsonl, tokenizer.json, chat_manifest.json}; returns the manifest."""
     started = time.perf_counter()
     out = Path(out_dir)
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in CHAT_SOURCES]
-    if unknown or not sources:
-        raise SourceError(f"unknown chat source(s) {', '.join(unknown) or '(none given)'}: choose from "
-                          f"{', '.join(CHAT_SOURCES)}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if max_per_source is not None and max_per_source < 1:
-        raise ValueError(f"--max-per-source must be at least 1, got {max_per_source}")
+    sources = check_prepare_options(sources, CHAT_SOURCES, "chat", val_fraction, max_per_source)
     check_tokenizer(tokenizer)
 
     per_source = collect_conversations(sources, max_per_source, seed)

@@ -27,6 +27,7 @@ import numpy as np
 
 from data.chat import ChatFormatError, ChatTemplate, RenderedConversation, check_messages
 from data.chat_dataset import CHAT_MANIFEST, ChatManifest, PackedConversations, pack_in_order
+from data.record_folder import read_records
 from data.tokenizer import load_tokenizer
 
 PREFERENCE_MANIFEST = "preference_manifest.json"
@@ -51,7 +52,7 @@ def load_preference_manifest(folder: str | Path) -> ChatManifest:
         found = f" (it holds {CHAT_MANIFEST}: a chat folder, for data.format: chat)" \
             if (Path(folder) / CHAT_MANIFEST).is_file() else ""
         raise FileNotFoundError(f"{folder} has no {PREFERENCE_MANIFEST}{found}: prepare preference pairs with "
-                                "data/preference_prepare.py's prepare_preference_dataset")
+                                f"`pretrain data prepare --format dpo --out {folder} --tokenizer TOKENIZER.json`")
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != PREFERENCE_FORMAT:
@@ -77,31 +78,11 @@ def prompt_key(prompt: Any) -> str:
 def read_pairs(path: Path, template: ChatTemplate, max_tokens: int,
                skip_invalid: bool) -> tuple[list[RenderedPair], int]:
     """The pairs of a JSONL file, rendered, and how many invalid ones were skipped."""
-    pairs, skipped = [], 0
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                pairs.append(_render_pair(raw, template, max_tokens, f"{path}:{number}"))
-            except ChatFormatError:
-                if not skip_invalid:
-                    raise
-                skipped += 1
-    if not pairs:
-        raise ChatFormatError(f"{path} holds no usable preference pair ({skipped} skipped)")
-    return pairs, skipped
+    return read_records(path, lambda record, where: _render_pair(record, template, max_tokens, where), skip_invalid,
+                        "preference pair")
 
 
-def _render_pair(raw: bytes, template: ChatTemplate, max_tokens: int, where: str) -> RenderedPair:
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ChatFormatError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise ChatFormatError(f"{where}: not a JSON object ({exc.msg})") from None
-    if not isinstance(record, dict):
-        raise ChatFormatError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+def _render_pair(record: dict[str, Any], template: ChatTemplate, max_tokens: int, where: str) -> RenderedPair:
     missing = [f"'{field}'" for field in PAIR_FIELDS if field not in record]
     if missing:
         raise ChatFormatError(f"{where}: the pair has no {' and no '.join(missing)}")

@@ -17,7 +17,7 @@ from data.chat_prepare import check_tokenizer
 from data.preference_dataset import PREFERENCE_FORMAT, PREFERENCE_MANIFEST, prompt_key
 from data.preference_sources import PREFERENCE_SOURCES, Pair
 from data.prepare import _digest, is_validation
-from data.record_folder import write_record_folder
+from data.record_folder import check_prepare_options, write_record_folder
 from data.sources import SourceError
 
 
@@ -56,15 +56,7 @@ def prepare_preference_dataset(
     """Writes OUT_DIR/{tokenizer.json, train.jsonl, val.jsonl, preference_manifest.json}; returns the manifest."""
     started = time.perf_counter()
     out = Path(out_dir)
-    sources = list(dict.fromkeys(sources))
-    unknown = [s for s in sources if s not in PREFERENCE_SOURCES]
-    if unknown or not sources:
-        raise SourceError(f"unknown preference source(s) {', '.join(unknown) or '(none given)'}: choose from "
-                          f"{', '.join(PREFERENCE_SOURCES)}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_per_source is not None and max_per_source < 1:
-        raise ValueError(f"max_per_source must be at least 1, got {max_per_source}")
+    sources = check_prepare_options(sources, PREFERENCE_SOURCES, "preference", val_fraction, max_per_source)
     check_tokenizer(tokenizer)
 
     per_source = collect_pairs(sources, max_per_source, seed)

@@ -55,3 +55,58 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     write(temporary)
     os.replace(temporary, path)
+
+
+def read_records(path: Path, render: Callable[[dict[str, Any], str], Any], skip_invalid: bool,
+                 what: str) -> tuple[list[Any], int]:
+    """`render(record, "FILE:LINE")` of every JSON object line of a JSONL file, and how many lines were skipped as
+    invalid (`skip_invalid`; else the first invalid one raises). Invalid: not UTF-8, not a JSON object, or whatever
+    `render` raises ChatFormatError for."""
+    from data.chat import ChatFormatError
+
+    items, skipped = [], 0
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                items.append(render(json_object(raw, where), where))
+            except ChatFormatError:
+                if not skip_invalid:
+                    raise
+                skipped += 1
+    if not items:
+        raise ChatFormatError(f"{path} holds no usable {what} ({skipped} skipped)")
+    return items, skipped
+
+
+def json_object(raw: bytes, where: str) -> dict[str, Any]:
+    from data.chat import ChatFormatError
+
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ChatFormatError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ChatFormatError(f"{where}: not a JSON object ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise ChatFormatError(f"{where}: expected an object {{...}}, got a JSON {type(record).__name__}")
+    return record
+
+
+def check_prepare_options(sources: list[str], known: Any, what: str, val_fraction: float,
+                          max_per_source: int | None) -> list[str]:
+    """The sources without repeats, or a clear error for unknown sources and out-of-range options."""
+    from data.sources import SourceError
+
+    sources = list(dict.fromkeys(sources))
+    unknown = [s for s in sources if s not in known]
+    if unknown or not sources:
+        raise SourceError(f"unknown {what} source(s) {', '.join(unknown) or '(none given)'}: choose from "
+                          f"{', '.join(known)}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if max_per_source is not None and max_per_source < 1:
+        raise ValueError(f"--max-per-source must be at least 1, got {max_per_source}")
+    return sources
