@@ -581,18 +581,18 @@ class Trainer:
     def _evaluate_preference(self) -> dict[str, float]:
         """DPO on held-out pairs: the loss and the metrics, each a mean over all pairs read."""
         batches = [self.next_batch(self.val_loader) for _ in range(self.cfg.train.eval_batches)]
-        total, sums, pairs = torch.zeros((), device=self.device), torch.zeros(len(PREFERENCE_METRICS)), 0
+        total = torch.zeros(2, device=self.device)  # summed losses, pairs
+        sums = torch.zeros(len(PREFERENCE_METRICS), device=self.device)
         with torch.no_grad():
             for batch in batches:
                 loss, batch_sums = self._preference_loss(batch)
-                total += loss * batch["loss_units"]
-                sums += batch_sums.cpu()
-                pairs += int(batch["loss_units"])
-        counts = torch.tensor([float(total), float(pairs)])
+                total += torch.stack([loss * batch["loss_units"], batch["loss_units"].float()])
+                sums += batch_sums
         if self.grid.size("dp") > 1:
-            dist.all_reduce(counts, group=self.grid.group("dp"))
+            dist.all_reduce(total, group=self.grid.group("dp"))
+        counts = total.tolist()
         metrics = self._preference_metrics(sums, int(counts[1]), prefix="val_")
-        return {"val_loss": float(counts[0] / counts[1]), **metrics}
+        return {"val_loss": counts[0] / counts[1], **metrics}
 
     def run_eval(self) -> None:
         if self.cfg.train.eval_batches == 0:
