@@ -8,15 +8,11 @@ OUT_DIR/chat_manifest.json               written last: a folder without it is an
 
 from __future__ import annotations
 
-import json
-import random
-import time
 from pathlib import Path
 
-from data.chat_dataset import CHAT_MANIFEST, write_chat_folder
+from data.chat_dataset import CHAT_MANIFEST
 from data.chat_sources import CHAT_SOURCES, Conversation
-from data.prepare import _digest, is_validation
-from data.record_folder import check_prepare_options
+from data.record_folder import check_prepare_options, prepare_records
 from data.sources import SourceError
 from data.tokenizer import BOS, CHAT_TOKENS, EOS, PAD, load_tokenizer
 
@@ -44,32 +40,6 @@ def check_tokenizer(path: str | Path) -> None:
                           "written by `pretrain data prepare`")
 
 
-def collect_conversations(sources: list[str], max_per_source: int | None, seed: int) -> dict[str, list[Conversation]]:
-    """Each source's conversations, in source order; with `max_per_source`, a seeded sample of that many (the
-    sample of one source does not depend on which other sources are asked for)."""
-    collected = {}
-    for name in sources:
-        conversations = list(CHAT_SOURCES[name]())
-        if max_per_source is not None and len(conversations) > max_per_source:
-            keep = sorted(random.Random(f"{seed}/{name}").sample(range(len(conversations)), max_per_source))
-            conversations = [conversations[i] for i in keep]
-        collected[name] = conversations
-    return collected
-
-
-def split_conversations(conversations: list[Conversation], seed: int,
-                        val_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-    """Held out by a seeded hash of the user's question, so one question never lands in both splits."""
-    is_val = [is_validation(_digest(question(c)), seed, val_fraction) for c in conversations]
-    train = [c for c, v in zip(conversations, is_val, strict=True) if not v]
-    val = [c for c, v in zip(conversations, is_val, strict=True) if v]
-    if val_fraction > 0 and not val and train:
-        moved = question(train[0])
-        val = [c for c in train if question(c) == moved]
-        train = [c for c in train if question(c) != moved]
-    return train, val
-
-
 def prepare_chat_dataset(
     out_dir: str | Path,
     sources: list[str],
@@ -78,25 +48,9 @@ def prepare_chat_dataset(
     seed: int = 0,
     max_per_source: int | None = None,
 ) -> dict:
-    """Writes OUT_DIR/{train.jsonl, val.jsonl, tokenizer.json, chat_manifest.json}; returns the manifest."""
-    started = time.perf_counter()
-    out = Path(out_dir)
+    """Writes OUT_DIR/{train.jsonl, val.jsonl, tokenizer.json, chat_manifest.json}; returns the manifest.
+    Conversations are held out by their user question, so one question never lands in both splits."""
     sources = check_prepare_options(sources, CHAT_SOURCES, "chat", val_fraction, max_per_source)
     check_tokenizer(tokenizer)
-
-    per_source = collect_conversations(sources, max_per_source, seed)
-    conversations = [c for name in sources for c in per_source[name]]
-    random.Random(seed).shuffle(conversations)  # both splits mix all sources
-    train, val = split_conversations(conversations, seed, val_fraction)
-    if not train:
-        raise SourceError(f"no training conversations: the {len(conversations)} conversation(s) of "
-                          f"{', '.join(sources)} all went to validation; raise --max-per-source or pass "
-                          "--val-fraction 0")
-
-    write_chat_folder(out, {"train": train, "val": val}, tokenizer,
-                      sources={name: len(per_source[name]) for name in sources}, seed=seed)
-    manifest = json.loads((out / CHAT_MANIFEST).read_text())
-    counts = ", ".join(f"{name} {count:,}" for name, count in manifest["sources"].items())
-    print(f"prepared {out}: {len(conversations):,} conversations ({counts}); train {len(train):,}, "
-          f"val {len(val):,}; vocab {manifest['vocab_size']}; {time.perf_counter() - started:.0f} s", flush=True)
-    return manifest
+    return prepare_records(out_dir, sources, lambda name: CHAT_SOURCES[name](), question, tokenizer,
+                           CHAT_MANIFEST, "chat", "conversations", val_fraction, seed, max_per_source)

@@ -110,3 +110,45 @@ def check_prepare_options(sources: list[str], known: Any, what: str, val_fractio
     if max_per_source is not None and max_per_source < 1:
         raise ValueError(f"--max-per-source must be at least 1, got {max_per_source}")
     return sources
+
+
+def prepare_records(out_dir: str | Path, sources: list[str], records_of: Callable[[str], Any],
+                    split_key: Callable[[dict[str, Any]], str], tokenizer: str | Path, manifest_file: str,
+                    record_format: str, noun: str, val_fraction: float, seed: int,
+                    max_per_source: int | None) -> dict[str, Any]:
+    """`pretrain data prepare` for records of packaged sources (already checked by `check_prepare_options`): each
+    source's records (`records_of(name)`), a seeded sample of `max_per_source` per source (one source's sample does
+    not depend on the others asked for), shuffled together, split by a seeded hash of `split_key(record)` (records
+    sharing a key share a split; an empty validation split takes the first key's records), written with
+    `write_record_folder`. `noun`: what the records are called in messages (plural)."""
+    import random
+    import time
+
+    from data.prepare import _digest, is_validation
+    from data.sources import SourceError
+
+    started = time.perf_counter()
+    per_source = {}
+    for name in sources:
+        records = list(records_of(name))
+        if max_per_source is not None and len(records) > max_per_source:
+            keep = sorted(random.Random(f"{seed}/{name}").sample(range(len(records)), max_per_source))
+            records = [records[i] for i in keep]
+        per_source[name] = records
+    records = [r for name in sources for r in per_source[name]]
+    random.Random(seed).shuffle(records)  # both splits mix all sources
+    keys = [split_key(r) for r in records]
+    is_val = [is_validation(_digest(key), seed, val_fraction) for key in keys]
+    if val_fraction > 0 and not any(is_val) and records:
+        is_val = [key == keys[0] for key in keys]
+    train = [r for r, v in zip(records, is_val, strict=True) if not v]
+    val = [r for r, v in zip(records, is_val, strict=True) if v]
+    if not train:
+        raise SourceError(f"no training {noun}: the {len(records)} {noun} of {', '.join(sources)} all went to "
+                          "validation; raise --max-per-source or pass --val-fraction 0")
+    manifest = write_record_folder(out_dir, {"train": train, "val": val}, tokenizer, manifest_file, record_format,
+                                   sources={name: len(per_source[name]) for name in sources}, seed=seed)
+    counts = ", ".join(f"{name} {count:,}" for name, count in manifest["sources"].items())
+    print(f"prepared {out_dir}: {len(records):,} {noun} ({counts}); train {len(train):,}, val {len(val):,}; "
+          f"vocab {manifest['vocab_size']}; {time.perf_counter() - started:.0f} s", flush=True)
+    return manifest
