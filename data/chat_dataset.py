@@ -141,17 +141,21 @@ def collate_chat_windows(windows: list[tuple[int, np.ndarray, np.ndarray, np.nda
             "window_ids": torch.tensor([w[0] for w in windows], dtype=torch.long)}
 
 
-def load_split(folder: str | Path, split: str, seq_len: int, skip_invalid: bool
-               ) -> tuple[ChatManifest, list[RenderedConversation], int]:
-    manifest = ChatManifest.load(folder)
+def load_split(folder: str | Path, split: str, seq_len: int, skip_invalid: bool, load_manifest=None,
+               read=None, manifest_file: str = CHAT_MANIFEST, noun: str = "conversation"
+               ) -> tuple[ChatManifest, list[Any], int]:
+    """A split of a record folder, rendered: its manifest, records and the count of skipped invalid ones. The
+    defaults read a chat folder; `load_manifest`, `read` (like read_conversations), `manifest_file` and `noun` serve
+    other record formats."""
+    manifest = (load_manifest or ChatManifest.load)(folder)
     if split not in manifest.splits:
-        raise ValueError(f"{Path(folder) / CHAT_MANIFEST} has no '{split}' split (it has {sorted(manifest.splits)})")
+        raise ValueError(f"{Path(folder) / manifest_file} has no '{split}' split (it has {sorted(manifest.splits)})")
     template = ChatTemplate(load_tokenizer(Path(folder) / manifest.tokenizer_file))
     path = Path(folder) / manifest.splits[split]["file"]
-    conversations, skipped = read_conversations(path, template, seq_len + 1, skip_invalid)
+    records, skipped = (read or read_conversations)(path, template, seq_len + 1, skip_invalid)
     if skipped:
-        log.warning("%s: skipped %d invalid conversation(s) (data.skip_invalid_records)", path, skipped)
-    return manifest, conversations, skipped
+        log.warning("%s: skipped %d invalid %s(s) (data.skip_invalid_records)", path, skipped, noun)
+    return manifest, records, skipped
 
 
 def records_sha256(folder: str | Path, manifest: ChatManifest, split: str) -> str:

@@ -17,10 +17,14 @@ class ChatWindowLoader(TokenWindowLoader):
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, reads: bool = True):
         self._set_batching(data_cfg, split, micro_batch_size, global_batch_size, dp_rank, dp_size, seed, reads)
         self.folder = Path(data_cfg.dir)
-        self.chat_manifest, conversations, self.skipped_records = load_split(
-            self.folder, split, data_cfg.seq_len, data_cfg.skip_invalid_records)
-        self.dataset = PackedConversations(conversations, data_cfg.seq_len, seed, self.chat_manifest.pad_id)
+        self.chat_manifest, records, self.skipped_records = self.load_records(data_cfg, split)
+        self.dataset = self.packed(records, data_cfg.seq_len, seed, self.chat_manifest.pad_id)
         self.collate = collate_chat_windows
+
+    packed = PackedConversations  # how the records become windows
+
+    def load_records(self, data_cfg, split: str):
+        return load_split(self.folder, split, data_cfg.seq_len, data_cfg.skip_invalid_records)
 
     @property
     def manifest(self):

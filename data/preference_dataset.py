@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from data.chat import ChatFormatError, ChatTemplate, RenderedConversation, check_messages
-from data.chat_dataset import CHAT_MANIFEST, ChatManifest, PackedConversations, pack_in_order
+from data.chat_dataset import CHAT_MANIFEST, ChatManifest, PackedConversations, load_split, pack_in_order
 from data.record_folder import read_records
-from data.tokenizer import load_tokenizer
 
 PREFERENCE_MANIFEST = "preference_manifest.json"
 PREFERENCE_FORMAT = "preference"
@@ -122,13 +121,5 @@ class PackedPairs(PackedConversations):
 
 def load_preference_split(folder: str | Path, split: str, seq_len: int, skip_invalid: bool
                           ) -> tuple[ChatManifest, list[RenderedPair], int]:
-    manifest = load_preference_manifest(folder)
-    if split not in manifest.splits:
-        raise ValueError(f"{Path(folder) / PREFERENCE_MANIFEST} has no '{split}' split (it has "
-                         f"{sorted(manifest.splits)})")
-    template = ChatTemplate(load_tokenizer(Path(folder) / manifest.tokenizer_file))
-    path = Path(folder) / manifest.splits[split]["file"]
-    pairs, skipped = read_pairs(path, template, seq_len + 1, skip_invalid)
-    if skipped:
-        log.warning("%s: skipped %d invalid preference pair(s) (data.skip_invalid_records)", path, skipped)
-    return manifest, pairs, skipped
+    return load_split(folder, split, seq_len, skip_invalid, load_preference_manifest, read_pairs,
+                      PREFERENCE_MANIFEST, "preference pair")

@@ -6,22 +6,15 @@ window_ids; in each window, documents 2k and 2k+1 are the chosen and rejected re
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from data.chat_dataset import collate_chat_windows
 from data.chat_loader import ChatWindowLoader
 from data.preference_dataset import PackedPairs, load_preference_split
 
 
 class PreferenceWindowLoader(ChatWindowLoader):
-    def __init__(self, data_cfg, split: str = "train", micro_batch_size: int = 8, global_batch_size: int = 8,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, reads: bool = True):
-        self._set_batching(data_cfg, split, micro_batch_size, global_batch_size, dp_rank, dp_size, seed, reads)
-        self.folder = Path(data_cfg.dir)
-        self.chat_manifest, pairs, self.skipped_records = load_preference_split(
-            self.folder, split, data_cfg.seq_len, data_cfg.skip_invalid_records)
-        self.dataset = PackedPairs(pairs, data_cfg.seq_len, seed, self.chat_manifest.pad_id)
-        self.collate = collate_chat_windows
+    packed = PackedPairs
+
+    def load_records(self, data_cfg, split: str):
+        return load_preference_split(self.folder, split, data_cfg.seq_len, data_cfg.skip_invalid_records)
 
     @property
     def pairs(self) -> int:
