@@ -15,7 +15,7 @@ import torch
 from data.chat import ChatTemplate
 from data.chat_dataset import ChatManifest
 from data.tokenizer import load_tokenizer
-from pretrain.generate import greedy
+from pretrain.decoding import generate_batch
 
 EXTRA_TOKENS = 8  # generated beyond the reference answer's length, so a longer answer shows as wrong
 
@@ -33,9 +33,8 @@ def word_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def held_out_questions(data_dir: Path, count: int) -> list[dict[str, Any]]:
+def held_out_questions(data_dir: Path, manifest: ChatManifest, count: int) -> list[dict[str, Any]]:
     """The first `count` validation conversations, as (messages before the last reply, the reply)."""
-    manifest = ChatManifest.load(data_dir)
     if "val" not in manifest.splits:
         raise ValueError(f"{data_dir} has no validation split to take held-out questions from")
     questions = []
@@ -53,18 +52,15 @@ def held_out_questions(data_dir: Path, count: int) -> list[dict[str, Any]]:
 def sft_answers(loaded, data_dir: Path, count: int, examples: int = 5) -> dict[str, Any]:
     manifest = ChatManifest.load(data_dir)
     template = ChatTemplate(load_tokenizer(data_dir / manifest.tokenizer_file))
-    device = next(loaded.model.parameters()).device
     exact, f1, shown = 0, 0.0, []
-    questions = held_out_questions(data_dir, count)
+    questions = held_out_questions(data_dir, manifest, count)
     for question in questions:
         prompt = template.prompt(question["messages"])
         budget = len(template.tokenizer.encode(question["reference"]).ids) + EXTRA_TOKENS
         budget = min(budget, loaded.cfg.model.max_seq_len - len(prompt))
-        with loaded.autocast():
-            out, _ = greedy(loaded.model, torch.tensor([prompt], device=device), max(budget, 1))
-        new = out[0, len(prompt):].tolist()
-        if template.end_of_turn in new:
-            new = new[:new.index(template.end_of_turn)]
+        with loaded.autocast():  # greedy, ending at the reply's end-of-turn token
+            new = generate_batch(loaded.model, [prompt], max(budget, 1), stop_ids={template.end_of_turn},
+                                 pad_id=manifest.pad_id)[0]
         answer = template.tokenizer.decode(new)
         exact += normalize(answer) == normalize(question["reference"])
         f1 += word_f1(answer, question["reference"])
