@@ -560,9 +560,9 @@ class Trainer:
         self.phase = "evaluation"
         self.model.eval()
         self.val_loader.reset()
-        total = torch.zeros((), device=self.device)
         if self.objective is not None:
             return self._evaluate_preference()
+        total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             batch = self.next_batch(self.val_loader)
             if self.plan.pipeline is not None:

@@ -89,3 +89,13 @@ def fortune_conversations(fortunes: list[str], count: int, offset: int = 0) -> l
             messages += [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": words[0]}]
         conversations.append({"messages": messages})
     return conversations
+
+
+def write_fortune_chat_folder(out: Path, tokenizer: Path) -> Path:
+    """A chat folder of 260 training and 40 validation fortune conversations over `tokenizer`."""
+    from data.chat_dataset import write_chat_folder
+
+    fortunes = list(itertools.islice(iter_documents("fortunes"), 300))
+    write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
+                            "val": fortune_conversations(fortunes, 40, offset=260)}, tokenizer)
+    return out

@@ -4,13 +4,9 @@ the loss and its reward metrics are means over the global batch's pairs."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from data.chat_dataset import write_chat_folder
-from data.sources import iter_documents
-from tests.data.conftest import fortune_conversations
+from tests.data.conftest import write_fortune_chat_folder
 from tests.parallel.cli_runs import assert_curve_matches, train
 
 SFT = ["data.format=chat", "data.document_masking=true", "model.max_seq_len=128", "data.seq_len=128"]
@@ -20,11 +16,7 @@ DPO = ["data.format=preference", "data.document_masking=true", "model.max_seq_le
 
 @pytest.fixture(scope="module")
 def chat_data(parallel_data, tmp_path_factory):
-    fortunes = list(itertools.islice(iter_documents("fortunes"), 300))
-    out = tmp_path_factory.mktemp("parallel_chat")
-    write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
-                            "val": fortune_conversations(fortunes, 40, offset=260)}, parallel_data / "tokenizer.json")
-    return out
+    return write_fortune_chat_folder(tmp_path_factory.mktemp("parallel_chat"), parallel_data / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")

@@ -64,17 +64,9 @@ SFT = ["data.format=chat", "data.document_masking=true", "data.restart_positions
 @pytest.fixture(scope="session")
 def tiny_chat(tmp_path_factory, tiny_data):
     """Chat data from real text (fortunes split into question and reply) over tiny_data's tokenizer."""
-    import itertools
+    from tests.data.conftest import write_fortune_chat_folder
 
-    from data.chat_dataset import write_chat_folder
-    from data.sources import iter_documents
-    from tests.data.conftest import fortune_conversations
-
-    fortunes = list(itertools.islice(iter_documents("fortunes"), 300))
-    out = tmp_path_factory.mktemp("tiny_chat")
-    write_chat_folder(out, {"train": fortune_conversations(fortunes, 260),
-                            "val": fortune_conversations(fortunes, 40, offset=260)}, tiny_data / "tokenizer.json")
-    return out
+    return write_fortune_chat_folder(tmp_path_factory.mktemp("tiny_chat"), tiny_data / "tokenizer.json")
 
 
 DPO = ["data.format=preference", "data.document_masking=true", "data.restart_positions=true",
