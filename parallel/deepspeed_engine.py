@@ -264,14 +264,15 @@ class DeepSpeedEngine:
             out[f"{name}/step"] = step.clone()
         return out
 
-    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source) -> None:
+    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source,
+             missing_ok: frozenset[str] = frozenset()) -> None:
         """Weights go into the plain model before DeepSpeed partitions it; then the fp32 master weights and
         the AdamW states are set whole (each rank keeps its partition)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         started = self.engine is not None  # a rollback: DeepSpeed holds the weights already
         if not started:
-            load_model_tensors(self.model, model, source)
+            load_model_tensors(self.model, model, source, missing_ok)
         self.initialize()
         steps = set()
         for name, p in self._params():

@@ -56,6 +56,8 @@ class PlainEngine:
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         return optimizer_tensors(self.model, self.optimizer)
 
-    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source) -> None:
-        load_model_tensors(self.model, model, source)
+    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source,
+             missing_ok: frozenset[str] = frozenset()) -> None:
+        """`missing_ok`: names that `model` need not hold (frozen LoRA base weights, or the adapters)."""
+        load_model_tensors(self.model, model, source, missing_ok)
         load_optimizer_tensors(self.model, self.optimizer, optimizer)

@@ -370,10 +370,12 @@ def part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Loads tensors by name; a tied alias missing from the file is fine, anything else missing is an error."""
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str,
+                       missing_ok: frozenset[str] = frozenset()) -> None:
+    """Loads tensors by name; a tied alias missing from the file is fine, and so are the names in `missing_ok`;
+    anything else missing is an error."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not _is_tied_alias(model, k, tensors)]
+    missing = [k for k in missing if k not in missing_ok and not _is_tied_alias(model, k, tensors)]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}")
 

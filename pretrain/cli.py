@@ -206,6 +206,15 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_merge(args: argparse.Namespace) -> int:
+    from pretrain.lora_checkpoint import merge_checkpoint
+
+    out = merge_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"merged the LoRA adapters of {args.checkpoint} into its base weights: {out} (an ordinary checkpoint for "
+          "--init-from, eval, generate and consolidate)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -441,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     whole.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep")
     whole.add_argument("--max-file-size", help="split into files of at most this size, e.g. 5GB (default: one file)")
     whole.set_defaults(func=cmd_checkpoint_consolidate)
+    merge = ckpt_sub.add_parser(
+        "merge", help="fold a LoRA checkpoint's adapters into its base weights: an ordinary checkpoint folder")
+    merge.add_argument("checkpoint", help="a checkpoint of a run with lora.rank > 0")
+    merge.add_argument("out", help="the merged checkpoint folder to write (must not exist)")
+    merge.set_defaults(func=cmd_checkpoint_merge)
     return parser
 
 

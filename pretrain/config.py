@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.model.config import ModelConfig, RopeConfig  # noqa: F401  (re-exported)
+from pretrain.model.lora import LoraConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (resolved per device by pretrain/precision.py)
 
@@ -117,6 +118,9 @@ class TrainConfig:
     # position; the model config may change what needs no new tensors (RoPE scaling, max_seq_len). A run that
     # resumes from its own checkpoints ignores it. `pretrain train --init-from PATH` sets it.
     init_from: str = ""
+    # the multi-token-prediction modules in this phase: train (as in pretraining), freeze (kept unchanged, their
+    # loss not computed), drop (left out of this phase's model and its checkpoints)
+    mtp: str = "train"
     # A step whose gradient norm is NaN/inf is never applied. stop: end the run with an error (the last checkpoint
     # stays the newest); skip: go on with the next batch, counting it (`skipped_steps` in the metrics and summary);
     # rollback: back to the newest checkpoint's weights and optimizer, the data going on from where it is (the
@@ -205,6 +209,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def dp_size(self) -> int:
@@ -421,6 +426,32 @@ def validate_preference(cfg: Config) -> None:
     _require(not cfg.deepspeed.enabled, "deepspeed.enabled", "DPO runs with the plain engine for now")
 
 
+def validate_lora(cfg: Config) -> None:
+    lora, p = cfg.lora, cfg.parallel
+    _require(lora.rank >= 0, "lora.rank", f"must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    if not lora.enabled:
+        return
+    _require(lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    _require(lora.dropout == 0 or p.tp == 1, "lora.dropout",
+             "adapter dropout under tensor parallelism needs the same mask on every TP rank (not yet): set 0")
+    _require(bool(cfg.train.init_from), "train.init_from",
+             "LoRA adapts a trained model whose weights stay frozen: set train.init_from (or pass --init-from)")
+    _require(not cfg.deepspeed.enabled, "deepspeed.enabled",
+             "LoRA runs with the plain engine (its optimizer holds the adapters only; ZeRO would save little): "
+             "set deepspeed.enabled: false")
+    import torch
+
+    from pretrain.model.lora import apply_lora
+
+    with torch.device("meta"):
+        model = cfg.model.build()
+    try:
+        apply_lora(model, lora)
+    except ValueError as exc:
+        raise ConfigError("lora.targets", str(exc)) from None
+
+
 def validate_deepspeed(cfg: Config) -> None:
     ds = cfg.deepspeed
     if not ds.enabled:
@@ -547,6 +578,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.on_nan != "rollback" or not cfg.deepspeed.enabled or cfg.deepspeed.zero_stage < 3, "train.on_nan",
              "rollback with DeepSpeed needs deepspeed.zero_stage 0-2 (ZeRO-3's partitioned weights are not restored "
              "in place yet)")
+    _require(t.mtp in ("train", "freeze", "drop"), "train.mtp", f"must be train, freeze or drop, got '{t.mtp}'")
+    _require(t.mtp != "freeze" or not cfg.deepspeed.enabled, "train.mtp",
+             "freeze runs with the plain engine for now (DeepSpeed would partition the frozen modules): use drop")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.interleave_shards >= 1, "data.interleave_shards", "must be >= 1")
     _require(d.document_masking or not d.restart_positions, "data.restart_positions",
@@ -562,6 +596,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  "run under pipeline parallelism yet")
     if d.format == "preference":
         validate_preference(cfg)
+    validate_lora(cfg)
     for i, b in enumerate(d.blend):
         _require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}")
         _require(bool(b.dir), f"data.blend[{i}].dir", "must name a prepared data folder")

@@ -31,6 +31,7 @@ from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import CheckpointError, load_checkpoint, read_meta
 from pretrain.config import Config, load_config
 from pretrain.generate import greedy
+from pretrain.lora_checkpoint import is_adapter_checkpoint, load_adapted
 from pretrain.model.transformer import Transformer
 from pretrain.precision import choose_precision
 
@@ -70,7 +71,10 @@ def load_for_eval(checkpoint: Path, overrides: list[str] | None = None) -> Loade
     precision = choose_precision("auto", device).precision
     torch.manual_seed(cfg.train.seed)
     model = cfg.model.build()  # whole, in one process (its initial values are overwritten)
-    load_checkpoint(meta.path, model, restore_rng_state=False)
+    if is_adapter_checkpoint(meta):  # LoRA: the base's weights with the adapters merged in
+        model = load_adapted(meta, cfg, model)
+    else:
+        load_checkpoint(meta.path, model, restore_rng_state=False)
     model = model.to(device).eval()
 
     def autocast():

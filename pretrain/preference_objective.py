@@ -9,9 +9,28 @@ import torch
 from torch import nn
 
 from pretrain.config import PreferenceConfig
+from pretrain.model.lora import set_adapters_enabled
 from pretrain.model.preference_loss import chosen_and_rejected, dpo_loss, sequence_logprobs
 
 METRICS = ("chosen_rewards", "rejected_rewards", "reward_margin", "reward_accuracy")
+
+
+class BaseOfAdapted:
+    """Calls a LoRA-adapted model as its frozen base: adapters off, in eval mode (no dropout, and the MoE layers
+    count no expert loads: the reference's forward is not a training step)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model, training = self.model, self.model.training
+        set_adapters_enabled(model, False)
+        model.eval()
+        try:
+            return model(*args, **kwargs)
+        finally:
+            set_adapters_enabled(model, True)
+            model.train(training)
 
 
 class PreferenceObjective:
@@ -20,9 +39,13 @@ class PreferenceObjective:
         self.max_documents = max_documents
         self.reference: nn.Module | None = None
 
-    def take_reference(self, model: nn.Module) -> None:
-        """A frozen copy of the model's current weights (call it before training changes them)."""
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+    def take_reference(self, model: nn.Module, adapters: bool = False) -> None:
+        """A frozen copy of the model's current weights (call it before training changes them); a LoRA policy
+        (`adapters`) is its own reference with the adapters switched off, and needs no copy."""
+        if adapters:
+            self.reference = BaseOfAdapted(model)
+        else:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     @staticmethod
     def pairs_in(labels: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:

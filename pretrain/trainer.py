@@ -42,8 +42,10 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, config_to_dict, config_to_yaml
 from pretrain.hardware import peak_flops
 from pretrain.heartbeat import Heartbeat, default_store
+from pretrain.lora_checkpoint import LORA_BASE, refuse_adapters_as_source
 from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.lora import apply_lora, freeze_base, is_adapter
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
 from pretrain.preference_objective import METRICS as PREFERENCE_METRICS
@@ -66,11 +68,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def check_initialization_source(meta, cfg: Config, tokenizer: dict[str, str]) -> None:
     """The checkpoint holds every tensor of this model with the same full shape, and its tokenizer is the data's."""
+    refuse_adapters_as_source(meta)
     with torch.device("meta"):
         wanted = {name: tuple(t.shape) for name, t in model_templates(cfg.model.build()).items()}
     stored = {k.removeprefix(MODEL): shape for k, (shape, _) in meta.tensor_shapes().items() if k.startswith(MODEL)}
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))
+    if cfg.train.mtp == "drop":  # the source's MTP modules are not part of this phase's model
+        unexpected = [name for name in unexpected if not name.startswith("mtp.")]
     reshaped = [f"{k}: {list(stored[k])} there, {list(wanted[k])} here" for k in sorted(wanted)
                 if k in stored and tuple(stored[k]) != wanted[k]]
     problems = [f"missing {missing[:6]}"] if missing else []
@@ -122,6 +127,8 @@ class Trainer:
             self.precision = self._agree_on_precision(choose_precision(cfg.train.precision, self.device))
         # the run's config says what it computes in (written to RUN_DIR/config.yaml, given to DeepSpeed)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=self.precision.precision))
+        if cfg.train.mtp == "drop":  # this phase's model has no MTP modules (those of train.init_from are left out)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mtp_depth=0))
         self.cfg = cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -130,6 +137,8 @@ class Trainer:
         with torch.device("meta"):  # no memory yet: each rank materializes only its own shards below
             model = cfg.model.build()
         init_rules = model.init_rules()
+        if cfg.lora.enabled:  # adapters on the targeted linears; the base weights come from train.init_from
+            init_rules |= apply_lora(model, cfg.lora)
         p = cfg.parallel
         pipeline = PipelineOptions(
             schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
@@ -139,6 +148,16 @@ class Trainer:
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        if cfg.lora.enabled:
+            freeze_base(self.model)
+        # frozen weights (LoRA's base) are the initialization source's: checkpoints hold everything else
+        self.frozen = frozenset(name for name, t in self.model.state_dict(keep_vars=True).items()
+                                if isinstance(t, torch.nn.Parameter) and not t.requires_grad)  # tied names too
+        self.mtp_depth = cfg.model.mtp_depth  # the MTP depths that train (train.mtp: freeze keeps them unchanged)
+        if cfg.train.mtp == "freeze":
+            self.mtp_depth, self.model.train_mtp = 0, False
+            for param in self.model.mtp.parameters():
+                param.requires_grad_(False)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.moe_layers = self.model.moe_layers()
         self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step
@@ -252,12 +271,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         self.attempt_started = time.perf_counter()
-        if self.objective is not None:  # the frozen reference: the weights the phase starts from
+        # the weights the phase starts from, kept frozen: DPO's reference, LoRA's base (neither is in checkpoints)
+        starts_frozen = self.objective is not None or self.cfg.lora.enabled
+        if starts_frozen:
             self.initialize_from(Path(self.cfg.train.init_from))
-            self.objective.take_reference(self.model)
+        if self.objective is not None:
+            self.objective.take_reference(self.model, adapters=self.cfg.lora.enabled)
         if resume:
             self.resume(resume)
-        if self.step == 0 and self.cfg.train.init_from and self.objective is None:
+        if self.step == 0 and self.cfg.train.init_from and not starts_frozen:
             self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
         with StopRequest(announce=self.is_main) as stop_request:
@@ -370,7 +392,7 @@ class Trainer:
         accum = self.cfg.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         total_ce = torch.zeros((), device=self.device)
-        total_mtp = torch.zeros(self.cfg.model.mtp_depth, device=self.device)
+        total_mtp = torch.zeros(self.mtp_depth, device=self.device)
         self.phase = "forward/backward"
         weights, supervised = [1.0] * accum, 0
         total_preference = torch.zeros(len(PREFERENCE_METRICS), device=self.device)
@@ -384,7 +406,7 @@ class Trainer:
             labels = torch.cat([b["labels"] for b in batches])
             documents = self._documents(torch.cat([b["document_ids"] for b in batches])
                                         if "document_ids" in batches[0] else None)
-            depth = self.cfg.model.mtp_depth
+            depth = self.mtp_depth
             result = self.plan.pipeline.train_step(input_ids, labels, self._pipeline_loss, self.autocast, depth,
                                                    documents)
             total_loss, total_ce, total_mtp = result[0], result[1], result[2:]
@@ -404,7 +426,7 @@ class Trainer:
                     logits = self.forward(input_ids, labels, batch.get("document_ids"))
                 loss, parts = self.plan.loss(logits, labels, self.cfg.train.label_smoothing, self.cfg.train.z_loss)
             loss, ce = loss * weights[index], parts["ce"] * weights[index]
-            if self.cfg.model.mtp_depth and self.objective is None:  # DPO scores replies with the main head only
+            if self.mtp_depth and self.objective is None:  # DPO scores replies with the main head only
                 total_mtp += torch.stack(self.model.last_mtp_losses).float() / self.cfg.grad_accum_steps
             self.engine.backward(loss, self.cfg.grad_accum_steps)
             total_loss += loss.detach() / self.cfg.grad_accum_steps
@@ -615,6 +637,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "data": self.train_loader.data_fingerprint(),
             "skipped_shards": self.train_loader.skipped_shards,
+            **({LORA_BASE: self.lora_base()} if self.cfg.lora.enabled else {}),
         }
 
     def layout(self) -> dict[str, Any]:
@@ -628,7 +651,8 @@ class Trainer:
         With `train.async_checkpoint` (and not `wait`) it returns once the shards are copied."""
         self.wait_for_checkpoint()
         self.phase = "checkpoint save"
-        model, optimizer = self.engine.model_tensors(), self.engine.optimizer_tensors()
+        model = {k: v for k, v in self.engine.model_tensors().items() if k not in self.frozen}
+        optimizer = self.engine.optimizer_tensors()
         self._refuse_non_finite(model)
         tensors = pieces(model, optimizer, rng_tensors() if self.is_main else None)
         placements = self._placements(tensors)
@@ -717,7 +741,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not exist")
         meta = read_meta(path)
         stored = meta.tensor_shapes()
-        model = model_templates(self.model)
+        model = {k: v for k, v in model_templates(self.model).items() if k not in self.frozen}
         held = self.plan.merged_over_stages(dict.fromkeys(model, True))  # the names some stage of the layout holds
         unexpected = sorted(k.removeprefix(MODEL) for k in stored if k.startswith(MODEL) and k[len(MODEL):] not in held)
         if unexpected:
@@ -733,7 +757,7 @@ class Trainer:
                if k.startswith(RNG) and (k == RNG + "torch_cpu" or torch.cuda.is_available())}
         templates = pieces(model, optimizer, rng)
         loaded = read_pieces(meta, templates, self._placements(templates))
-        self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path)
+        self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path, missing_ok=self.frozen)
         restore_rng(part(loaded, RNG))
         state = meta.state
         self._check_same_data(path, state)
@@ -761,14 +785,20 @@ class Trainer:
         meta = read_meta(path)
         check_initialization_source(meta, self.cfg, self.train_loader.tokenizer_reference())
         model = model_templates(self.model)
-        templates = pieces(model, {})
+        adapters = frozenset(filter(is_adapter, model))  # new in this phase
+        templates = pieces({k: v for k, v in model.items() if k not in adapters}, {})
         loaded = read_pieces(meta, templates, self._placements(templates))
-        self.engine.load(part(loaded, MODEL), {}, path)
+        self.engine.load(part(loaded, MODEL), {}, path, missing_ok=adapters)
         self.initialized_from = {"path": str(meta.path), "step": meta.step}
         if self.is_main:
             changes = model_config_changes(meta.path, self.cfg)
             print(f"initialized from {meta.path} (its step {meta.step}): fresh optimizer, schedule and data position"
                   + (f"; model changes: {', '.join(changes)}" if changes else ""), flush=True)
+
+    def lora_base(self) -> dict[str, Any]:
+        """The checkpoint holding the frozen base weights (a LoRA checkpoint holds the adapters only)."""
+        base = self.initialized_from or {}
+        return {"path": str(Path(base["path"]).resolve()), "step": base["step"]} if base else {}
 
     def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
         """The resumed run reads what the checkpoint's run read (its data position means nothing elsewhere)."""

@@ -60,7 +60,8 @@ class StageModule(nn.Module):
             h = self._model.forward_layers(h, self.blocks, self.seq_len, documents=self.documents)
             if self.last:
                 logits = self.lm_head(self.norm(h))
-                return (logits, h) if len(self._model.mtp) and self._model.training else logits
+                mtp = len(self._model.mtp) and self._model.train_mtp and self._model.training
+                return (logits, h) if mtp else logits
             return h.contiguous()  # sent to the next stage as is
 
 

@@ -36,6 +36,7 @@ from parallel.tensor.layers import (
     VocabParallelEmbedding,
 )
 from parallel.tensor.moe import TensorParallelMoE, tensor_parallel_moe_specs
+from pretrain.model.lora import LoRALinear
 from pretrain.model.mla import MLA
 from pretrain.model.moe import MoE
 
@@ -126,9 +127,31 @@ def _kv_projection(linear: nn.Linear, n_kv_heads: int, head_dim: int, group, seq
         shard = ColumnParallelLinear.from_linear(linear, group, sequence_parallel, enters_region=False)
         return shard, ShardSpec("rows", rank, world)
     kv = kv_head_of_rank(rank, n_kv_heads, world)
-    rows = linear.weight.detach()[kv * head_dim : (kv + 1) * head_dim].clone()
+    head = slice(kv * head_dim, (kv + 1) * head_dim)
     spec = ShardSpec("kv_rows", rank, world, kv_head=kv, n_kv_heads=n_kv_heads, head_dim=head_dim)
-    return ColumnParallelLinear(rows, group, sequence_parallel, enters_region=False), spec
+    layer = ColumnParallelLinear(linear.weight.detach()[head].clone(), group, sequence_parallel, enters_region=False)
+    if isinstance(linear, LoRALinear):
+        layer.attach_adapter(linear, linear.lora_a, linear.lora_b[head])
+    return layer, spec
+
+
+def adapter_specs(model: nn.Module, specs: dict[str, ShardSpec], rank: int, world: int) -> dict[str, ShardSpec]:
+    """The LoRA adapters' specs, from their layer's: a column-parallel layer's A is whole (its gradient a partial sum
+    over the ranks' output rows) and its B cut like the weight's rows; a row-parallel layer's A is cut by columns and
+    its B whole (a partial sum again); a layer left whole keeps its weight's spec for both."""
+    partial = ShardSpec("replicated", rank, world, partial_grad=True)
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "lora_a", None) is None:
+            continue
+        weight = specs[f"{name}.weight"]
+        if isinstance(module, ColumnParallelLinear):
+            out |= {f"{name}.lora_a": partial, f"{name}.lora_b": weight}
+        elif isinstance(module, RowParallelLinear):
+            out |= {f"{name}.lora_a": ShardSpec("cols", rank, world), f"{name}.lora_b": partial}
+        else:
+            out |= {f"{name}.lora_a": weight, f"{name}.lora_b": weight}
+    return out
 
 
 def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> dict[str, ShardSpec]:
@@ -191,6 +214,8 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
 
     replicated = ShardSpec("replicated", rank, world, sequence_parallel=sequence_parallel)
     names = {name for name, _ in model.named_parameters()}
+    specs = {name: spec for name, spec in specs.items() if name in names}
+    specs |= adapter_specs(model, {name: specs.get(name, replicated) for name in names}, rank, world)
     specs = {name: spec for name, spec in specs.items() if name in names}
     for name in names:
         specs.setdefault(name, replicated)

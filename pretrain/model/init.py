@@ -12,7 +12,7 @@ import torch
 
 @dataclass(frozen=True)
 class InitRule:
-    """normal(0, std), or ones (std None: norm weights)."""
+    """normal(0, std), zeros (std 0: LoRA's B), or ones (std None: norm weights)."""
 
     shape: tuple[int, ...]
     std: float | None
@@ -27,5 +27,7 @@ def initial_value(name: str, rule: InitRule, seed: int, dtype: torch.dtype = tor
     """The whole initial tensor of parameter `name` (on the CPU)."""
     if rule.std is None:
         return torch.ones(rule.shape, dtype=dtype)
+    if rule.std == 0:
+        return torch.zeros(rule.shape, dtype=dtype)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
     return torch.randn(rule.shape, generator=generator).mul_(rule.std).to(dtype)

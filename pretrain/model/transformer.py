@@ -118,6 +118,7 @@ class Transformer(nn.Module):
             MTPModule(cfg.d_model, cfg.norm_eps, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth)
         )
         self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
+        self.train_mtp = True  # off: the MTP modules do not run in training (kept frozen, e.g. during fine-tuning)
         # Activation checkpointing: in training, each block keeps only its input and runs its forward again in the
         # backward (set by the trainer from train.activation_checkpointing)
         self.checkpoint_blocks = False
@@ -233,7 +234,7 @@ class Transformer(nn.Module):
         inputs = self.attention_inputs(input_ids.shape[1], documents)  # one mask for the blocks and the MTP modules
         h = self.forward_layers(h, self.layers, input_ids.shape[1], inputs=inputs)
         logits = self.lm_head(self.norm(h))
-        if len(self.mtp) and labels is not None and self.training and torch.is_grad_enabled():
+        if len(self.mtp) and self.train_mtp and labels is not None and self.training and torch.is_grad_enabled():
             logits = AuxLossInjector.apply(logits, self.mtp_loss(h, labels, documents, inputs), self.aux_loss_scale)
         return logits
 

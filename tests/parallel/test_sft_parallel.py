@@ -1,13 +1,14 @@
 """Fine-tuning under data (and context) parallelism equals one process: SFT, where each rank's micro-batches hold
 different numbers of supervised tokens and the loss is still the mean over the whole global batch's, and DPO, where
-the loss and its reward metrics are means over the global batch's pairs."""
+the loss and its reward metrics are means over the global batch's pairs. LoRA fine-tuning under tensor (+ sequence),
+data and pipeline parallelism equals one process too, adapters cut like their base layers."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.data.conftest import write_fortune_chat_folder
-from tests.parallel.cli_runs import assert_curve_matches, train
+from tests.parallel.cli_runs import assert_curve_matches, assert_final_checkpoint_matches, train
 
 SFT = ["data.format=chat", "data.document_masking=true", "model.max_seq_len=128", "data.seq_len=128"]
 DPO = ["data.format=preference", "data.document_masking=true", "model.max_seq_len=256", "data.seq_len=256",
@@ -26,8 +27,8 @@ def single_sft(chat_data, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.cp=2"], ["parallel.pp=2"]],
-                         ids=["dp2", "cp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.cp=2"], ["parallel.pp=2"], ["parallel.tp=2"]],
+                         ids=["dp2", "cp2", "pp2", "tp2"])
 def test_fine_tuning_on_two_ranks_matches_one_process(chat_data, single_sft, tmp_path, layout):
     run_dir = tmp_path / "run"
     train(chat_data, run_dir, *SFT, *layout, nproc=2)
@@ -52,3 +53,22 @@ def test_dpo_on_two_data_parallel_ranks_matches_one_process(dpo_run, tmp_path):
     pairs, options, reference = dpo_run
     train(pairs, tmp_path / "run", *options, "parallel.dp=2", nproc=2)
     assert_curve_matches(tmp_path / "run", reference, also=("pairs", "dpo/"))
+
+
+@pytest.fixture(scope="module")
+def single_lora(chat_data, single, tmp_path_factory):
+    """LoRA SFT on one process from the reference run's checkpoint (rank 4 on every projection)."""
+    options = [*SFT, "lora.rank=4", "lora.alpha=8", "optim.lr=0.01",
+               f"train.init_from={single[0] / 'checkpoints' / 'step_00000008'}"]
+    run_dir = tmp_path_factory.mktemp("single_lora") / "run"
+    train(chat_data, run_dir, *options)
+    return options, run_dir
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.dp=2"],
+                                    ["parallel.pp=2"]], ids=["tp2_sp", "dp2", "pp2"])
+def test_lora_on_two_ranks_matches_one_process(chat_data, single_lora, tmp_path, layout):
+    options, reference = single_lora
+    train(chat_data, tmp_path / "run", *options, *layout, nproc=2)
+    assert_curve_matches(tmp_path / "run", reference, also=("supervised_tokens",))
+    assert_final_checkpoint_matches(tmp_path / "run", reference)  # the adapters (alone) and their AdamW states
