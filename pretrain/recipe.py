@@ -90,6 +90,21 @@ def newest_checkpoint(phase_dir: Path) -> Path | None:
     return valid[-1] if valid else None
 
 
+def merged_if_adapters(checkpoint: Path, phase_dir: Path, env: dict[str, str], name: str) -> Path:
+    """A LoRA phase's checkpoint holds adapters only: the next phase (and the evaluation) starts from the merged
+    weights, written once to PHASE_DIR/merged/step_N."""
+    from pretrain.checkpoint import read_meta
+    from pretrain.lora_checkpoint import is_adapter_checkpoint
+
+    if not is_adapter_checkpoint(read_meta(checkpoint)):
+        return checkpoint
+    merged = phase_dir / "merged" / checkpoint.name
+    if not (merged / "meta.json").is_file():
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        _run(_cli("checkpoint", "merge", str(checkpoint), str(merged)), env, f"{name}: merge the LoRA adapters")
+    return merged
+
+
 def phase_done(phase_dir: Path) -> dict[str, Any] | None:
     """The phase's summary when it ran all its steps."""
     summary_file, config_file = phase_dir / "summary.json", phase_dir / "config.yaml"
@@ -198,6 +213,7 @@ def run_recipe(path: Path, run_dir: Path | None = None) -> list[dict[str, Any]]:
         previous = newest_checkpoint(phase_dir)
         if previous is None:
             raise RuntimeError(f"recipe: phase {phase.name} left no checkpoint in {phase_dir / 'checkpoints'}")
+        previous = merged_if_adapters(previous, phase_dir, env, phase.name)
         evaluation = phase_dir / "eval.json"
         if phase.eval_tasks and not evaluation.is_file():
             _run(_cli("eval", str(previous), "--tasks", ",".join(phase.eval_tasks), "--out", str(evaluation),

@@ -1,5 +1,5 @@
-"""`pretrain recipe`: pretraining -> context extension -> SFT -> DPO on tiny sizes, stopped by SIGTERM in the middle of
-the SFT phase and continued by running the same command again."""
+"""`pretrain recipe`: pretraining -> context extension -> SFT (LoRA) -> DPO on tiny sizes, stopped by SIGTERM in the
+middle of the SFT phase and continued by running the same command again; DPO starts from the merged SFT model."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def recipe_file(tmp_path, tiny_data, tiny_chat, tiny_pairs) -> Path:
          "eval_args": ["--seq-len", "128", "--lengths", "200", "--depths", "0.5", "--windows", "2",
                        "--trials", "1"]},
         {"name": "sft", "config": config,
-         "overrides": [*TINY_MODEL, *SFT, *longer, f"data.dir={tiny_chat}", *COMMON, "train.steps=20",
+         "overrides": [*TINY_MODEL, *SFT, *longer, f"data.dir={tiny_chat}", *COMMON, "lora.rank=4", "train.steps=20",
                        "train.checkpoint_every=20", "train.eval_every=20"],
          "eval_tasks": ["sft"], "eval_args": ["--questions", "3"]},
         {"name": "dpo", "config": config,
@@ -92,7 +92,9 @@ def test_a_recipe_runs_every_phase_and_continues_after_a_stop(tmp_path, tiny_dat
     assert 0 <= results["dpo"]["reward_accuracy"] <= 1
     assert "| dpo | 2 |" in (run_dir / "results.md").read_text()
     dpo_meta = json.loads((run_dir / "dpo" / "summary.json").read_text())
-    assert dpo_meta["initialized_from"]["path"].startswith(str(run_dir / "sft" / "checkpoints"))
+    assert dpo_meta["initialized_from"]["path"] == str(run_dir / "sft" / "merged" / "step_00000020")
+    assert json.loads((run_dir / "sft" / "merged" / "step_00000020" / "meta.json").read_text())["state"][
+        "merged_from"]["path"] == str((run_dir / "sft" / "checkpoints" / "step_00000020").resolve())
 
     from mlflow.tracking import MlflowClient  # one parent run, a child run per phase
 
