@@ -117,6 +117,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps\n{trainer.precision.describe()}",
             flush=True,
         )
+        if cfg.lora.enabled:
+            print(f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}): {trainer.adapter_parameters:,} trainable "
+                  f"parameters ({100 * trainer.adapter_parameters / trainer.num_parameters:.2f}% of the model), "
+                  f"the base frozen at {cfg.train.init_from}", flush=True)
     summary = trainer.fit(resume=args.resume)
     if not main_rank:
         return 0

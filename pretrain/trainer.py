@@ -137,8 +137,11 @@ class Trainer:
         with torch.device("meta"):  # no memory yet: each rank materializes only its own shards below
             model = cfg.model.build()
         init_rules = model.init_rules()
+        self.adapter_parameters = 0  # LoRA: the trainable parameters of the whole model (all ranks)
         if cfg.lora.enabled:  # adapters on the targeted linears; the base weights come from train.init_from
-            init_rules |= apply_lora(model, cfg.lora)
+            adapters = apply_lora(model, cfg.lora)
+            init_rules |= adapters
+            self.adapter_parameters = sum(math.prod(rule.shape) for rule in adapters.values())
         p = cfg.parallel
         pipeline = PipelineOptions(
             schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
@@ -839,6 +842,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "num_parameters": self.num_parameters,
+            **({"trainable_parameters": self.adapter_parameters} if self.adapter_parameters else {}),
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops,
             "precision": self.precision.precision,

@@ -38,7 +38,8 @@ def lora_sft(tiny_data, tiny_chat, base_run, tmp_path_factory):
 
 
 def test_only_the_adapters_train_and_checkpoints_hold_them_alone(lora_sft, base_run):
-    assert lora_sft["summary"]["val_loss"] < base_run["summary"]["val_loss"] + 5  # it ran and evaluated
+    assert lora_sft["summary"]["trainable_parameters"] == sum(t.numel() for t in
+                                                              full_tensors(lora_sft["checkpoint"], MODEL).values())
     meta = read_meta(lora_sft["checkpoint"])
     stored = {k.removeprefix(MODEL) for k in meta.tensor_shapes() if k.startswith(MODEL)}
     assert stored and all(name.endswith((".lora_a", ".lora_b")) for name in stored)
