@@ -29,8 +29,9 @@ from parallel.tensor.apply import (
     shard_of,
     sync_tensor_parallel_grads,
 )
-from parallel.tensor.loss import vocab_parallel_lm_loss
+from parallel.tensor.loss import vocab_parallel_lm_loss, vocab_parallel_token_logprobs
 from pretrain.model.loss import lm_loss
+from pretrain.model.preference_loss import token_logprobs
 
 
 @dataclass
@@ -77,6 +78,13 @@ class ParallelPlan:
             share = self.context.loss_share(labels)
             loss, metrics = loss * share, {name: value * share for name, value in metrics.items()}
         return loss, metrics
+
+    def token_logprobs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] log p(label) per position (0 where ignored), from this rank's logits (a vocabulary slice under TP)."""
+        if self.tp == 1:
+            return token_logprobs(logits, labels)
+        vocab_start = self.grid.coords["tp"] * (self.vocab_size // self.tp)
+        return vocab_parallel_token_logprobs(logits, labels, self.grid.group("tp"), vocab_start)
 
     def local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The part of a batch of whole windows this rank computes (its sequence shard under context parallelism)."""

@@ -420,9 +420,9 @@ def validate_preference(cfg: Config) -> None:
     _require(bool(cfg.train.init_from), "train.init_from",
              "DPO starts from a fine-tuned model, whose weights are also the frozen reference: set train.init_from "
              "(or pass --init-from)")
-    for key, size in (("tp", p.tp), ("cp", p.cp), ("ep", p.ep)):
-        _require(size == 1, f"parallel.{key}", "DPO runs data-parallel only for now (the frozen reference is a "
-                 "whole copy of the model on each rank): use parallel.dp")
+    for key, size in (("cp", p.cp), ("ep", p.ep)):
+        _require(size == 1, f"parallel.{key}", "DPO runs under data and tensor parallelism only for now: use "
+                 "parallel.dp and parallel.tp")
     _require(not cfg.deepspeed.enabled, "deepspeed.enabled", "DPO runs with the plain engine for now")
 
 

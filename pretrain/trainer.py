@@ -219,7 +219,7 @@ class Trainer:
         self.objective = None
         if cfg.data.format == "preference":  # documents: two per pair, and the padding's
             most_pairs = max(self.train_loader.max_pairs_per_window, self.val_loader.max_pairs_per_window)
-            self.objective = PreferenceObjective(cfg.dpo, 2 * most_pairs + 2)
+            self.objective = PreferenceObjective(cfg.dpo, 2 * most_pairs + 2, self.plan.token_logprobs)
         world = self.grid.shape.world_size
         self.heartbeat = Heartbeat(default_store(), self.grid.rank, world,
                                    lambda: (self.current_step, self.phase, self.phases_entered, self.progress),

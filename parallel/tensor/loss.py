@@ -13,6 +13,31 @@ import torch.distributed as dist
 from parallel.tensor import comm
 
 
+def _lse_and_target_logit(logits: torch.Tensor, labels: torch.Tensor, group, vocab_start: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: log-sum-exp over the whole vocabulary, and the target's logit (0 for labels outside it)."""
+    local_vocab = logits.shape[-1]
+    with torch.no_grad():
+        global_max = logits.max(dim=-1).values
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - global_max.unsqueeze(-1)
+    sum_exp = comm.reduce_from_tp(shifted.exp().sum(dim=-1), group)
+    lse = sum_exp.log() + global_max
+
+    local_target = labels - vocab_start
+    here = (local_target >= 0) & (local_target < local_vocab)
+    picked = logits.gather(-1, local_target.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1)
+    return lse, comm.reduce_from_tp(picked * here, group)
+
+
+def vocab_parallel_token_logprobs(local_logits: torch.Tensor, labels: torch.Tensor, group, vocab_start: int,
+                                  ignore_index: int = -100) -> torch.Tensor:
+    """[B, T] fp32: log p(label) at every position (0 where the label is `ignore_index`), as
+    `-F.cross_entropy(..., reduction="none")` gives on the full logits (DPO sums them per reply)."""
+    lse, target_logit = _lse_and_target_logit(local_logits.float(), labels, group, vocab_start)
+    return (target_logit - lse).masked_fill(labels == ignore_index, 0.0)
+
+
 def vocab_parallel_lm_loss(
     local_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -24,20 +49,7 @@ def vocab_parallel_lm_loss(
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     logits = local_logits.float()
-    local_vocab = logits.shape[-1]
-
-    with torch.no_grad():
-        global_max = logits.max(dim=-1).values
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - global_max.unsqueeze(-1)
-    sum_exp = comm.reduce_from_tp(shifted.exp().sum(dim=-1), group)
-    lse = sum_exp.log() + global_max
-
-    local_target = labels - vocab_start
-    here = (local_target >= 0) & (local_target < local_vocab)
-    picked = logits.gather(-1, local_target.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1)
-    target_logit = comm.reduce_from_tp(picked * here, group)
-
+    lse, target_logit = _lse_and_target_logit(logits, labels, group, vocab_start)
     valid = labels != ignore_index
     count = valid.sum().clamp(min=1)
     per_token_ce = lse - target_logit

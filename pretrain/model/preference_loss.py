@@ -14,14 +14,21 @@ import torch.nn.functional as F
 DPO_KINDS = ("sigmoid", "ipo")
 
 
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """[B, T] fp32: log p(label) at every position, 0 where the label is `ignore_index`."""
+    batch, length, vocab = logits.shape
+    return -F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index,
+                            reduction="none").view(batch, length)
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor, max_documents: int,
-                      ignore_index: int = -100) -> torch.Tensor:
+                      ignore_index: int = -100, logprobs=token_logprobs) -> torch.Tensor:
     """[B, max_documents] fp32: per window and document, the summed log-probability of the document's supervised
     tokens (`labels` not `ignore_index`; a position belongs to the document of its input token). Documents without a
-    supervised token get 0. Every supervised position's document must be below `max_documents`."""
-    batch, length, vocab = logits.shape
-    token_logprobs = -F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1),
-                                      ignore_index=ignore_index, reduction="none").view(batch, length)
+    supervised token get 0. Every supervised position's document must be below `max_documents`. `logprobs`:
+    (logits, labels) -> per-token log-probabilities (tensor parallelism passes its vocabulary-parallel one)."""
+    batch = logits.shape[0]
+    per_token = logprobs(logits, labels)
     supervised = labels != ignore_index
     documents = document_ids.masked_fill(~supervised, 0)
     highest = int(documents.max()) if documents.numel() else 0
@@ -29,7 +36,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, document_ids: 
         raise ValueError(f"a supervised token belongs to document {highest}, but max_documents is {max_documents}: "
                          "pass at least twice the most pairs a window holds")
     sums = torch.zeros(batch, max_documents, dtype=torch.float32, device=logits.device)
-    return sums.scatter_add(1, documents, token_logprobs)
+    return sums.scatter_add(1, documents, per_token)
 
 
 def chosen_and_rejected(document_logprobs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor,

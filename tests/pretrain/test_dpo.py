@@ -56,7 +56,7 @@ def test_dpo_layouts_it_cannot_run_yet_are_config_errors(tiny_overrides, tiny_pa
     base = dpo_overrides(tiny_overrides, tiny_pairs, base_run)
     with pytest.raises(ConfigError, match="train.init_from"):
         load_config(None, [*base, "train.init_from="])
-    with pytest.raises(ConfigError, match="parallel.tp"):
-        load_config(None, [*base, "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="parallel.cp"):
+        load_config(None, [*base, "parallel.cp=2"])
     with pytest.raises(ConfigError, match="dpo.label_smoothing"):
         load_config(None, [*base, "dpo.loss=ipo", "dpo.label_smoothing=0.1"])
