@@ -377,7 +377,8 @@ class Trainer:
         if self.grid.size("dp") > 1:
             dist.all_reduce(total, group=self.grid.group("dp"))
         if total.item() == 0:
-            raise ValueError(f"step {self.step + 1}: the global batch holds no supervised token or pair")
+            raise ValueError(f"{self.phase} at step {self.step + 1}: the global batch holds no supervised token or "
+                             "pair")
         factor = len(batches) * self.grid.size("dp") / total[0]
         return [(count * factor).to(torch.float32) for count in counts], int(total.item())
 
@@ -588,10 +589,12 @@ class Trainer:
         if self.objective is not None:
             return self._evaluate_preference()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.eval_batches):
-            batch = self.next_batch(self.val_loader)
+        batches = [self.next_batch(self.val_loader) for _ in range(self.cfg.train.eval_batches)]
+        # chat data: the mean over every supervised token read, however they fall into batches (as in training)
+        weights = self.loss_weights(batches)[0] if self.token_weighted and batches else [1.0] * len(batches)
+        for batch, weight in zip(batches, weights, strict=True):
             if self.plan.pipeline is not None:
-                total += self.plan.pipeline.evaluate_batch(
+                total += weight * self.plan.pipeline.evaluate_batch(
                     batch["input_ids"], batch["labels"], self.plan.loss, self.autocast,
                     self._documents(batch.get("document_ids")),
                 )
@@ -599,7 +602,7 @@ class Trainer:
             with self.autocast():
                 logits = self.forward(batch["input_ids"], document_ids=batch.get("document_ids"))
             _, parts = self.plan.loss(logits, batch["labels"])
-            total += parts["ce"]
+            total += weight * parts["ce"]
         val_loss = self.mean_over_dp(total / self.cfg.train.eval_batches).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 

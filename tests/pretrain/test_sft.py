@@ -106,6 +106,25 @@ def test_accumulation_gives_the_gradient_of_one_batch_over_its_supervised_tokens
     assert max((naive[name].grad - grad).abs().max().item() for name, grad in expected.items()) > 1e-2 * scale
 
 
+def test_the_validation_loss_is_the_mean_over_every_supervised_token_read(tiny_overrides, uneven_chat, tmp_path):
+    overrides = [*tiny_overrides, *SFT, f"data.dir={uneven_chat}", "train.micro_batch_size=1",
+                 "train.global_batch_size=1", "train.eval_batches=2", "tracking.mlflow=false"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run")
+    val_loss = trainer.evaluate()["val_loss"]
+    trainer.val_loader.reset()
+    sums, counts = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            batch = next(trainer.val_loader)
+            logits = trainer.forward(batch["input_ids"], None, batch["document_ids"]).float()
+            losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            sums.append(losses.sum().item())
+            counts.append((batch["labels"] != IGNORE_INDEX).sum().item())
+    assert max(counts) > 10 * min(counts)  # one short reply, one long: the two means weigh very differently
+    assert val_loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert abs(val_loss - (sums[0] / counts[0] + sums[1] / counts[1]) / 2) > 1e-2  # not the mean of the means
+
+
 def test_a_fine_tuning_phase_starts_from_pretrained_weights_and_resumes_exactly(tiny_overrides, tiny_chat,
                                                                                 base_run, tmp_path):
     overrides = [*tiny_overrides, *SFT, f"data.dir={tiny_chat}", f"train.init_from={base_run['checkpoint']}",
