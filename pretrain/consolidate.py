@@ -5,7 +5,8 @@
 
 writes `model.safetensors` (or `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`, as
 Hugging Face lays them out, when the tensors exceed `--max-file-size`) plus the run's `config.yaml`. The
-conversion tools read whole tensors through `iter_full_tensors` the same way.
+conversion tools (tools/convert_hf.py) read whole tensors through `iter_full_tensors` and write them with
+`write_safetensors` the same way.
 """
 
 from __future__ import annotations
@@ -107,22 +108,31 @@ def consolidate(checkpoint: Path, out_dir: Path, part: str = "model", dtype: tor
     if not shapes:
         raise CheckpointError(f"{checkpoint} holds no '{prefix}' tensors")
     entries = [(name, dtype or shapes[name][1], shapes[name][0]) for name in sorted(shapes)]
+    tensors = iter_full_tensors(checkpoint, prefix, check_contents=False, dtype=dtype)
+    written = write_safetensors(Path(out_dir), "model" if part == "model" else part, entries, tensors, max_file_size)
+    shutil.copyfile(meta.path / "config.yaml", Path(out_dir) / "config.yaml")
+    return written
+
+
+def write_safetensors(out_dir: Path, stem: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[tuple[str, torch.Tensor]], max_file_size: int | None = None) -> list[Path]:
+    """`stem.safetensors`, or `stem-0000K-of-0000N.safetensors` files of at most `max_file_size` bytes each (a
+    larger tensor alone in its file) and `stem.safetensors.index.json`, as Hugging Face lays them out. `entries`:
+    (name, dtype, shape) of every tensor, in the order `tensors` yields (name, tensor); each tensor is written as it
+    comes, so only one is in memory."""
     files = _split(entries, max_file_size)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "model" if part == "model" else part
     names = [f"{stem}.safetensors"] if len(files) == 1 else [
         f"{stem}-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
-    tensors = iter_full_tensors(checkpoint, prefix, check_contents=False, dtype=dtype)
     written = []
     for file_name, file_entries in zip(names, files, strict=True):
         header, sizes = _header(file_entries)
         tmp = out_dir / f".{file_name}.tmp"
         with open(tmp, "wb") as out:
             out.write(header)
-            for (name, _, _), size in zip(file_entries, sizes, strict=True):
+            for (name, dtype, shape), size in zip(file_entries, sizes, strict=True):
                 got, tensor = next(tensors)
-                assert got == name, (got, name)
+                assert got == name and tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), (got, name)
                 data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
                 assert data.nbytes == size
                 out.write(data)
@@ -133,7 +143,6 @@ def consolidate(checkpoint: Path, out_dir: Path, part: str = "model", dtype: tor
         total = sum(_nbytes(dtype, shape) for _, dtype, shape in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    shutil.copyfile(meta.path / "config.yaml", out_dir / "config.yaml")
     return written
 
 
