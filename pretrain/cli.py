@@ -1,4 +1,5 @@
-"""`pretrain` command line: `pretrain train …`, `pretrain data prepare …`, `pretrain checkpoint …`."""
+"""`pretrain` command line: `pretrain train …`, `pretrain data prepare …`, `pretrain checkpoint …`,
+`pretrain convert …`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def _user_facing_errors() -> tuple[type[Exception], ...]:
     from data.shards.reader import CorruptShardError
     from data.sources import SourceError
     from pretrain.checkpoint import CheckpointError
+    from tools.hf import ConversionError
 
-    return (CheckpointError, CorruptShardError, ManifestError, SourceError)
+    return (CheckpointError, ConversionError, CorruptShardError, ManifestError, SourceError)
 
 
 USER_FACING_ERRORS = _user_facing_errors()
@@ -216,6 +218,37 @@ def cmd_checkpoint_merge(args: argparse.Namespace) -> int:
     out = merge_checkpoint(Path(args.checkpoint), Path(args.out))
     print(f"merged the LoRA adapters of {args.checkpoint} into its base weights: {out} (an ordinary checkpoint for "
           "--init-from, eval, generate and consolidate)")
+    return 0
+
+
+def cmd_convert_export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from pretrain.consolidate import parse_size
+    from tools.convert_hf import export_hf
+
+    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        shard_size = parse_size(args.shard_size) if args.shard_size else None
+    except ValueError as exc:
+        raise ConfigError("--shard-size", str(exc)) from None
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    record = export_hf(Path(args.checkpoint), Path(args.out), dtype, shard_size, tokenizer, args.verify)
+    target = record["target"]
+    print(f"exported {args.checkpoint} as {target['architecture']} ({target['tensors']} {target['dtype']} tensors in "
+          f"{len(target['files'])} file(s), config, tokenizer and chat template) -> {args.out}")
+    if "parity" in record:
+        parity = record["parity"]
+        print(f"verified with transformers {parity['transformers']}: logits max abs diff {parity['max_abs_diff']:.2e}, "
+              f"KL {parity['kl']:.2e} over {parity['windows']} x {parity['tokens_per_window']} tokens")
+    return 0
+
+
+def cmd_convert_import_hf(args: argparse.Namespace) -> int:
+    from tools.convert_hf import import_hf
+
+    out = import_hf(Path(args.hf_dir), Path(args.out))
+    print(f"imported {args.hf_dir} as the checkpoint {out} (for --init-from, eval, generate and export-hf)")
     return 0
 
 
@@ -459,6 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("checkpoint", help="a checkpoint of a run with lora.rank > 0")
     merge.add_argument("out", help="the merged checkpoint folder to write (must not exist)")
     merge.set_defaults(func=cmd_checkpoint_merge)
+
+    convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face transformers folders "
+                             "(offline, one process)")
+    convert_sub = convert.add_subparsers(dest="convert_command", required=True)
+    export = convert_sub.add_parser(
+        "export-hf", help="a dense GQA checkpoint as a LlamaForCausalLM folder: safetensors, config.json, tokenizer")
+    export.add_argument("checkpoint", help="a checkpoint folder (of a LoRA run: merge it first)")
+    export.add_argument("out", help="the Hugging Face folder to write (must not exist)")
+    export.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="of the written weights")
+    export.add_argument("--shard-size", help="split the weights into files of at most this size, e.g. 5GB "
+                        "(default: one model.safetensors)")
+    export.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the one the checkpoint was "
+                        "trained with)")
+    export.add_argument("--verify", action="store_true", help="load the result with transformers and compare its "
+                        "logits with the checkpoint's (recorded in conversion.json)")
+    export.set_defaults(func=cmd_convert_export_hf)
+    imported = convert_sub.add_parser(
+        "import-hf", help="a LlamaForCausalLM folder (config.json + safetensors) as an ordinary checkpoint folder")
+    imported.add_argument("hf_dir", help="a Hugging Face model folder")
+    imported.add_argument("out", help="the checkpoint folder to write (must not exist)")
+    imported.set_defaults(func=cmd_convert_import_hf)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, offline, one process.
+
+    pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
+    pretrain convert import-hf HF_DIR OUT_CHECKPOINT
+
+Export streams the checkpoint's whole tensors one at a time (pretrain/consolidate.py) under Llama's names
+(tools/hf/names.py) into `model.safetensors` (or numbered files and an index), with `config.json`
+(tools/hf/llama_config.py), `generation_config.json`, the tokenizer files (tools/hf/tokenizer_files.py) and
+`conversion.json` (what was mapped how; with --verify the logits measured through transformers). Import reads a
+LlamaForCausalLM folder's safetensors as memory-mapped views (tools/hf/safetensors_folder.py) into an ordinary
+checkpoint folder, its config.yaml generated and the folder's tokenizer.json copied next to it and recorded, for
+`--init-from`, `pretrain eval` and `pretrain generate`. Both write into a hidden sibling folder renamed into place at
+the end: an existing OUT is an error, and a failure leaves no OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.tokenizer import BOS, EOS, PAD, tokenizer_sha256
+from pretrain.checkpoint import (
+    MODEL,
+    CheckpointManager,
+    CheckpointMeta,
+    model_templates,
+    pieces,
+    read_meta,
+    step_dir_name,
+)
+from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, load_config, validate
+from pretrain.consolidate import iter_full_tensors, write_safetensors
+from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
+from pretrain.model.config import ModelConfig
+from tools.hf import ConversionError
+from tools.hf.llama_config import (
+    ARCHITECTURE,
+    check_rope_with_transformers,
+    from_llama_config,
+    refuse_unexportable,
+    to_llama_config,
+)
+from tools.hf.names import from_hf, mapping_table, to_hf
+from tools.hf.safetensors_folder import MappedFiles, StoredTensor, read_folder
+from tools.hf.tokenizer_files import generation_config, special_ids, write_tokenizer_files
+
+IMPORT_STEP = 0
+
+
+@contextmanager
+def atomic_folder(out: Path, inner: str | None = None) -> Iterator[Path]:
+    """A hidden sibling of `out` to write into; when the block completes, it (or its subfolder `inner`) becomes
+    `out`; whatever happens, nothing else of it remains."""
+    if out.exists() or out.is_symlink():
+        raise ConversionError(f"{out} exists: choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        os.rename(work / inner if inner else work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _dump(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _model_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in model_templates(model.build()).items()}
+
+
+def _check_stored(meta: CheckpointMeta, model: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The checkpoint's model tensors, which must be exactly those of its config's model."""
+    stored = {k.removeprefix(MODEL): v for k, v in meta.tensor_shapes().items() if k.startswith(MODEL)}
+    wanted = _model_shapes(model)
+    wrong = sorted(set(stored) ^ set(wanted)) + [k for k in wanted if k in stored and stored[k][0] != wanted[k]]
+    if wrong:
+        raise ConversionError(f"{meta.path} does not hold the tensors of its config.yaml's model: {wrong[:6]}")
+    return stored
+
+
+def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
+    meta = read_meta(checkpoint)
+    if is_adapter_checkpoint(meta):
+        raise ConversionError(f"{meta.path} holds LoRA adapters only (its base: {meta.state[LORA_BASE].get('path')}): "
+                              f"run `pretrain checkpoint merge {meta.path} MERGED` first and export MERGED")
+    cfg = load_config(meta.path / "config.yaml", check_paths=False)
+    refuse_unexportable(cfg.model, str(meta.path))
+    return meta, cfg
+
+
+def _reference_model(meta: CheckpointMeta, cfg: Config, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The checkpoint's model in float32, its weights rounded to the exported dtype (what the export holds)."""
+    from pretrain.checkpoint import load_checkpoint
+
+    model = cfg.model.build()
+    load_checkpoint(meta.path, model, restore_rng_state=False)
+    if dtype is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(dtype).float())
+    return model
+
+
+def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+              tokenizer: Path | None = None, verify: bool = False) -> dict[str, Any]:
+    """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` and returns its conversion record.
+    `dtype`: of the written weights (None: as stored); `tokenizer`: instead of the one the checkpoint recorded (it
+    must be the same file); `verify`: load the result with transformers and compare logits (recorded)."""
+    from pretrain.generate_cli import tokenizer_file
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    meta, cfg = _source_meta(checkpoint)
+    stored = _check_stored(meta, cfg.model)
+    tokenizer_json = tokenizer_file(meta.path, None if tokenizer is None else str(tokenizer))
+    ids = special_ids(tokenizer_json)
+    if ids["vocab_size"] > cfg.model.vocab_size:
+        raise ConversionError(f"{tokenizer_json} has {ids['vocab_size']} tokens, more than the model's vocabulary "
+                              f"({cfg.model.vocab_size})")
+    weights_dtype = dtype or stored["embed.weight"][1]
+    config = to_llama_config(cfg.model, str(weights_dtype).removeprefix("torch."), ids[BOS], ids[EOS], ids[PAD])
+    rope_check = check_rope_with_transformers(cfg.model, config)
+    with atomic_folder(out_dir) as work:
+        entries = [(to_hf(name), dtype or kept, shape) for name, (shape, kept) in sorted(stored.items())]
+        tensors = ((to_hf(name), tensor) for name, tensor in iter_full_tensors(meta.path, dtype=dtype))
+        files = write_safetensors(work, "model", entries, tensors, max_shard_bytes)
+        write_tokenizer_files(tokenizer_json, work, config["max_position_embeddings"])
+        _dump(work / "config.json", config)
+        _dump(work / "generation_config.json", generation_config(ids))
+        names = {ours: theirs for ours, theirs in mapping_table().items()
+                 if ours != "lm_head.weight" or not cfg.model.tie_embeddings}
+        record = {
+            "source": {"checkpoint": str(meta.path.resolve()), "step": meta.step, "model": asdict(cfg.model)},
+            "target": {"architecture": ARCHITECTURE, "model_type": "llama", "files": [f.name for f in files],
+                       "dtype": config["dtype"], "tensors": len(entries)},
+            "name_mapping": names,
+            "rope": {"ours": asdict(cfg.model.rope), "rope_parameters": config["rope_parameters"],
+                     "max_position_embeddings": config["max_position_embeddings"],
+                     "layout": "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
+                     "check": rope_check},
+            "tie_word_embeddings": cfg.model.tie_embeddings,
+            "vocab_size": cfg.model.vocab_size,
+            "tokenizer": {"source": str(tokenizer_json), "sha256": tokenizer_sha256(tokenizer_json),
+                          "vocab_size": ids["vocab_size"]},
+        }
+        if verify:
+            from tools.hf.parity import measure_parity
+
+            length = min(config["max_position_embeddings"], 128)
+            record["parity"] = measure_parity(_reference_model(meta, cfg, dtype), work, cfg.model.vocab_size, length)
+        _dump(work / "conversion.json", record)
+    return record
+
+
+def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path) -> dict[str, StoredTensor]:
+    """The folder's tensors under our names, exactly those of `model`."""
+    ours: dict[str, StoredTensor] = {}
+    unknown = []
+    for name, tensor in stored.items():
+        if name.endswith("rotary_emb.inv_freq"):  # computed, not learned: older transformers saved it
+            continue
+        our_name = from_hf(name)
+        if our_name is None or not tensor.dtype.is_floating_point:
+            unknown.append(f"{name} ({str(tensor.dtype).removeprefix('torch.')})")
+            continue
+        ours[our_name] = tensor
+    mapped = MappedFiles()
+    if model.tie_embeddings and "lm_head.weight" in ours and "embed.weight" in ours:
+        head, embed = ours.pop("lm_head.weight"), ours["embed.weight"]
+        if not torch.equal(mapped.tensor(head), mapped.tensor(embed)):
+            raise ConversionError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from "
+                                  "model.embed_tokens.weight")
+    wanted = _model_shapes(model)
+    missing = [to_hf(name) for name in sorted(set(wanted) - set(ours))]
+    unexpected = unknown + [to_hf(name) for name in sorted(set(ours) - set(wanted))]
+    reshaped = [f"{to_hf(k)} {list(ours[k].shape)} (config.json: {list(wanted[k])})" for k in sorted(wanted)
+                if k in ours and ours[k].shape != wanted[k]]
+    if missing or unexpected or reshaped:
+        problems = [f"{label} {items[:6]}" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped)) if items]
+        raise ConversionError(f"{where}'s weights do not fit its config.json: {'; '.join(problems)}")
+    return ours
+
+
+def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
+    """Writes the LlamaForCausalLM folder `hf_dir` as an ordinary checkpoint folder `out_checkpoint` (weights in the
+    dtype they are stored in) and returns it."""
+    hf_dir, out = Path(hf_dir), Path(out_checkpoint)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: pass a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
+    model = from_llama_config(config, str(config_path))
+    supported = model.rope.max_supported_seq_len(model.max_seq_len)
+    cfg = Config(model=model, data=DataConfig(seq_len=min(DataConfig().seq_len, supported)))
+    try:
+        validate(cfg, check_paths=False)
+    except ConfigError as exc:
+        raise ConversionError(f"{config_path} is not representable by our model: {exc}") from None
+    stored = _tensors_of(read_folder(hf_dir), model, hf_dir)
+    tokenizer = hf_dir / "tokenizer.json"
+    state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": ARCHITECTURE}}
+    if tokenizer.is_file():
+        state["tokenizer"] = {"path": str(out.resolve() / "tokenizer.json"), "sha256": tokenizer_sha256(tokenizer)}
+    mapped = MappedFiles()
+    tensors = {name: mapped.tensor(tensor) for name, tensor in stored.items()}
+    with atomic_folder(out, inner=step_dir_name(IMPORT_STEP)) as work:
+        written = CheckpointManager(work, keep_last=1).save(
+            IMPORT_STEP, pieces(tensors, {}), state, config_to_yaml(cfg), layout={"world_size": 1}).wait()
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, written / "tokenizer.json")
+    return out
