@@ -31,7 +31,11 @@ def test_the_first_step_scores_policy_and_reference_alike(tiny_overrides, tiny_p
     assert scale > 0
     for name, grad in one_batch.items():
         torch.testing.assert_close(accumulated[name], grad, atol=1e-5 * scale, rtol=0, msg=name)
-    assert all(not p.requires_grad for p in trainer.objective.reference.parameters())
+    frozen = trainer.objective.reference.weights  # a copy of the starting weights, untouched by the step
+    assert all(not t.requires_grad for t in frozen.values())
+    policy = trainer.model.get_parameter("layers.0.attn.q_proj.weight")
+    assert frozen["layers.0.attn.q_proj.weight"].data_ptr() != policy.data_ptr()
+    assert not torch.equal(frozen["layers.0.attn.q_proj.weight"], policy.detach())
 
 
 def test_a_resume_keeps_the_starting_weights_as_the_reference(tiny_overrides, tiny_pairs,
