@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(offline, one process)")
     convert_sub = convert.add_subparsers(dest="convert_command", required=True)
     export = convert_sub.add_parser(
-        "export-hf", help="a dense GQA checkpoint as a LlamaForCausalLM folder: safetensors, config.json, tokenizer")
+        "export-hf", help="a dense GQA checkpoint as a LlamaForCausalLM folder (GQA + MoE: Glm4MoeForCausalLM): "
+        "safetensors, config.json, tokenizer")
     export.add_argument("checkpoint", help="a checkpoint folder (of a LoRA run: merge it first)")
     export.add_argument("out", help="the Hugging Face folder to write (must not exist)")
     export.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="of the written weights")

@@ -1,4 +1,5 @@
-"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, offline, one process.
+"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, and export of GQA + MoE
+models as `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py), offline, one process.
 
     pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
     pretrain convert import-hf HF_DIR OUT_CHECKPOINT
@@ -40,7 +41,7 @@ from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, loa
 from pretrain.consolidate import iter_full_tensors, write_safetensors
 from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError
+from tools.hf import ConversionError, glm4_moe_config, moe_names
 from tools.hf.llama_config import (
     ARCHITECTURE,
     check_rope_with_transformers,
@@ -97,26 +98,32 @@ def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
         raise ConversionError(f"{meta.path} holds LoRA adapters only (its base: {meta.state[LORA_BASE].get('path')}): "
                               f"run `pretrain checkpoint merge {meta.path} MERGED` first and export MERGED")
     cfg = load_config(meta.path / "config.yaml", check_paths=False)
-    refuse_unexportable(cfg.model, str(meta.path))
+    if cfg.model.moe.enabled:
+        glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path))
+    else:
+        refuse_unexportable(cfg.model, str(meta.path))
     return meta, cfg
 
 
 def _reference_model(meta: CheckpointMeta, cfg: Config, dtype: torch.dtype | None) -> torch.nn.Module:
-    """The checkpoint's model in float32, its weights rounded to the exported dtype (what the export holds)."""
+    """The checkpoint's model in float32, its weights rounded to the exported dtype (what the export holds; MoE
+    routers stay in float32)."""
     from pretrain.checkpoint import load_checkpoint
 
     model = cfg.model.build()
     load_checkpoint(meta.path, model, restore_rng_state=False)
     if dtype is not None:
         with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(dtype).float())
+            for name, param in model.named_parameters():
+                if not name.endswith(moe_names.KEPT_DTYPE):
+                    param.copy_(param.to(dtype).float())
     return model
 
 
 def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
               tokenizer: Path | None = None, verify: bool = False) -> dict[str, Any]:
-    """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` and returns its conversion record.
+    """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` (Glm4MoeForCausalLM for an MoE model) and
+    returns its conversion record.
     `dtype`: of the written weights (None: as stored); `tokenizer`: instead of the one the checkpoint recorded (it
     must be the same file); `verify`: load the result with transformers and compare logits (recorded)."""
     from pretrain.generate_cli import tokenizer_file
@@ -130,20 +137,32 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         raise ConversionError(f"{tokenizer_json} has {ids['vocab_size']} tokens, more than the model's vocabulary "
                               f"({cfg.model.vocab_size})")
     weights_dtype = dtype or stored["embed.weight"][1]
+    moe = cfg.model.moe.enabled
     config = to_llama_config(cfg.model, str(weights_dtype).removeprefix("torch."), ids[BOS], ids[EOS], ids[PAD])
-    rope_check = check_rope_with_transformers(cfg.model, config)
+    rope_check = check_rope_with_transformers(cfg.model, config)  # Glm4Moe's RoPE is Llama's with whole heads
+    if moe:
+        config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
     with atomic_folder(out_dir) as work:
-        entries = [(to_hf(name), dtype or kept, shape) for name, (shape, kept) in sorted(stored.items())]
-        tensors = ((to_hf(name), tensor) for name, tensor in iter_full_tensors(meta.path, dtype=dtype))
+        if moe:
+            entries = [entry for name, (shape, kept) in sorted(stored.items())
+                       for entry in moe_names.hf_entries(name, shape, kept, dtype)]
+            tensors = (pair for name, tensor in iter_full_tensors(meta.path)
+                       for pair in moe_names.hf_tensors(name, tensor, dtype))
+        else:
+            entries = [(to_hf(name), dtype or kept, shape) for name, (shape, kept) in sorted(stored.items())]
+            tensors = ((to_hf(name), tensor) for name, tensor in iter_full_tensors(meta.path, dtype=dtype))
         files = write_safetensors(work, "model", entries, tensors, max_shard_bytes)
         write_tokenizer_files(tokenizer_json, work, config["max_position_embeddings"])
         _dump(work / "config.json", config)
         _dump(work / "generation_config.json", generation_config(ids))
         names = {ours: theirs for ours, theirs in mapping_table().items()
                  if ours != "lm_head.weight" or not cfg.model.tie_embeddings}
+        if moe:
+            names = moe_names.mapping_table(cfg.model.tie_embeddings)
+        architecture, model_type = config["architectures"][0], config["model_type"]
         record = {
             "source": {"checkpoint": str(meta.path.resolve()), "step": meta.step, "model": asdict(cfg.model)},
-            "target": {"architecture": ARCHITECTURE, "model_type": "llama", "files": [f.name for f in files],
+            "target": {"architecture": architecture, "model_type": model_type, "files": [f.name for f in files],
                        "dtype": config["dtype"], "tensors": len(entries)},
             "name_mapping": names,
             "rope": {"ours": asdict(cfg.model.rope), "rope_parameters": config["rope_parameters"],
@@ -151,6 +170,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
                      "layout": "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
                      "check": rope_check},
             "tie_word_embeddings": cfg.model.tie_embeddings,
+            **({"routing": glm4_moe_config.routing_mapping(cfg.model)} if moe else {}),
             "vocab_size": cfg.model.vocab_size,
             "tokenizer": {"source": str(tokenizer_json), "sha256": tokenizer_sha256(tokenizer_json),
                           "vocab_size": ids["vocab_size"]},

@@ -1,0 +1,152 @@
+"""Hugging Face export of GQA + DeepSeek-style MoE models as transformers' Glm4MoeForCausalLM (tools/convert_hf.py),
+checked through transformers itself, offline: the exported folder loads with no missing, unexpected or reshaped
+weight and gives our logits (fp32) and greedy tokens with routing that is not trivial (random nonzero selection
+biases that change which experts are chosen, 4 expert groups of which 2 are kept, routed scaling, a dense first
+layer, shared experts); each expert's linears are our stacked slices transposed; what Glm4Moe cannot compute
+exactly is refused by name and leaves no output."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.tokenizer import tokenizer_sha256
+from pretrain.checkpoint import CheckpointManager, model_tensors, pieces
+from pretrain.config import Config, DataConfig, config_to_yaml
+from pretrain.model.config import ModelConfig
+from pretrain.model.moe import MoE, MoEConfig
+from tests.tools.test_convert_hf import (
+    FP32_TOLERANCE,
+    assert_no_output,
+    assert_same_greedy,
+    compare_logits,
+    ours,
+    safetensors_of,
+    small_model,
+)
+from tools.convert_hf import export_hf
+from tools.hf import ConversionError
+
+ROUTING = MoEConfig(num_experts=8, top_k=3, expert_hidden=32, num_shared_experts=1, first_k_dense=1,
+                    score_func="sigmoid", norm_topk=True, routed_scaling=2.5, n_groups=4, topk_groups=2)
+
+
+def moe_model(**changes) -> ModelConfig:
+    moe = MoEConfig(**ROUTING.__dict__ | changes.pop("moe", {}))
+    return small_model(**{"n_layers": 3, "tie_embeddings": False, "moe": moe} | changes)
+
+
+def save_moe_checkpoint(folder: Path, model: ModelConfig, tokenizer: Path) -> Path:
+    """Freshly initialized (seed 0), with random nonzero selection biases of the size of the sigmoid scores'
+    spread, so that they change which experts are chosen."""
+    torch.manual_seed(0)
+    built = model.build()
+    with torch.no_grad():
+        for layer in built.moe_layers().values():
+            layer.router.expert_bias.copy_(torch.randn(model.moe.num_experts) * 0.3)
+    cfg = Config(model=model, data=DataConfig(seq_len=64))
+    state = {"tokenizer": {"path": str(tokenizer), "sha256": tokenizer_sha256(tokenizer)}}
+    return CheckpointManager(folder).save(7, pieces(model_tensors(built), {}), state, config_to_yaml(cfg),
+                                          layout={"world_size": 1}).wait()
+
+
+@pytest.fixture(scope="module")
+def moe_export(tiny_data, tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("moe")
+    checkpoint = save_moe_checkpoint(root / "run", moe_model(), tiny_data / "tokenizer.json")
+    return checkpoint, root / "hf", export_hf(checkpoint, root / "hf", verify=True)
+
+
+@torch.no_grad()
+def test_routing_in_the_test_model_is_not_trivial(moe_export):
+    """The selection biases and the group limit change which experts tokens go to (so a wrong mapping of either
+    changes the logits)."""
+    model = ours(moe_export[0])
+    layer = model.layers[1].mlp
+    assert isinstance(layer, MoE) and not isinstance(model.layers[0].mlp, MoE)
+    assert layer.router.expert_bias.abs().min() > 0
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(5))
+    _, scores = layer.router.scores(x)
+    ids, _ = layer.router.select(scores)
+    bias = layer.router.expert_bias.clone()
+    layer.router.expert_bias.zero_()
+    unbiased, _ = layer.router.select(scores)
+    layer.router.expert_bias.copy_(bias)
+    ungrouped = (scores + bias).topk(3, dim=-1).indices
+    changed = lambda other: (ids.sort(-1).values != other.sort(-1).values).any(-1).float().mean()  # noqa: E731
+    print(f"tokens whose experts the bias changes: {changed(unbiased):.2f}, the group limit: {changed(ungrouped):.2f}")
+    assert changed(unbiased) > 0.5 and changed(ungrouped) > 0.5, (changed(unbiased), changed(ungrouped))
+
+
+def test_moe_export_gives_our_logits_and_greedy_tokens(moe_export):
+    checkpoint, folder, record = moe_export
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    parity = compare_logits(checkpoint, folder, ids)
+    print(f"Glm4Moe, 8 experts top-3, 4 groups keep 2, biased: {parity}; verify: {record['parity']}")
+    assert record["parity"]["max_abs_diff"] < FP32_TOLERANCE
+    generated = assert_same_greedy(checkpoint, folder, [ids[0, :9].tolist(), ids[1, :4].tolist()], new_tokens=16)
+    assert max(len(tokens) for tokens in generated) >= 10
+
+
+def test_moe_config_and_tensors_map_exactly(moe_export):
+    checkpoint, folder, record = moe_export
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Glm4MoeForCausalLM"] and config["model_type"] == "glm4_moe"
+    assert {k: config[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                   "n_shared_experts", "first_k_dense_replace", "norm_topk_prob",
+                                   "routed_scaling_factor", "n_group", "topk_group", "use_qk_norm",
+                                   "attention_bias", "intermediate_size")} == {
+        "n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32, "n_shared_experts": 1,
+        "first_k_dense_replace": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 4,
+        "topk_group": 2, "use_qk_norm": False, "attention_bias": False, "intermediate_size": 192}
+    assert config["rope_parameters"]["partial_rotary_factor"] == 1.0
+    theirs, mine = safetensors_of(folder), model_tensors(ours(checkpoint))
+    for i in (1, 2):
+        for e in range(8):
+            for part in ("gate", "up", "down"):
+                name = f"model.layers.{i}.mlp.experts.{e}.{part}_proj.weight"
+                assert torch.equal(theirs[name], mine[f"layers.{i}.mlp.experts.{part}"][e].t()), name
+        assert torch.equal(theirs[f"model.layers.{i}.mlp.gate.e_score_correction_bias"],
+                           mine[f"layers.{i}.mlp.router.expert_bias"])
+    assert "model.layers.0.mlp.gate_proj.weight" in theirs and "model.layers.0.mlp.gate.weight" not in theirs
+    assert len(theirs) == len(mine) - 2 * 3 + 2 * 3 * 8  # two MoE layers' 3 stacks -> 8 linears each
+    assert record["target"]["architecture"] == "Glm4MoeForCausalLM"
+    assert record["routing"]["model.moe.n_groups"] == "n_group"
+
+
+def test_other_routing_settings_and_bf16_export_verified(tiny_data, tmp_path):
+    """No groups, unnormalized top-k weights, two shared experts, tied embeddings, bf16 weights (the router's
+    weight and bias stay float32, as transformers keeps them)."""
+    model = moe_model(tie_embeddings=True, moe={"n_groups": 1, "topk_groups": 1, "norm_topk": False,
+                                                "num_shared_experts": 2, "routed_scaling": 1.0, "first_k_dense": 0})
+    checkpoint = save_moe_checkpoint(tmp_path / "run", model, tiny_data / "tokenizer.json")
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(4))
+    export_hf(checkpoint, tmp_path / "fp32")
+    print(f"Glm4Moe, no groups, unnormalized, tied: {compare_logits(checkpoint, tmp_path / 'fp32', ids)}")
+    record = export_hf(checkpoint, tmp_path / "bf16", dtype=torch.bfloat16, verify=True)
+    print(f"Glm4Moe bf16 weights, verify: {record['parity']}")
+    tensors = safetensors_of(tmp_path / "bf16")
+    assert tensors["model.layers.0.mlp.gate.weight"].dtype == torch.float32
+    assert tensors["model.layers.0.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert tensors["model.layers.0.mlp.experts.3.down_proj.weight"].dtype == torch.bfloat16
+    assert record["parity"]["max_abs_diff"] < FP32_TOLERANCE
+
+
+REFUSED = {
+    "softmax": ({"moe": {"score_func": "softmax"}}, "Mixture-of-Experts with softmax routing"),
+    "capacity": ({"moe": {"capacity_factor": 1.25}}, "capacity_factor: 1.25 drops tokens"),
+    "no-shared": ({"moe": {"num_shared_experts": 0}}, "without shared experts"),
+    "one-per-group": ({"moe": {"n_groups": 8, "topk_groups": 4}}, "one expert per group"),
+    "mtp": ({"mtp_depth": 1}, "multi-token prediction"),
+    "sliding-window": ({"sliding_window": 16}, "sliding-window attention"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_what_glm4_moe_cannot_compute_is_refused_by_name_and_leaves_no_output(name, tiny_data, tmp_path):
+    changes, message = REFUSED[name]
+    checkpoint = save_moe_checkpoint(tmp_path / "run", moe_model(**changes), tiny_data / "tokenizer.json")
+    with pytest.raises(ConversionError, match=f"{message}.*Glm4MoeForCausalLM"):
+        export_hf(checkpoint, tmp_path / "hf")
+    assert_no_output(tmp_path / "hf")

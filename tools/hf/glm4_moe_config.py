@@ -1,0 +1,89 @@
+"""Our GQA + Mixture-of-Experts model config -> transformers' `Glm4MoeConfig` (config.json of a Glm4MoeForCausalLM
+folder, transformers 5.x form).
+
+Glm4MoeForCausalLM computes what our Transformer computes with `model.attention: gqa` and DeepSeek-V3-style MoE
+(pretrain/model/moe.py) when it is set to rotate whole heads (`partial_rotary_factor` 1.0; its default is 0.5), no
+q/k norm and no attention bias: the same attention and RoPE as LlamaForCausalLM (tools/hf/llama_config.py), dense
+SwiGLU layers before `first_k_dense_replace`, then a router that is ours with sigmoid scores: the per-expert
+`e_score_correction_bias` only selects, groups scored by their best two biased scores, the best `topk_group` of
+`n_group` groups kept, the top-k experts' unbiased scores as weights (normalized when `norm_topk_prob`) times
+`routed_scaling_factor`, plus `n_shared_experts` always-on experts as one SwiGLU MLP. Every other routing variant is
+refused by name (`refuse_unexportable_moe`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.model.config import ModelConfig
+from tools.hf import ConversionError
+from tools.hf.llama_config import to_llama_config
+
+ARCHITECTURE = "Glm4MoeForCausalLM"
+MODEL_TYPE = "glm4_moe"
+
+
+def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
+    """What Glm4MoeForCausalLM cannot compute exactly, named."""
+    moe = model.moe
+    refused = []
+    if model.attention != "gqa":
+        refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
+                       "attention)")
+    if model.mtp_depth:
+        refused.append(f"multi-token prediction modules (model.mtp_depth: {model.mtp_depth})")
+    if model.sliding_window:
+        refused.append(f"sliding-window attention (model.sliding_window: {model.sliding_window}; {ARCHITECTURE} "
+                       "attends to the whole context)")
+    if moe.score_func != "sigmoid":
+        refused.append(f"Mixture-of-Experts with {moe.score_func} routing (model.moe.score_func: {moe.score_func}; "
+                       f"{ARCHITECTURE}'s router scores experts with a sigmoid)")
+    if moe.capacity_factor > 0:
+        refused.append(f"Mixture-of-Experts with an expert capacity (model.moe.capacity_factor: "
+                       f"{moe.capacity_factor} drops tokens; {ARCHITECTURE} is dropless)")
+    if moe.num_shared_experts == 0:
+        refused.append(f"Mixture-of-Experts without shared experts (model.moe.num_shared_experts: 0; every MoE layer "
+                       f"of {ARCHITECTURE} has them)")
+    if moe.n_groups > 1 and moe.num_experts // moe.n_groups < 2:
+        refused.append(f"group-limited routing with one expert per group (model.moe.n_groups: {moe.n_groups}, "
+                       f"{moe.num_experts} experts; {ARCHITECTURE} scores a group by its best two)")
+    if refused:
+        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+
+
+def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
+    """config.json of the model; every routing hyperparameter has its own key (our name -> theirs in
+    `routing_mapping`)."""
+    moe = model.moe
+    config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items() if k != "mlp_bias"}
+    config["rope_parameters"] = config["rope_parameters"] | {"partial_rotary_factor": 1.0}
+    return config | {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "use_qk_norm": False,
+        "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.hidden(model.ffn_dim),
+        "n_shared_experts": moe.num_shared_experts,
+        "first_k_dense_replace": moe.first_k_dense,
+        "norm_topk_prob": moe.norm_topk,
+        "routed_scaling_factor": moe.routed_scaling,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
+        "num_mtp_layers": 0,
+    }
+
+
+def routing_mapping(model: ModelConfig) -> dict[str, Any]:
+    """Our routing settings and the config.json keys they became (for conversion.json)."""
+    moe = model.moe
+    return {
+        "score_func": {"ours": moe.score_func, "theirs": "sigmoid (Glm4MoeTopkRouter)"},
+        "model.moe.num_experts": "n_routed_experts", "model.moe.top_k": "num_experts_per_tok",
+        "model.moe.expert_hidden": "moe_intermediate_size", "model.moe.num_shared_experts": "n_shared_experts",
+        "model.moe.first_k_dense": "first_k_dense_replace", "model.moe.norm_topk": "norm_topk_prob",
+        "model.moe.routed_scaling": "routed_scaling_factor", "model.moe.n_groups": "n_group",
+        "model.moe.topk_groups": "topk_group",
+        "training only, not exported": {"bias_update_rate": moe.bias_update_rate,
+                                        "aux_loss_weight": moe.aux_loss_weight, "router_z_loss": moe.router_z_loss},
+    }

@@ -1,0 +1,65 @@
+"""Tensor names of an MoE model: ours (pretrain/model/moe.py) -> the per-expert layout of Hugging Face MoE checkpoints
+(Glm4MoeForCausalLM, DeepSeek-V3), which transformers fuses into its own stacked experts on loading.
+
+Attention, norms, embeddings and the dense layers' MLPs keep Llama's names (tools/hf/names.py). Our stacked experts
+`mlp.experts.{gate,up}` [E, d, h] and `mlp.experts.down` [E, h, d] (used as x @ W[e]) become E linears each,
+`mlp.experts.{e}.{gate,up,down}_proj.weight`, [h, d] and [d, h] (used as x @ Wᵀ): expert e's slice, transposed. The
+router's weight and selection bias stay in their stored dtype (float32: transformers keeps them in float32 too).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+
+from tools.hf.names import mapping_table as dense_mapping_table
+from tools.hf.names import to_hf as dense_to_hf
+
+MOE_PER_LAYER = {
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias",
+    "mlp.shared.gate_proj.weight": "mlp.shared_experts.gate_proj.weight",
+    "mlp.shared.up_proj.weight": "mlp.shared_experts.up_proj.weight",
+    "mlp.shared.down_proj.weight": "mlp.shared_experts.down_proj.weight",
+}
+STACKED = {"mlp.experts.gate": "gate_proj", "mlp.experts.up": "up_proj", "mlp.experts.down": "down_proj"}
+KEPT_DTYPE = ("mlp.router.weight", "mlp.router.expert_bias")
+_OURS = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def hf_entries(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               export_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(their name, dtype, shape) of each tensor our tensor `name` becomes, in the order `hf_tensors` yields them."""
+    match = _OURS.fullmatch(name)
+    part = match[2] if match else ""
+    written = dtype if export_dtype is None or part in KEPT_DTYPE else export_dtype
+    if part in STACKED:
+        experts, rows, cols = shape
+        return [(f"model.layers.{match[1]}.mlp.experts.{e}.{STACKED[part]}.weight", written, (cols, rows))
+                for e in range(experts)]
+    if part in MOE_PER_LAYER:
+        return [(f"model.layers.{match[1]}.{MOE_PER_LAYER[part]}", written, tuple(shape))]
+    return [(dense_to_hf(name), written, tuple(shape))]
+
+
+def hf_tensors(name: str, tensor: torch.Tensor, export_dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensor as the tensors `hf_entries` names (expert slices transposed and made contiguous one at a time)."""
+    entries = hf_entries(name, tuple(tensor.shape), tensor.dtype, export_dtype)
+    match = _OURS.fullmatch(name)
+    if match and match[2] in STACKED:
+        for e, (hf_name, dtype, _) in enumerate(entries):
+            yield hf_name, tensor[e].t().to(dtype).contiguous()
+        return
+    (hf_name, dtype, _), = entries
+    yield hf_name, tensor.to(dtype)
+
+
+def mapping_table(tie_embeddings: bool) -> dict[str, str]:
+    """Our name -> theirs, `{i}` for the layer and `{e}` for the expert (for conversion.json and the README)."""
+    table = {k: v for k, v in dense_mapping_table().items() if k != "lm_head.weight" or not tie_embeddings}
+    table |= {f"layers.{{i}}.{ours}": f"model.layers.{{i}}.{theirs}" for ours, theirs in MOE_PER_LAYER.items()}
+    table |= {f"layers.{{i}}.{ours}[e]ᵀ": f"model.layers.{{i}}.mlp.experts.{{e}}.{theirs}.weight"
+              for ours, theirs in STACKED.items()}
+    return table
