@@ -1,5 +1,6 @@
 """Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, and export of GQA + MoE
-models as `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py), offline, one process.
+models as `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
+`DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py), offline, one process.
 
     pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
     pretrain convert import-hf HF_DIR OUT_CHECKPOINT
@@ -21,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, loa
 from pretrain.consolidate import iter_full_tensors, write_safetensors
 from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError, glm4_moe_config, moe_names
+from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, moe_names
 from tools.hf.llama_config import (
     ARCHITECTURE,
     check_rope_with_transformers,
@@ -98,7 +99,9 @@ def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
         raise ConversionError(f"{meta.path} holds LoRA adapters only (its base: {meta.state[LORA_BASE].get('path')}): "
                               f"run `pretrain checkpoint merge {meta.path} MERGED` first and export MERGED")
     cfg = load_config(meta.path / "config.yaml", check_paths=False)
-    if cfg.model.moe.enabled:
+    if cfg.model.attention == "mla":
+        deepseek_v3_config.refuse_unexportable_mla(cfg.model, str(meta.path))
+    elif cfg.model.moe.enabled:
         glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path))
     else:
         refuse_unexportable(cfg.model, str(meta.path))
@@ -137,10 +140,14 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         raise ConversionError(f"{tokenizer_json} has {ids['vocab_size']} tokens, more than the model's vocabulary "
                               f"({cfg.model.vocab_size})")
     weights_dtype = dtype or stored["embed.weight"][1]
-    moe = cfg.model.moe.enabled
-    config = to_llama_config(cfg.model, str(weights_dtype).removeprefix("torch."), ids[BOS], ids[EOS], ids[PAD])
-    rope_check = check_rope_with_transformers(cfg.model, config)  # Glm4Moe's RoPE is Llama's with whole heads
-    if moe:
+    moe, mla = cfg.model.moe.enabled, cfg.model.attention == "mla"
+    # Glm4Moe's RoPE is Llama's on whole heads, DeepseekV3's Llama's on the rope part (checked at that size)
+    rope_model = replace(cfg.model, d_model=cfg.model.n_heads * cfg.model.rope_dim) if mla else cfg.model
+    config = to_llama_config(rope_model, str(weights_dtype).removeprefix("torch."), ids[BOS], ids[EOS], ids[PAD])
+    rope_check = check_rope_with_transformers(rope_model, config)
+    if mla:
+        config = deepseek_v3_config.to_deepseek_v3_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
+    elif moe:
         config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
     with atomic_folder(out_dir) as work:
         if moe:
@@ -158,7 +165,7 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         names = {ours: theirs for ours, theirs in mapping_table().items()
                  if ours != "lm_head.weight" or not cfg.model.tie_embeddings}
         if moe:
-            names = moe_names.mapping_table(cfg.model.tie_embeddings)
+            names = moe_names.mapping_table(cfg.model.tie_embeddings, mla)
         architecture, model_type = config["architectures"][0], config["model_type"]
         record = {
             "source": {"checkpoint": str(meta.path.resolve()), "step": meta.step, "model": asdict(cfg.model)},
@@ -167,7 +174,9 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
             "name_mapping": names,
             "rope": {"ours": asdict(cfg.model.rope), "rope_parameters": config["rope_parameters"],
                      "max_position_embeddings": config["max_position_embeddings"],
-                     "layout": "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
+                     "layout": "rotate-half on both sides (rope_interleave: false): the rope rows of the query and "
+                               "kv_a_proj_with_mqa are copied unpermuted" if mla else
+                               "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
                      "check": rope_check},
             "tie_word_embeddings": cfg.model.tie_embeddings,
             **({"routing": glm4_moe_config.routing_mapping(cfg.model)} if moe else {}),

@@ -3,7 +3,9 @@ checked through transformers itself, offline: the exported folder loads with no 
 weight and gives our logits (fp32) and greedy tokens with routing that is not trivial (random nonzero selection
 biases that change which experts are chosen, 4 expert groups of which 2 are kept, routed scaling, a dense first
 layer, shared experts); each expert's linears are our stacked slices transposed; what Glm4Moe cannot compute
-exactly is refused by name and leaves no output."""
+exactly is refused by name and leaves no output. MLA + MoE models export as DeepseekV3ForCausalLM
+(rope_interleave false: our rotate-half rope rows unpermuted) with our logits and greedy tokens, with and without
+query compression, under YaRN with mscale_all_dim."""
 
 import json
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from data.tokenizer import tokenizer_sha256
 from pretrain.checkpoint import CheckpointManager, model_tensors, pieces
 from pretrain.config import Config, DataConfig, config_to_yaml
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import MLAConfig, ModelConfig, RopeConfig
 from pretrain.model.moe import MoE, MoEConfig
 from tests.tools.test_convert_hf import (
     FP32_TOLERANCE,
@@ -148,5 +150,60 @@ def test_what_glm4_moe_cannot_compute_is_refused_by_name_and_leaves_no_output(na
     changes, message = REFUSED[name]
     checkpoint = save_moe_checkpoint(tmp_path / "run", moe_model(**changes), tiny_data / "tokenizer.json")
     with pytest.raises(ConversionError, match=f"{message}.*Glm4MoeForCausalLM"):
+        export_hf(checkpoint, tmp_path / "hf")
+    assert_no_output(tmp_path / "hf")
+
+
+MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+DEEPSEEK = {  # (model changes, what it shows)
+    "q-lora": ({}, "query compression, 4 groups keep 2, biased"),
+    "plain-q-yarn": ({"mla": MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=16,
+                                       v_head_dim=16),
+                      "rope": RopeConfig(scaling="yarn", factor=4, original_max_seq_len=32, mscale=1.0,
+                                         mscale_all_dim=1.0),
+                      "max_seq_len": 32, "tie_embeddings": True,
+                      "moe": {"n_groups": 1, "topk_groups": 1, "norm_topk": False}},
+                     "plain q_proj, YaRN x4 with mscale_all_dim (softmax scale), tied, no groups"),
+}
+
+
+def mla_model(**changes) -> ModelConfig:
+    return moe_model(**{"attention": "mla", "mla": MLA, "norm_eps": 1e-6} | changes)
+
+
+@pytest.mark.parametrize("name", list(DEEPSEEK))
+def test_mla_moe_export_as_deepseek_v3_gives_our_logits_and_greedy_tokens(name, tiny_data, tmp_path):
+    changes, what = DEEPSEEK[name]
+    model = mla_model(**changes)
+    checkpoint = save_moe_checkpoint(tmp_path / "run", model, tiny_data / "tokenizer.json")
+    folder = tmp_path / "hf"
+    record = export_hf(checkpoint, folder, verify=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["rope_interleave"] is False
+    assert (config["q_lora_rank"], config["qk_rope_head_dim"]) == (model.mla.q_lora_rank or None,
+                                                                  model.mla.qk_rope_head_dim)
+    assert (config["n_group"], config["routed_scaling_factor"]) == (model.moe.n_groups, model.moe.routed_scaling)
+    assert "equal transformers" in record["rope"]["check"]
+    length = model.rope.max_supported_seq_len(model.max_seq_len)
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(6))
+    parity = compare_logits(checkpoint, folder, ids)
+    print(f"DeepseekV3, {what}, 2 x {length} tokens: {parity}")
+    generated = assert_same_greedy(checkpoint, folder, [ids[0, :9].tolist(), ids[1, :4].tolist()], new_tokens=16)
+    assert max(len(tokens) for tokens in generated) >= 10
+
+
+MLA_REFUSED = {
+    "dense-mla": ({"moe": {"num_experts": 0}}, "without Mixture-of-Experts"),
+    "norm-eps": ({"norm_eps": 1e-5}, "RMSNorm eps 1e-05"),
+    "softmax": ({"moe": {"score_func": "softmax"}}, "softmax routing"),
+    "mtp": ({"mtp_depth": 1}, "multi-token prediction"),
+}
+
+
+@pytest.mark.parametrize("name", list(MLA_REFUSED))
+def test_what_deepseek_v3_cannot_compute_is_refused_by_name_and_leaves_no_output(name, tiny_data, tmp_path):
+    changes, message = MLA_REFUSED[name]
+    checkpoint = save_moe_checkpoint(tmp_path / "run", mla_model(**changes), tiny_data / "tokenizer.json")
+    with pytest.raises(ConversionError, match=f"{message}.*DeepseekV3ForCausalLM"):
         export_hf(checkpoint, tmp_path / "hf")
     assert_no_output(tmp_path / "hf")

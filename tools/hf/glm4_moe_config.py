@@ -25,11 +25,20 @@ MODEL_TYPE = "glm4_moe"
 
 def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
     """What Glm4MoeForCausalLM cannot compute exactly, named."""
-    moe = model.moe
     refused = []
     if model.attention != "gqa":
         refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
                        "attention)")
+    refused += moe_refusals(model, ARCHITECTURE)
+    if refused:
+        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+
+
+def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
+    """What a DeepSeek-style MoE model of transformers (Glm4Moe, DeepseekV3: the same router) cannot compute
+    exactly, named."""
+    moe = model.moe
+    refused = []
     if model.mtp_depth:
         refused.append(f"multi-token prediction modules (model.mtp_depth: {model.mtp_depth})")
     if model.sliding_window:
@@ -47,8 +56,7 @@ def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
     if moe.n_groups > 1 and moe.num_experts // moe.n_groups < 2:
         refused.append(f"group-limited routing with one expert per group (model.moe.n_groups: {moe.n_groups}, "
                        f"{moe.num_experts} experts; {ARCHITECTURE} scores a group by its best two)")
-    if refused:
-        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+    return [item.replace(ARCHITECTURE, architecture) for item in refused]
 
 
 def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
@@ -78,7 +86,7 @@ def routing_mapping(model: ModelConfig) -> dict[str, Any]:
     """Our routing settings and the config.json keys they became (for conversion.json)."""
     moe = model.moe
     return {
-        "score_func": {"ours": moe.score_func, "theirs": "sigmoid (Glm4MoeTopkRouter)"},
+        "score_func": {"ours": moe.score_func, "theirs": "sigmoid (the only one the router computes)"},
         "model.moe.num_experts": "n_routed_experts", "model.moe.top_k": "num_experts_per_tok",
         "model.moe.expert_hidden": "moe_intermediate_size", "model.moe.num_shared_experts": "n_shared_experts",
         "model.moe.first_k_dense": "first_k_dense_replace", "model.moe.norm_topk": "norm_topk_prob",

@@ -24,6 +24,8 @@ MOE_PER_LAYER = {
     "mlp.shared.up_proj.weight": "mlp.shared_experts.up_proj.weight",
     "mlp.shared.down_proj.weight": "mlp.shared_experts.down_proj.weight",
 }
+MLA_PER_LAYER = {f"attn.{name}.weight": f"self_attn.{name}.weight" for name in (
+    "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")}
 STACKED = {"mlp.experts.gate": "gate_proj", "mlp.experts.up": "up_proj", "mlp.experts.down": "down_proj"}
 KEPT_DTYPE = ("mlp.router.weight", "mlp.router.expert_bias")
 _OURS = re.compile(r"layers\.(\d+)\.(.+)")
@@ -39,8 +41,9 @@ def hf_entries(name: str, shape: tuple[int, ...], dtype: torch.dtype,
         experts, rows, cols = shape
         return [(f"model.layers.{match[1]}.mlp.experts.{e}.{STACKED[part]}.weight", written, (cols, rows))
                 for e in range(experts)]
-    if part in MOE_PER_LAYER:
-        return [(f"model.layers.{match[1]}.{MOE_PER_LAYER[part]}", written, tuple(shape))]
+    if part in MOE_PER_LAYER or part in MLA_PER_LAYER:
+        theirs = MOE_PER_LAYER.get(part) or MLA_PER_LAYER[part]
+        return [(f"model.layers.{match[1]}.{theirs}", written, tuple(shape))]
     return [(dense_to_hf(name), written, tuple(shape))]
 
 
@@ -56,9 +59,12 @@ def hf_tensors(name: str, tensor: torch.Tensor, export_dtype: torch.dtype | None
     yield hf_name, tensor.to(dtype)
 
 
-def mapping_table(tie_embeddings: bool) -> dict[str, str]:
+def mapping_table(tie_embeddings: bool, mla: bool = False) -> dict[str, str]:
     """Our name -> theirs, `{i}` for the layer and `{e}` for the expert (for conversion.json and the README)."""
     table = {k: v for k, v in dense_mapping_table().items() if k != "lm_head.weight" or not tie_embeddings}
+    if mla:
+        table = {k: v for k, v in table.items() if ".attn.k_proj" not in k and ".attn.v_proj" not in k}
+        table |= {f"layers.{{i}}.{ours}": f"model.layers.{{i}}.{theirs}" for ours, theirs in MLA_PER_LAYER.items()}
     table |= {f"layers.{{i}}.{ours}": f"model.layers.{{i}}.{theirs}" for ours, theirs in MOE_PER_LAYER.items()}
     table |= {f"layers.{{i}}.{ours}[e]ᵀ": f"model.layers.{{i}}.mlp.experts.{{e}}.{theirs}.weight"
               for ours, theirs in STACKED.items()}

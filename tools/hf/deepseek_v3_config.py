@@ -1,0 +1,68 @@
+"""Our MLA + Mixture-of-Experts model config -> transformers' `DeepseekV3Config` (config.json of a
+DeepseekV3ForCausalLM folder, transformers 5.x form).
+
+DeepseekV3ForCausalLM computes what our Transformer computes with `model.attention: mla` (pretrain/model/mla.py)
+and DeepSeek-V3-style MoE, with the router of Glm4Moe (tools/hf/glm4_moe_config.py): the same projections and
+latent norms, RoPE on the rope part of each head, the softmax scale times DeepSeek's mscale² under YaRN with
+`mscale_all_dim`. Ours rotates halves; DeepSeek's checkpoints rotate interleaved pairs (`rope_interleave: true`, its
+default), so the export sets `rope_interleave: false` and copies the rope rows unpermuted. Its latent norms
+(`q_a_layernorm`, `kv_a_layernorm`) have transformers' fixed eps 1e-6 whatever `rms_norm_eps` says, so a model
+whose `norm_eps` is another is refused, as is everything `moe_refusals` names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.model.config import ModelConfig
+from tools.hf import ConversionError
+from tools.hf.glm4_moe_config import moe_refusals
+from tools.hf.llama_config import to_llama_config
+
+ARCHITECTURE = "DeepseekV3ForCausalLM"
+MODEL_TYPE = "deepseek_v3"
+LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(q_lora_rank) / (kv_lora_rank): the default eps, not rms_norm_eps
+
+
+def refuse_unexportable_mla(model: ModelConfig, where: str) -> None:
+    """What DeepseekV3ForCausalLM cannot compute exactly, named."""
+    refused = []
+    if not model.moe.enabled:
+        refused.append(f"Multi-head Latent Attention without Mixture-of-Experts (model.moe.num_experts: 0; every "
+                       f"{ARCHITECTURE} has MoE layers)")
+    else:
+        refused += moe_refusals(model, ARCHITECTURE)
+    if model.norm_eps != LATENT_NORM_EPS:
+        refused.append(f"RMSNorm eps {model.norm_eps} (model.norm_eps; {ARCHITECTURE}'s latent norms use "
+                       f"{LATENT_NORM_EPS})")
+    if model.rope.scaling == "ntk":
+        refused.append("static NTK RoPE (model.rope.scaling: ntk) on MLA's rope part")
+    if refused:
+        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+
+
+def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
+    moe, mla = model.moe, model.mla
+    config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
+              if k not in ("mlp_bias", "head_dim")}
+    return config | {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "num_key_value_heads": model.n_heads,
+        "q_lora_rank": mla.q_lora_rank or None,
+        "kv_lora_rank": mla.kv_lora_rank,
+        "qk_nope_head_dim": mla.qk_nope_head_dim,
+        "qk_rope_head_dim": mla.qk_rope_head_dim,
+        "v_head_dim": mla.v_head_dim,
+        "rope_interleave": False,
+        "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.hidden(model.ffn_dim),
+        "n_shared_experts": moe.num_shared_experts,
+        "first_k_dense_replace": moe.first_k_dense,
+        "norm_topk_prob": moe.norm_topk,
+        "routed_scaling_factor": moe.routed_scaling,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
+        "num_mtp_layers": 0,
+    }
