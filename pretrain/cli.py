@@ -233,7 +233,9 @@ def cmd_convert_export_hf(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("--shard-size", str(exc)) from None
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    record = export_hf(Path(args.checkpoint), Path(args.out), dtype, shard_size, tokenizer, args.verify)
+    record = export_hf(Path(args.checkpoint), Path(args.out), dtype, shard_size, tokenizer, args.verify, args.mtp)
+    if record.get("mtp", {}).get("written") == 0:
+        print(f"notice: the checkpoint's {record['mtp']['depth']} MTP module(s) are left out (--mtp drop)")
     target = record["target"]
     print(f"exported {args.checkpoint} as {target['architecture']} ({target['tensors']} {target['dtype']} tensors in "
           f"{len(target['files'])} file(s), config, tokenizer and chat template) -> {args.out}")
@@ -508,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained with)")
     export.add_argument("--verify", action="store_true", help="load the result with transformers and compare its "
                         "logits with the checkpoint's (recorded in conversion.json)")
+    export.add_argument("--mtp", choices=["keep", "drop"], default="keep", help="MTP modules: keep writes them in "
+                        "DeepSeek-V3's layout (DeepseekV3ForCausalLM only), drop leaves them out")
     export.set_defaults(func=cmd_convert_export_hf)
     imported = convert_sub.add_parser(
         "import-hf", help="a LlamaForCausalLM folder (config.json + safetensors) as an ordinary checkpoint folder")

@@ -42,7 +42,7 @@ from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, loa
 from pretrain.consolidate import iter_full_tensors, write_safetensors
 from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, moe_names
+from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, moe_names, mtp_names
 from tools.hf.llama_config import (
     ARCHITECTURE,
     check_rope_with_transformers,
@@ -93,7 +93,7 @@ def _check_stored(meta: CheckpointMeta, model: ModelConfig) -> dict[str, tuple[t
     return stored
 
 
-def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
+def _source_meta(checkpoint: Path, mtp: str = "keep") -> tuple[CheckpointMeta, Config]:
     meta = read_meta(checkpoint)
     if is_adapter_checkpoint(meta):
         raise ConversionError(f"{meta.path} holds LoRA adapters only (its base: {meta.state[LORA_BASE].get('path')}): "
@@ -102,7 +102,7 @@ def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
     if cfg.model.attention == "mla":
         deepseek_v3_config.refuse_unexportable_mla(cfg.model, str(meta.path))
     elif cfg.model.moe.enabled:
-        glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path))
+        glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path), mtp)
     else:
         refuse_unexportable(cfg.model, str(meta.path))
     return meta, cfg
@@ -124,16 +124,23 @@ def _reference_model(meta: CheckpointMeta, cfg: Config, dtype: torch.dtype | Non
 
 
 def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
-              tokenizer: Path | None = None, verify: bool = False) -> dict[str, Any]:
+              tokenizer: Path | None = None, verify: bool = False, mtp: str = "keep") -> dict[str, Any]:
     """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` (Glm4MoeForCausalLM for an MoE model) and
     returns its conversion record.
     `dtype`: of the written weights (None: as stored); `tokenizer`: instead of the one the checkpoint recorded (it
-    must be the same file); `verify`: load the result with transformers and compare logits (recorded)."""
+    must be the same file); `verify`: load the result with transformers and compare logits (recorded); `mtp`: "keep"
+    writes the MTP modules in DeepSeek-V3's layout (DeepseekV3ForCausalLM only), "drop" leaves them out."""
     from pretrain.generate_cli import tokenizer_file
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    meta, cfg = _source_meta(checkpoint)
+    if mtp not in ("keep", "drop"):
+        raise ConversionError(f"--mtp {mtp}: keep or drop")
+    meta, cfg = _source_meta(checkpoint, mtp)
     stored = _check_stored(meta, cfg.model)
+    kept_mtp = cfg.model.mtp_depth if mtp == "keep" else 0
+    if mtp == "drop":
+        stored = {name: value for name, value in stored.items() if not name.startswith("mtp.")}
+    layout = mtp_names.MTPLayout(cfg.model.n_layers, kept_mtp, cfg.model.tie_embeddings)
     tokenizer_json = tokenizer_file(meta.path, None if tokenizer is None else str(tokenizer))
     ids = special_ids(tokenizer_json)
     if ids["vocab_size"] > cfg.model.vocab_size:
@@ -146,15 +153,16 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
     config = to_llama_config(rope_model, str(weights_dtype).removeprefix("torch."), ids[BOS], ids[EOS], ids[PAD])
     rope_check = check_rope_with_transformers(rope_model, config)
     if mla:
-        config = deepseek_v3_config.to_deepseek_v3_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
+        config = deepseek_v3_config.to_deepseek_v3_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD],
+                                                          kept_mtp)
     elif moe:
         config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
     with atomic_folder(out_dir) as work:
         if moe:
             entries = [entry for name, (shape, kept) in sorted(stored.items())
-                       for entry in moe_names.hf_entries(name, shape, kept, dtype)]
-            tensors = (pair for name, tensor in iter_full_tensors(meta.path)
-                       for pair in moe_names.hf_tensors(name, tensor, dtype))
+                       for entry in layout.hf_entries(name, shape, kept, dtype)]
+            tensors = (pair for name, tensor in iter_full_tensors(meta.path) if name in stored
+                       for pair in layout.hf_tensors(name, tensor, dtype))
         else:
             entries = [(to_hf(name), dtype or kept, shape) for name, (shape, kept) in sorted(stored.items())]
             tensors = ((to_hf(name), tensor) for name, tensor in iter_full_tensors(meta.path, dtype=dtype))
@@ -165,7 +173,8 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         names = {ours: theirs for ours, theirs in mapping_table().items()
                  if ours != "lm_head.weight" or not cfg.model.tie_embeddings}
         if moe:
-            names = moe_names.mapping_table(cfg.model.tie_embeddings, mla)
+            names = moe_names.mapping_table(cfg.model.tie_embeddings, mla) | (mtp_names.mapping_table() if kept_mtp
+                                                                              else {})
         architecture, model_type = config["architectures"][0], config["model_type"]
         record = {
             "source": {"checkpoint": str(meta.path.resolve()), "step": meta.step, "model": asdict(cfg.model)},
@@ -180,6 +189,9 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
                      "check": rope_check},
             "tie_word_embeddings": cfg.model.tie_embeddings,
             **({"routing": glm4_moe_config.routing_mapping(cfg.model)} if moe else {}),
+            **({"mtp": {"depth": cfg.model.mtp_depth, "written": kept_mtp,
+                        "note": "written as model.layers.{n_layers + k} in DeepSeek-V3's layout (transformers ignores "
+                                "them)" if kept_mtp else "left out (--mtp drop)"}} if cfg.model.mtp_depth else {}),
             "vocab_size": cfg.model.vocab_size,
             "tokenizer": {"source": str(tokenizer_json), "sha256": tokenizer_sha256(tokenizer_json),
                           "vocab_size": ids["vocab_size"]},

@@ -5,7 +5,8 @@ biases that change which experts are chosen, 4 expert groups of which 2 are kept
 layer, shared experts); each expert's linears are our stacked slices transposed; what Glm4Moe cannot compute
 exactly is refused by name and leaves no output. MLA + MoE models export as DeepseekV3ForCausalLM
 (rope_interleave false: our rotate-half rope rows unpermuted) with our logits and greedy tokens, with and without
-query compression, under YaRN with mscale_all_dim."""
+query compression, under YaRN with mscale_all_dim; their MTP modules, written in DeepSeek-V3's layout, compute our
+MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves them out."""
 
 import json
 from pathlib import Path
@@ -196,7 +197,6 @@ MLA_REFUSED = {
     "dense-mla": ({"moe": {"num_experts": 0}}, "without Mixture-of-Experts"),
     "norm-eps": ({"norm_eps": 1e-5}, "RMSNorm eps 1e-05"),
     "softmax": ({"moe": {"score_func": "softmax"}}, "softmax routing"),
-    "mtp": ({"mtp_depth": 1}, "multi-token prediction"),
 }
 
 
@@ -207,3 +207,80 @@ def test_what_deepseek_v3_cannot_compute_is_refused_by_name_and_leaves_no_output
     with pytest.raises(ConversionError, match=f"{message}.*DeepseekV3ForCausalLM"):
         export_hf(checkpoint, tmp_path / "hf")
     assert_no_output(tmp_path / "hf")
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(x, weight.shape, weight, 1e-6)
+
+
+@torch.no_grad()
+def test_mtp_modules_in_deepseek_v3_layout_compute_ours_and_drop_leaves_them_out(tiny_data, tmp_path):
+    """The MTP module written as model.layers.3 (enorm, hnorm, eh_proj, shared_head, the block) and run the
+    DeepSeek-V3 way, [enorm(embedding), hnorm(hidden)] -> eh_proj -> transformers' own DeepseekV3DecoderLayer ->
+    shared_head, gives our MTP logits; the main model still gives ours; --mtp drop writes no model.layers.3."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+
+    from tools.hf.parity import load_transformers_model
+
+    model = mla_model(mtp_depth=1)
+    checkpoint = save_moe_checkpoint(tmp_path / "run", model, tiny_data / "tokenizer.json")
+    folder = tmp_path / "hf"
+    record = export_hf(checkpoint, folder, verify=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 3
+    tensors = safetensors_of(folder)
+    layer = {k.removeprefix("model.layers.3."): v for k, v in tensors.items() if k.startswith("model.layers.3.")}
+    for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "embed_tokens.weight", "input_layernorm.weight",
+                 "self_attn.kv_a_proj_with_mqa.weight", "mlp.gate.e_score_correction_bias",
+                 "mlp.experts.7.down_proj.weight", "mlp.shared_experts.up_proj.weight"):
+        assert name in layer, name
+    assert torch.equal(layer["shared_head.head.weight"], tensors["lm_head.weight"])
+    assert torch.equal(layer["embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+
+    ours_model = ours(checkpoint)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(7))
+    next_tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(8))
+    hidden = ours_model.forward_layers(ours_model.embed(ids), ours_model.layers, 64)
+    cos, sin, _ = ours_model.attention_inputs(64)
+    module = ours_model.mtp[0]
+    expected = ours_model.lm_head(module.norm(module(hidden, ours_model.embed(next_tokens), cos, sin)))
+
+    theirs = load_transformers_model(folder)  # the MTP layer's weights are expected unused
+    block = DeepseekV3DecoderLayer(theirs.config, layer_idx=3).eval()
+    experts = range(model.moe.num_experts)
+    weights = {k: v for k, v in layer.items() if not k.startswith(("mlp.experts.", "enorm", "hnorm", "eh_proj",
+                                                                   "shared_head", "embed_tokens"))}
+    weights["mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
+        [layer[f"mlp.experts.{e}.gate_proj.weight"], layer[f"mlp.experts.{e}.up_proj.weight"]]) for e in experts])
+    weights["mlp.experts.down_proj"] = torch.stack([layer[f"mlp.experts.{e}.down_proj.weight"] for e in experts])
+    block.load_state_dict(weights, strict=True)
+    x = torch.cat([rms(layer["embed_tokens.weight"][next_tokens], layer["enorm.weight"]),
+                   rms(hidden, layer["hnorm.weight"])], dim=-1) @ layer["eh_proj.weight"].t()
+    positions = torch.arange(64)[None].expand(2, -1)
+    out = block(x, attention_mask=None, position_ids=positions,
+                position_embeddings=theirs.model.rotary_emb(x, positions))
+    got = rms(out, layer["shared_head.norm.weight"]) @ layer["shared_head.head.weight"].t()
+    diff = float((got - expected).abs().max())
+    print(f"DeepseekV3 MTP layer run the DeepSeek way vs ours: max abs diff {diff:.2e}; main: {record['parity']}")
+    assert diff < FP32_TOLERANCE and record["mtp"]["written"] == 1
+
+    record = export_hf(checkpoint, tmp_path / "dropped", mtp="drop", verify=True)
+    config = json.loads((tmp_path / "dropped" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and record["mtp"] == {
+        "depth": 1, "written": 0, "note": "left out (--mtp drop)"}
+    assert not [k for k in safetensors_of(tmp_path / "dropped") if k.startswith("model.layers.3.")]
+
+
+def test_cli_drops_the_mtp_modules_of_a_glm4_moe_export_with_a_notice(tiny_data, tmp_path, capsys):
+    from pretrain.cli import main
+
+    checkpoint = save_moe_checkpoint(tmp_path / "run", moe_model(mtp_depth=1), tiny_data / "tokenizer.json")
+    assert main(["convert", "export-hf", str(checkpoint), str(tmp_path / "kept")]) == 1
+    assert "leave them out with --mtp drop" in capsys.readouterr().err
+    assert_no_output(tmp_path / "kept")
+    assert main(["convert", "export-hf", str(checkpoint), str(tmp_path / "hf"), "--mtp", "drop", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "MTP module(s) are left out (--mtp drop)" in out and "verified with transformers" in out
+    assert json.loads((tmp_path / "hf" / "conversion.json").read_text())["target"]["architecture"] == (
+        "Glm4MoeForCausalLM")

@@ -41,7 +41,10 @@ def refuse_unexportable_mla(model: ModelConfig, where: str) -> None:
         raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
 
 
-def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
+def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int,
+                          mtp_layers: int = 0) -> dict[str, Any]:
+    """config.json; `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py), in
+    DeepSeek-V3's `num_nextn_predict_layers` (transformers' own `num_mtp_layers` stays 0: it ignores them)."""
     moe, mla = model.moe, model.mla
     config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
               if k not in ("mlp_bias", "head_dim")}
@@ -65,4 +68,5 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
         "n_group": moe.n_groups,
         "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
         "num_mtp_layers": 0,
+        "num_nextn_predict_layers": mtp_layers,
     }

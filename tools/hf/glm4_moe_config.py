@@ -23,12 +23,15 @@ ARCHITECTURE = "Glm4MoeForCausalLM"
 MODEL_TYPE = "glm4_moe"
 
 
-def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
-    """What Glm4MoeForCausalLM cannot compute exactly, named."""
+def refuse_unexportable_moe(model: ModelConfig, where: str, mtp: str = "keep") -> None:
+    """What Glm4MoeForCausalLM cannot compute exactly, named (MTP modules unless `mtp` is "drop")."""
     refused = []
     if model.attention != "gqa":
         refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
                        "attention)")
+    if model.mtp_depth and mtp != "drop":
+        refused.append(f"multi-token prediction modules (model.mtp_depth: {model.mtp_depth}; only "
+                       "DeepseekV3ForCausalLM exports them: leave them out with --mtp drop)")
     refused += moe_refusals(model, ARCHITECTURE)
     if refused:
         raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
@@ -39,8 +42,6 @@ def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
     exactly, named."""
     moe = model.moe
     refused = []
-    if model.mtp_depth:
-        refused.append(f"multi-token prediction modules (model.mtp_depth: {model.mtp_depth})")
     if model.sliding_window:
         refused.append(f"sliding-window attention (model.sliding_window: {model.sliding_window}; {ARCHITECTURE} "
                        "attends to the whole context)")

@@ -25,10 +25,18 @@ def logits_parity(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
 
 def load_transformers_model(folder: Path) -> nn.Module:
     """The folder's model in float32 through transformers' own loading; a weight it did not find, did not expect
-    or had to reshape is an error (transformers would initialize it randomly and only warn)."""
+    or had to reshape is an error (transformers would initialize it randomly and only warn). The MTP layers of a
+    DeepSeek-V3 layout (`num_nextn_predict_layers` after the main layers) are expected unused."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    layers = config.get("num_hidden_layers", 0)
+    mtp = tuple(f"model.layers.{layers + k}." for k in range(config.get("num_nextn_predict_layers") or 0))
+    if mtp:
+        info["unexpected_keys"] = [key for key in info.get("unexpected_keys", []) if not key.startswith(mtp)]
     problems = {key: sorted(value) for key, value in info.items() if value}
     if problems:
         raise ConversionError(f"transformers loads {folder} with {problems}")
