@@ -72,3 +72,24 @@ def test_targets_by_pattern_and_their_errors():
         apply_lora(CFG.build(), LoraConfig(rank=2, targets=["layers.0.attn"]))
     with pytest.raises(ValueError, match="output head"):
         apply_lora(CFG.build(), LoraConfig(rank=2, targets=["lm_head"]))
+
+
+def test_adapter_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    model = CFG.build()
+    rules = apply_lora(model, LoraConfig(rank=4, alpha=8.0, dropout=0.5))
+    for name, rule in rules.items():
+        model.get_parameter(name).data.copy_(initial_value(name, rule, 0))
+        if name.endswith("lora_b"):
+            model.get_parameter(name).data.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        model.train()
+        first, second = model(ids), model(ids)
+        assert (first - second).abs().max() > 1e-4  # a new mask each forward
+        model.eval()
+        evaluated = model(ids)
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.dropout = torch.nn.Identity()
+        torch.testing.assert_close(model(ids), evaluated, rtol=0, atol=0)  # eval mode: no dropout
