@@ -44,7 +44,7 @@ from pretrain.hardware import peak_flops
 from pretrain.heartbeat import Heartbeat, default_store
 from pretrain.lora_checkpoint import LORA_BASE, refuse_adapters_as_source
 from pretrain.model.documents import Documents
-from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.flops import count_parameters, flops_per_token, lora_flops_per_token
 from pretrain.model.lora import apply_lora, freeze_base, is_adapter
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
@@ -207,6 +207,8 @@ class Trainer:
         self.spikes = LossSpikeDetector(t.spike_zscore, t.spike_window, t.max_spikes)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        if cfg.lora.enabled:  # MFU counts the work done: no weight gradients for the frozen base
+            self.flops_per_token = lora_flops_per_token(cfg.model, cfg.data.seq_len, self.adapter_parameters)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
         self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len

@@ -96,3 +96,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 3x forward (backward is 2x), i.e. 6N + 12 * n_layers * d_attn * T for GQA."""
     return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def lora_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_parameters: int) -> float:
+    """Training FLOPs per token with the base frozen (LoRA): the base's weight gradients (2 per matmul parameter)
+    are not computed, the adapters' forward and backward (6 per adapter parameter) are."""
+    return flops_per_token(cfg, seq_len) - 2 * matmul_parameters(cfg) + 6 * adapter_parameters
+

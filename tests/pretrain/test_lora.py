@@ -15,6 +15,7 @@ from pretrain.cli import main
 from pretrain.config import ConfigError, load_config
 from pretrain.consolidate import full_tensors
 from pretrain.evaluate import load_for_eval
+from pretrain.model.flops import flops_per_token
 from pretrain.trainer import Trainer
 
 from .conftest import DPO, SFT
@@ -40,6 +41,10 @@ def lora_sft(tiny_data, tiny_chat, base_run, tmp_path_factory):
 def test_only_the_adapters_train_and_checkpoints_hold_them_alone(lora_sft, base_run):
     assert lora_sft["summary"]["trainable_parameters"] == sum(t.numel() for t in
                                                               full_tensors(lora_sft["checkpoint"], MODEL).values())
+    # MFU counts what a step computes: no weight gradients for the base (the weightless attention scores, a large
+    # share at d_model 64, and the adapters keep it above 2/3 of full training here)
+    full = flops_per_token(load_config(None, lora_sft["overrides"]).model, 128)
+    assert 0.6 * full < lora_sft["summary"]["flops_per_token"] < 0.85 * full
     meta = read_meta(lora_sft["checkpoint"])
     stored = {k.removeprefix(MODEL) for k in meta.tensor_shapes() if k.startswith(MODEL)}
     assert stored and all(name.endswith((".lora_a", ".lora_b")) for name in stored)
