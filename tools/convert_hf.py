@@ -205,14 +205,17 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
     return record
 
 
-def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path) -> dict[str, StoredTensor]:
-    """The folder's tensors under our names, exactly those of `model`."""
-    ours: dict[str, StoredTensor] = {}
-    unknown = []
+def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path,
+                stacked: dict[str, torch.Tensor] | None = None,
+                left_over: list[str] | None = None) -> dict[str, StoredTensor | torch.Tensor]:
+    """The folder's tensors under our names, exactly those of `model` (`stacked`: the MoE experts already stacked
+    under our names, `left_over`: per-expert tensors beyond the config's experts)."""
+    ours: dict[str, StoredTensor | torch.Tensor] = dict(stacked or {})
+    unknown = list(left_over or [])
     for name, tensor in stored.items():
         if name.endswith("rotary_emb.inv_freq"):  # computed, not learned: older transformers saved it
             continue
-        our_name = from_hf(name)
+        our_name = from_hf(name) or moe_names.from_hf(name)
         if our_name is None or not tensor.dtype.is_floating_point:
             unknown.append(f"{name} ({str(tensor.dtype).removeprefix('torch.')})")
             continue
@@ -224,10 +227,11 @@ def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path
             raise ConversionError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from "
                                   "model.embed_tokens.weight")
     wanted = _model_shapes(model)
-    missing = [to_hf(name) for name in sorted(set(wanted) - set(ours))]
-    unexpected = unknown + [to_hf(name) for name in sorted(set(ours) - set(wanted))]
-    reshaped = [f"{to_hf(k)} {list(ours[k].shape)} (config.json: {list(wanted[k])})" for k in sorted(wanted)
-                if k in ours and ours[k].shape != wanted[k]]
+    their = moe_names.their_name
+    missing = [their(name) for name in sorted(set(wanted) - set(ours))]
+    unexpected = unknown + [their(name) for name in sorted(set(ours) - set(wanted))]
+    reshaped = [f"{their(k)} {list(ours[k].shape)} (config.json: {list(wanted[k])})" for k in sorted(wanted)
+                if k in ours and tuple(ours[k].shape) != wanted[k]]
     if missing or unexpected or reshaped:
         problems = [f"{label} {items[:6]}" for label, items in
                     (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped)) if items]
@@ -236,8 +240,8 @@ def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path
 
 
 def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
-    """Writes the LlamaForCausalLM folder `hf_dir` as an ordinary checkpoint folder `out_checkpoint` (weights in the
-    dtype they are stored in) and returns it."""
+    """Writes the LlamaForCausalLM (or Glm4MoeForCausalLM) folder `hf_dir` as an ordinary checkpoint folder
+    `out_checkpoint` (weights in the dtype they are stored in) and returns it."""
     hf_dir, out = Path(hf_dir), Path(out_checkpoint)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -246,20 +250,30 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
-    model = from_llama_config(config, str(config_path))
+    moe = config.get("architectures") == [glm4_moe_config.ARCHITECTURE]
+    model = (glm4_moe_config.from_glm4_moe_config if moe else from_llama_config)(config, str(config_path))
     supported = model.rope.max_supported_seq_len(model.max_seq_len)
     cfg = Config(model=model, data=DataConfig(seq_len=min(DataConfig().seq_len, supported)))
     try:
         validate(cfg, check_paths=False)
     except ConfigError as exc:
         raise ConversionError(f"{config_path} is not representable by our model: {exc}") from None
-    stored = _tensors_of(read_folder(hf_dir), model, hf_dir)
+    folder, stacked, left_over = read_folder(hf_dir), {}, []
+    if moe:  # their per-expert linears, stacked (memory-mapped views in, one stacked tensor per weight out)
+        experts = {name: tensor for name, tensor in folder.items() if moe_names.is_expert(name)}
+        folder = {name: tensor for name, tensor in folder.items() if name not in experts}
+        views = MappedFiles()
+        stacked, left_over = moe_names.stack_experts({name: views.tensor(t) for name, t in experts.items()},
+                                                     model.moe.num_experts, hf_dir)
+    stored = _tensors_of(folder, model, hf_dir, stacked, left_over)
     tokenizer = hf_dir / "tokenizer.json"
-    state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": ARCHITECTURE}}
+    architecture = glm4_moe_config.ARCHITECTURE if moe else ARCHITECTURE
+    state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": architecture}}
     if tokenizer.is_file():
         state["tokenizer"] = {"path": str(out.resolve() / "tokenizer.json"), "sha256": tokenizer_sha256(tokenizer)}
     mapped = MappedFiles()
-    tensors = {name: mapped.tensor(tensor) for name, tensor in stored.items()}
+    tensors = {name: tensor if isinstance(tensor, torch.Tensor) else mapped.tensor(tensor)
+               for name, tensor in stored.items()}
     with atomic_folder(out, inner=step_dir_name(IMPORT_STEP)) as work:
         written = CheckpointManager(work, keep_last=1).save(
             IMPORT_STEP, pieces(tensors, {}), state, config_to_yaml(cfg), layout={"world_size": 1}).wait()

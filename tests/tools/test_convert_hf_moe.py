@@ -6,7 +6,8 @@ layer, shared experts); each expert's linears are our stacked slices transposed;
 exactly is refused by name and leaves no output. MLA + MoE models export as DeepseekV3ForCausalLM
 (rope_interleave false: our rotate-half rope rows unpermuted) with our logits and greedy tokens, with and without
 query compression, under YaRN with mscale_all_dim; their MTP modules, written in DeepSeek-V3's layout, compute our
-MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves them out."""
+MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves them out. A Glm4Moe
+folder saved by transformers imports to its logits and exports back bit-identically."""
 
 import json
 from pathlib import Path
@@ -284,3 +285,61 @@ def test_cli_drops_the_mtp_modules_of_a_glm4_moe_export_with_a_notice(tiny_data,
     assert "MTP module(s) are left out (--mtp drop)" in out and "verified with transformers" in out
     assert json.loads((tmp_path / "hf" / "conversion.json").read_text())["target"]["architecture"] == (
         "Glm4MoeForCausalLM")
+
+
+def glm4_moe_folder(folder: Path, tokenizer: Path, **changes) -> Path:
+    """A Glm4MoeForCausalLM saved by transformers, with random nonzero selection biases."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    config = Glm4MoeConfig(**{
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5, "initializer_range": 0.2, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128, "num_mtp_layers": 0, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 1.0}} | changes)
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return folder
+
+
+def test_a_glm4_moe_folder_saved_by_transformers_imports_to_its_logits_and_exports_back_bit_identical(
+        tiny_data, tmp_path):
+    from tools.convert_hf import import_hf
+
+    source = glm4_moe_folder(tmp_path / "source", tiny_data / "tokenizer.json")
+    checkpoint = import_hf(source, tmp_path / "imported")
+    ids = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(9))
+    print(f"imported Glm4Moe: {compare_logits(checkpoint, source, ids)}")
+    export_hf(checkpoint, tmp_path / "back")
+    theirs, back = safetensors_of(source), safetensors_of(tmp_path / "back")
+    assert sorted(theirs) == sorted(back)
+    assert all(torch.equal(theirs[name], back[name]) and theirs[name].dtype == back[name].dtype for name in theirs)
+
+
+def test_our_moe_export_imports_and_exports_back_bit_identical(moe_export, tmp_path):
+    from tools.convert_hf import import_hf
+
+    checkpoint, folder, _ = moe_export
+    imported = import_hf(folder, tmp_path / "imported")
+    export_hf(imported, tmp_path / "again")
+    first, again = safetensors_of(folder), safetensors_of(tmp_path / "again")
+    assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "partial_rotary_factor 0.5"),
+    ({"use_qk_norm": True}, "use_qk_norm: true"),
+], ids=["partial-rope-default", "qk-norm"])
+def test_a_glm4_moe_folder_our_model_cannot_compute_is_refused_on_import(changes, message, tiny_data, tmp_path):
+    from tools.convert_hf import import_hf
+
+    source = glm4_moe_folder(tmp_path / "source", tiny_data / "tokenizer.json", **changes)
+    with pytest.raises(ConversionError, match=message):
+        import_hf(source, tmp_path / "imported")
+    assert_no_output(tmp_path / "imported")

@@ -96,3 +96,38 @@ def routing_mapping(model: ModelConfig) -> dict[str, Any]:
         "training only, not exported": {"bias_update_rate": moe.bias_update_rate,
                                         "aux_loss_weight": moe.aux_loss_weight, "router_z_loss": moe.router_z_loss},
     }
+
+
+def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
+    """Our model config of a Glm4MoeForCausalLM config.json; what our model cannot compute exactly is an error
+    naming the key (a Glm4Moe config without `partial_rotary_factor` rotates half of each head: its default)."""
+    from dataclasses import replace
+
+    from pretrain.model.moe import MoEConfig
+    from tools.hf.llama_config import from_llama_config
+
+    if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
+        raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
+    params = dict(config.get("rope_parameters") or {})
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
+    problems = []
+    if partial != 1.0:
+        problems.append(f"partial_rotary_factor {partial} (RoPE on part of each head; ours rotates whole heads)")
+    if config.get("use_qk_norm"):
+        problems.append("use_qk_norm: true (our attention has no q/k norms)")
+    if not config.get("n_shared_experts"):
+        problems.append("n_shared_experts: 0 (not imported: export needs shared experts)")
+    if problems:
+        raise ConversionError(f"{where}: not representable by our model: {'; '.join(problems)}")
+    params["partial_rotary_factor"] = 1.0
+    as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_parameters": params}
+    dense = from_llama_config(as_llama, where)
+    n_groups = int(config.get("n_group") or 1)
+    moe = MoEConfig(num_experts=int(config["n_routed_experts"]), top_k=int(config["num_experts_per_tok"]),
+                    expert_hidden=int(config["moe_intermediate_size"]),
+                    num_shared_experts=int(config["n_shared_experts"]),
+                    first_k_dense=int(config.get("first_k_dense_replace", 1)), score_func="sigmoid",
+                    norm_topk=bool(config.get("norm_topk_prob", True)),
+                    routed_scaling=float(config.get("routed_scaling_factor", 1.0)), n_groups=n_groups,
+                    topk_groups=int(config.get("topk_group") or 1) if n_groups > 1 else 1)
+    return replace(dense, moe=moe)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from tools.hf import ConversionError
 from tools.hf.names import mapping_table as dense_mapping_table
 from tools.hf.names import to_hf as dense_to_hf
 
@@ -69,3 +70,51 @@ def mapping_table(tie_embeddings: bool, mla: bool = False) -> dict[str, str]:
     table |= {f"layers.{{i}}.{ours}[e]ᵀ": f"model.layers.{{i}}.mlp.experts.{{e}}.{theirs}.weight"
               for ours, theirs in STACKED.items()}
     return table
+
+
+_FROM_HF_MOE = {theirs: ours for ours, theirs in MOE_PER_LAYER.items()}
+_THEIR_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_THEIR_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def from_hf(name: str) -> str | None:
+    """Our name of a router or shared-expert tensor, None for another (per-expert ones: `stack_experts`)."""
+    match = _THEIR_LAYER.fullmatch(name)
+    if match and match[2] in _FROM_HF_MOE:
+        return f"layers.{match[1]}.{_FROM_HF_MOE[match[2]]}"
+    return None
+
+
+def their_name(name: str) -> str:
+    """Their name of our tensor `name` (a stacked one: of its first expert), for error messages."""
+    match = _OURS.fullmatch(name)
+    if match and match[2] in STACKED:
+        return f"model.layers.{match[1]}.mlp.experts.0.{STACKED[match[2]]}.weight"
+    if match and match[2] in MOE_PER_LAYER:
+        return f"model.layers.{match[1]}.{MOE_PER_LAYER[match[2]]}"
+    return dense_to_hf(name)
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int,
+                  where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our stacked expert tensors from their per-expert linears (`tensors`: their name -> tensor, the per-expert
+    ones), each expert's weight transposed; and the per-expert names that are left over (unexpected)."""
+    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _THEIR_EXPERT.fullmatch(name)
+        groups.setdefault((match[1], match[3]), {})[int(match[2])] = tensor
+    stacked, left_over = {}, []
+    for (layer, part), experts in sorted(groups.items()):
+        if sorted(experts) != list(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - set(experts))
+            if missing:
+                raise ConversionError(f"{where}: layer {layer} lacks the {part}_proj of experts {missing[:6]}")
+            left_over += [f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight" for e in sorted(experts)
+                          if e >= num_experts]
+        stacked[f"layers.{layer}.mlp.experts.{part}"] = torch.stack(
+            [experts[e].t() for e in range(num_experts)])
+    return stacked, left_over
+
+
+def is_expert(name: str) -> bool:
+    return _THEIR_EXPERT.fullmatch(name) is not None
