@@ -514,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeepSeek-V3's layout (DeepseekV3ForCausalLM only), drop leaves them out")
     export.set_defaults(func=cmd_convert_export_hf)
     imported = convert_sub.add_parser(
-        "import-hf", help="a LlamaForCausalLM or Glm4MoeForCausalLM folder (config.json + safetensors) as an "
-        "ordinary checkpoint folder")
+        "import-hf", help="a LlamaForCausalLM, Glm4MoeForCausalLM or DeepseekV3ForCausalLM folder (config.json + "
+        "safetensors) as an ordinary checkpoint folder")
     imported.add_argument("hf_dir", help="a Hugging Face model folder")
     imported.add_argument("out", help="the checkpoint folder to write (must not exist)")
     imported.set_defaults(func=cmd_convert_import_hf)

@@ -250,8 +250,11 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
-    moe = config.get("architectures") == [glm4_moe_config.ARCHITECTURE]
-    model = (glm4_moe_config.from_glm4_moe_config if moe else from_llama_config)(config, str(config_path))
+    architecture = (config.get("architectures") or [ARCHITECTURE])[0]
+    from_config = {glm4_moe_config.ARCHITECTURE: glm4_moe_config.from_glm4_moe_config,
+                   deepseek_v3_config.ARCHITECTURE: deepseek_v3_config.from_deepseek_v3_config}
+    model = from_config.get(architecture, from_llama_config)(config, str(config_path))
+    moe = model.moe.enabled
     supported = model.rope.max_supported_seq_len(model.max_seq_len)
     cfg = Config(model=model, data=DataConfig(seq_len=min(DataConfig().seq_len, supported)))
     try:
@@ -259,6 +262,10 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     except ConfigError as exc:
         raise ConversionError(f"{config_path} is not representable by our model: {exc}") from None
     folder, stacked, left_over = read_folder(hf_dir), {}, []
+    # DeepSeek-V3's MTP layers after the main ones (tools/hf/mtp_names.py) are left out (recorded in the state)
+    mtp = tuple(f"model.layers.{model.n_layers + k}." for k in range(int(config.get("num_nextn_predict_layers") or 0)))
+    mtp_left_out = sorted(name for name in folder if mtp and name.startswith(mtp))
+    folder = {name: tensor for name, tensor in folder.items() if not (mtp and name.startswith(mtp))}
     if moe:  # their per-expert linears, stacked (memory-mapped views in, one stacked tensor per weight out)
         experts = {name: tensor for name, tensor in folder.items() if moe_names.is_expert(name)}
         folder = {name: tensor for name, tensor in folder.items() if name not in experts}
@@ -267,8 +274,9 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
                                                      model.moe.num_experts, hf_dir)
     stored = _tensors_of(folder, model, hf_dir, stacked, left_over)
     tokenizer = hf_dir / "tokenizer.json"
-    architecture = glm4_moe_config.ARCHITECTURE if moe else ARCHITECTURE
     state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": architecture}}
+    if mtp_left_out:
+        state["imported_from"]["mtp_left_out"] = {"layers": len(mtp), "tensors": len(mtp_left_out)}
     if tokenizer.is_file():
         state["tokenizer"] = {"path": str(out.resolve() / "tokenizer.json"), "sha256": tokenizer_sha256(tokenizer)}
     mapped = MappedFiles()

@@ -7,7 +7,8 @@ exactly is refused by name and leaves no output. MLA + MoE models export as Deep
 (rope_interleave false: our rotate-half rope rows unpermuted) with our logits and greedy tokens, with and without
 query compression, under YaRN with mscale_all_dim; their MTP modules, written in DeepSeek-V3's layout, compute our
 MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves them out. A Glm4Moe
-folder saved by transformers imports to its logits and exports back bit-identically."""
+folder saved by transformers imports to its logits and exports back bit-identically; so does a DeepseekV3 one, and
+an MLA + MTP export imports without its MTP layer, recorded."""
 
 import json
 from pathlib import Path
@@ -340,6 +341,68 @@ def test_a_glm4_moe_folder_our_model_cannot_compute_is_refused_on_import(changes
     from tools.convert_hf import import_hf
 
     source = glm4_moe_folder(tmp_path / "source", tiny_data / "tokenizer.json", **changes)
+    with pytest.raises(ConversionError, match=message):
+        import_hf(source, tmp_path / "imported")
+    assert_no_output(tmp_path / "imported")
+
+
+def deepseek_v3_folder(folder: Path, tokenizer: Path, **changes) -> Path:
+    """A DeepseekV3ForCausalLM saved by transformers (rope_interleave false), with random nonzero selection biases."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(**{
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 24, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "moe_intermediate_size": 32,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "initializer_range": 0.1, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128, "num_mtp_layers": 0, "rope_interleave": False, "bos_token_id": 0,
+        "eos_token_id": 1, "pad_token_id": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+        | changes)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return folder
+
+
+def test_a_deepseek_v3_folder_saved_by_transformers_imports_to_its_logits_and_exports_back_bit_identical(
+        tiny_data, tmp_path):
+    from tools.convert_hf import import_hf
+
+    source = deepseek_v3_folder(tmp_path / "source", tiny_data / "tokenizer.json")
+    checkpoint = import_hf(source, tmp_path / "imported")
+    ids = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(10))
+    print(f"imported DeepseekV3: {compare_logits(checkpoint, source, ids)}")
+    export_hf(checkpoint, tmp_path / "back")
+    theirs, back = safetensors_of(source), safetensors_of(tmp_path / "back")
+    assert sorted(theirs) == sorted(back)
+    assert all(torch.equal(theirs[name], back[name]) for name in theirs)
+
+
+def test_our_mla_mtp_export_imports_without_the_mtp_layer_recorded(tiny_data, tmp_path):
+    from pretrain.checkpoint import read_meta
+    from tools.convert_hf import import_hf
+
+    checkpoint = save_moe_checkpoint(tmp_path / "run", mla_model(mtp_depth=1), tiny_data / "tokenizer.json")
+    export_hf(checkpoint, tmp_path / "hf")
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert read_meta(imported).state["imported_from"]["mtp_left_out"]["layers"] == 1
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(11))
+    compare_logits(imported, tmp_path / "hf", ids)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rope_interleave": True}, "rope_interleave: true"),
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps 1e-05"),
+], ids=["rope-interleave", "norm-eps"])
+def test_a_deepseek_v3_folder_our_model_cannot_compute_is_refused_on_import(changes, message, tiny_data, tmp_path):
+    from tools.convert_hf import import_hf
+
+    source = deepseek_v3_folder(tmp_path / "source", tiny_data / "tokenizer.json", **changes)
     with pytest.raises(ConversionError, match=message):
         import_hf(source, tmp_path / "imported")
     assert_no_output(tmp_path / "imported")

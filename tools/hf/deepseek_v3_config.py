@@ -70,3 +70,34 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
         "num_mtp_layers": 0,
         "num_nextn_predict_layers": mtp_layers,
     }
+
+
+def from_deepseek_v3_config(config: dict[str, Any], where: str) -> ModelConfig:
+    """Our model config of a DeepseekV3ForCausalLM config.json; what our model cannot compute exactly is an error
+    naming the key."""
+    from dataclasses import replace
+
+    from pretrain.model.config import MLAConfig
+    from tools.hf.glm4_moe_config import moe_from_hf
+    from tools.hf.llama_config import from_llama_config
+
+    if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
+        raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
+    problems = []
+    if config.get("rope_interleave", True):
+        problems.append("rope_interleave: true (rope rows in interleaved pairs; ours rotate halves, and permuting "
+                        "them on import is not implemented)")
+    if float(config.get("rms_norm_eps", 1e-6)) != LATENT_NORM_EPS:
+        problems.append(f"rms_norm_eps {config.get('rms_norm_eps')} (its latent norms use {LATENT_NORM_EPS}, ours "
+                        "use one eps for every norm)")
+    if not config.get("n_shared_experts"):
+        problems.append("n_shared_experts: 0 (not imported: export needs shared experts)")
+    if problems:
+        raise ConversionError(f"{where}: not representable by our model: {'; '.join(problems)}")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                         "head_dim": (hidden or 0) // (heads or 1), "num_key_value_heads": heads}
+    mla = MLAConfig(q_lora_rank=int(config.get("q_lora_rank") or 0), kv_lora_rank=int(config["kv_lora_rank"]),
+                    qk_nope_head_dim=int(config["qk_nope_head_dim"]),
+                    qk_rope_head_dim=int(config["qk_rope_head_dim"]), v_head_dim=int(config["v_head_dim"]))
+    return replace(from_llama_config(as_llama, where), attention="mla", mla=mla, moe=moe_from_hf(config))

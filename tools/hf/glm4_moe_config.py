@@ -103,7 +103,6 @@ def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
     naming the key (a Glm4Moe config without `partial_rotary_factor` rotates half of each head: its default)."""
     from dataclasses import replace
 
-    from pretrain.model.moe import MoEConfig
     from tools.hf.llama_config import from_llama_config
 
     if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
@@ -121,13 +120,18 @@ def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
         raise ConversionError(f"{where}: not representable by our model: {'; '.join(problems)}")
     params["partial_rotary_factor"] = 1.0
     as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_parameters": params}
-    dense = from_llama_config(as_llama, where)
+    return replace(from_llama_config(as_llama, where), moe=moe_from_hf(config))
+
+
+def moe_from_hf(config: dict[str, Any]) -> Any:
+    """Our MoEConfig of a Glm4Moe / DeepseekV3 config.json's routing keys."""
+    from pretrain.model.moe import MoEConfig
+
     n_groups = int(config.get("n_group") or 1)
-    moe = MoEConfig(num_experts=int(config["n_routed_experts"]), top_k=int(config["num_experts_per_tok"]),
-                    expert_hidden=int(config["moe_intermediate_size"]),
-                    num_shared_experts=int(config["n_shared_experts"]),
-                    first_k_dense=int(config.get("first_k_dense_replace", 1)), score_func="sigmoid",
-                    norm_topk=bool(config.get("norm_topk_prob", True)),
-                    routed_scaling=float(config.get("routed_scaling_factor", 1.0)), n_groups=n_groups,
-                    topk_groups=int(config.get("topk_group") or 1) if n_groups > 1 else 1)
-    return replace(dense, moe=moe)
+    return MoEConfig(num_experts=int(config["n_routed_experts"]), top_k=int(config["num_experts_per_tok"]),
+                     expert_hidden=int(config["moe_intermediate_size"]),
+                     num_shared_experts=int(config["n_shared_experts"]),
+                     first_k_dense=int(config.get("first_k_dense_replace", 1)), score_func="sigmoid",
+                     norm_topk=bool(config.get("norm_topk_prob", True)),
+                     routed_scaling=float(config.get("routed_scaling_factor", 1.0)), n_groups=n_groups,
+                     topk_groups=int(config.get("topk_group") or 1) if n_groups > 1 else 1)

@@ -72,13 +72,13 @@ def mapping_table(tie_embeddings: bool, mla: bool = False) -> dict[str, str]:
     return table
 
 
-_FROM_HF_MOE = {theirs: ours for ours, theirs in MOE_PER_LAYER.items()}
+_FROM_HF_MOE = {theirs: ours for ours, theirs in (MOE_PER_LAYER | MLA_PER_LAYER).items()}
 _THEIR_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 _THEIR_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def from_hf(name: str) -> str | None:
-    """Our name of a router or shared-expert tensor, None for another (per-expert ones: `stack_experts`)."""
+    """Our name of a router, shared-expert or MLA tensor, None for another (per-expert ones: `stack_experts`)."""
     match = _THEIR_LAYER.fullmatch(name)
     if match and match[2] in _FROM_HF_MOE:
         return f"layers.{match[1]}.{_FROM_HF_MOE[match[2]]}"
@@ -90,8 +90,8 @@ def their_name(name: str) -> str:
     match = _OURS.fullmatch(name)
     if match and match[2] in STACKED:
         return f"model.layers.{match[1]}.mlp.experts.0.{STACKED[match[2]]}.weight"
-    if match and match[2] in MOE_PER_LAYER:
-        return f"model.layers.{match[1]}.{MOE_PER_LAYER[match[2]]}"
+    if match and (match[2] in MOE_PER_LAYER or match[2] in MLA_PER_LAYER):
+        return f"model.layers.{match[1]}.{(MOE_PER_LAYER | MLA_PER_LAYER)[match[2]]}"
     return dense_to_hf(name)
 
 
