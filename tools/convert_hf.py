@@ -42,7 +42,7 @@ from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, loa
 from pretrain.consolidate import iter_full_tensors, write_safetensors
 from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, moe_names, mtp_names
+from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, mla_rope, moe_names, mtp_names
 from tools.hf.llama_config import (
     ARCHITECTURE,
     check_rope_with_transformers,
@@ -161,8 +161,9 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         if moe:
             entries = [entry for name, (shape, kept) in sorted(stored.items())
                        for entry in layout.hf_entries(name, shape, kept, dtype)]
-            tensors = (pair for name, tensor in iter_full_tensors(meta.path) if name in stored
-                       for pair in layout.hf_tensors(name, tensor, dtype))
+            tensors = (pair for name, tensor in iter_full_tensors(meta.path) if name in stored for pair in
+                       layout.hf_tensors(name, mla_rope.to_interleaved(name, tensor, cfg.model.mla) if mla else tensor,
+                                         dtype))
         else:
             entries = [(to_hf(name), dtype or kept, shape) for name, (shape, kept) in sorted(stored.items())]
             tensors = ((to_hf(name), tensor) for name, tensor in iter_full_tensors(meta.path, dtype=dtype))
@@ -183,8 +184,8 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
             "name_mapping": names,
             "rope": {"ours": asdict(cfg.model.rope), "rope_parameters": config["rope_parameters"],
                      "max_position_embeddings": config["max_position_embeddings"],
-                     "layout": "rotate-half on both sides (rope_interleave: false): the rope rows of the query and "
-                               "kv_a_proj_with_mqa are copied unpermuted" if mla else
+                     "layout": "ours rotate-half, written interleaved (rope_interleave: true): the rope rows of the "
+                               "query and kv_a_proj_with_mqa permuted, as DeepSeek's checkpoints" if mla else
                                "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
                      "check": rope_check},
             "tie_word_embeddings": cfg.model.tie_embeddings,
@@ -282,6 +283,8 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     mapped = MappedFiles()
     tensors = {name: tensor if isinstance(tensor, torch.Tensor) else mapped.tensor(tensor)
                for name, tensor in stored.items()}
+    if model.attention == "mla" and config.get("rope_interleave", True):  # DeepseekV3's default
+        tensors = {name: mla_rope.from_interleaved(name, tensor, model.mla) for name, tensor in tensors.items()}
     with atomic_folder(out, inner=step_dir_name(IMPORT_STEP)) as work:
         written = CheckpointManager(work, keep_last=1).save(
             IMPORT_STEP, pieces(tensors, {}), state, config_to_yaml(cfg), layout={"world_size": 1}).wait()

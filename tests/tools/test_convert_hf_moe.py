@@ -3,12 +3,13 @@ checked through transformers itself, offline: the exported folder loads with no 
 weight and gives our logits (fp32) and greedy tokens with routing that is not trivial (random nonzero selection
 biases that change which experts are chosen, 4 expert groups of which 2 are kept, routed scaling, a dense first
 layer, shared experts); each expert's linears are our stacked slices transposed; what Glm4Moe cannot compute
-exactly is refused by name and leaves no output. MLA + MoE models export as DeepseekV3ForCausalLM
-(rope_interleave false: our rotate-half rope rows unpermuted) with our logits and greedy tokens, with and without
-query compression, under YaRN with mscale_all_dim; their MTP modules, written in DeepSeek-V3's layout, compute our
-MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves them out. A Glm4Moe
-folder saved by transformers imports to its logits and exports back bit-identically; so does a DeepseekV3 one, and
-an MLA + MTP export imports without its MTP layer, recorded."""
+exactly is refused by name and leaves no output. MLA + MoE models export as DeepseekV3ForCausalLM (rope_interleave
+true: our rotate-half rope rows written interleaved, as DeepSeek's checkpoints) with our logits and greedy tokens,
+with and without query compression, under YaRN with mscale_all_dim; their MTP modules, written in DeepSeek-V3's
+layout, compute our MTP logits when run the DeepSeek way through transformers' own decoder layer; --mtp drop leaves
+them out. A Glm4Moe folder saved by transformers imports to its logits and exports back bit-identically; so does a
+DeepseekV3 one (either rope layout in, interleaved out), and an MLA + MTP export imports without its MTP layer,
+recorded."""
 
 import json
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_mla_moe_export_as_deepseek_v3_gives_our_logits_and_greedy_tokens(name, 
     folder = tmp_path / "hf"
     record = export_hf(checkpoint, folder, verify=True)
     config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["rope_interleave"] is False
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["rope_interleave"] is True
     assert (config["q_lora_rank"], config["qk_rope_head_dim"]) == (model.mla.q_lora_rank or None,
                                                                   model.mla.qk_rope_head_dim)
     assert (config["n_group"], config["routed_scaling_factor"]) == (model.moe.n_groups, model.moe.routed_scaling)
@@ -347,7 +348,7 @@ def test_a_glm4_moe_folder_our_model_cannot_compute_is_refused_on_import(changes
 
 
 def deepseek_v3_folder(folder: Path, tokenizer: Path, **changes) -> Path:
-    """A DeepseekV3ForCausalLM saved by transformers (rope_interleave false), with random nonzero selection biases."""
+    """A DeepseekV3ForCausalLM saved by transformers, with random nonzero selection biases."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     config = DeepseekV3Config(**{
@@ -356,7 +357,7 @@ def deepseek_v3_folder(folder: Path, tokenizer: Path, **changes) -> Path:
         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "moe_intermediate_size": 32,
         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
         "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "initializer_range": 0.1, "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 128, "num_mtp_layers": 0, "rope_interleave": False, "bos_token_id": 0,
+        "max_position_embeddings": 128, "num_mtp_layers": 0, "bos_token_id": 0,
         "eos_token_id": 1, "pad_token_id": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
         | changes)
     torch.manual_seed(0)
@@ -369,18 +370,24 @@ def deepseek_v3_folder(folder: Path, tokenizer: Path, **changes) -> Path:
     return folder
 
 
-def test_a_deepseek_v3_folder_saved_by_transformers_imports_to_its_logits_and_exports_back_bit_identical(
-        tiny_data, tmp_path):
+@pytest.mark.parametrize("interleave", [True, False], ids=["rope-interleave", "rope-rotate-half"])
+def test_a_deepseek_v3_folder_saved_by_transformers_imports_to_its_logits_and_exports_back(
+        interleave, tiny_data, tmp_path):
+    """Either rope layout imports to its logits; exported back (always interleaved), an interleaved folder comes
+    back bit-identical, a rotate-half one with its logits and only the rope rows moved."""
     from tools.convert_hf import import_hf
 
-    source = deepseek_v3_folder(tmp_path / "source", tiny_data / "tokenizer.json")
+    source = deepseek_v3_folder(tmp_path / "source", tiny_data / "tokenizer.json", rope_interleave=interleave)
     checkpoint = import_hf(source, tmp_path / "imported")
     ids = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(10))
-    print(f"imported DeepseekV3: {compare_logits(checkpoint, source, ids)}")
+    print(f"imported DeepseekV3, rope_interleave {interleave}: {compare_logits(checkpoint, source, ids)}")
     export_hf(checkpoint, tmp_path / "back")
+    compare_logits(checkpoint, tmp_path / "back", ids)
     theirs, back = safetensors_of(source), safetensors_of(tmp_path / "back")
     assert sorted(theirs) == sorted(back)
-    assert all(torch.equal(theirs[name], back[name]) for name in theirs)
+    moved = sorted(name for name in theirs if not torch.equal(theirs[name], back[name]))
+    assert moved == ([] if interleave else sorted(name for name in theirs if name.endswith(
+        ("q_b_proj.weight", "kv_a_proj_with_mqa.weight"))))
 
 
 def test_our_mla_mtp_export_imports_without_the_mtp_layer_recorded(tiny_data, tmp_path):
@@ -396,9 +403,8 @@ def test_our_mla_mtp_export_imports_without_the_mtp_layer_recorded(tiny_data, tm
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"rope_interleave": True}, "rope_interleave: true"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps 1e-05"),
-], ids=["rope-interleave", "norm-eps"])
+], ids=["norm-eps"])
 def test_a_deepseek_v3_folder_our_model_cannot_compute_is_refused_on_import(changes, message, tiny_data, tmp_path):
     from tools.convert_hf import import_hf
 

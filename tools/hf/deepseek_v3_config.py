@@ -5,7 +5,8 @@ DeepseekV3ForCausalLM computes what our Transformer computes with `model.attenti
 and DeepSeek-V3-style MoE, with the router of Glm4Moe (tools/hf/glm4_moe_config.py): the same projections and
 latent norms, RoPE on the rope part of each head, the softmax scale times DeepSeek's mscale² under YaRN with
 `mscale_all_dim`. Ours rotates halves; DeepSeek's checkpoints rotate interleaved pairs (`rope_interleave: true`, its
-default), so the export sets `rope_interleave: false` and copies the rope rows unpermuted. Its latent norms
+default), so the export writes the rope rows interleaved (tools/hf/mla_rope.py) with `rope_interleave: true`, as
+DeepSeek's own checkpoints are; import takes either. Its latent norms
 (`q_a_layernorm`, `kv_a_layernorm`) have transformers' fixed eps 1e-6 whatever `rms_norm_eps` says, so a model
 whose `norm_eps` is another is refused, as is everything `moe_refusals` names.
 """
@@ -57,7 +58,7 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
         "qk_nope_head_dim": mla.qk_nope_head_dim,
         "qk_rope_head_dim": mla.qk_rope_head_dim,
         "v_head_dim": mla.v_head_dim,
-        "rope_interleave": False,
+        "rope_interleave": True,
         "n_routed_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "moe_intermediate_size": moe.hidden(model.ffn_dim),
@@ -84,9 +85,6 @@ def from_deepseek_v3_config(config: dict[str, Any], where: str) -> ModelConfig:
     if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
         raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
     problems = []
-    if config.get("rope_interleave", True):
-        problems.append("rope_interleave: true (rope rows in interleaved pairs; ours rotate halves, and permuting "
-                        "them on import is not implemented)")
     if float(config.get("rms_norm_eps", 1e-6)) != LATENT_NORM_EPS:
         problems.append(f"rms_norm_eps {config.get('rms_norm_eps')} (its latent norms use {LATENT_NORM_EPS}, ours "
                         "use one eps for every norm)")
