@@ -1,15 +1,17 @@
-"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, and export of GQA + MoE
-models as `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
-`DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py), offline, one process.
+"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, of GQA + MoE models as
+`Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
+`DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py, tools/hf/mla_rope.py; MTP modules in DeepSeek-V3's layout,
+tools/hf/mtp_names.py, export only), offline, one process.
 
     pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
+                               [--mtp keep|drop]
     pretrain convert import-hf HF_DIR OUT_CHECKPOINT
 
 Export streams the checkpoint's whole tensors one at a time (pretrain/consolidate.py) under Llama's names
 (tools/hf/names.py) into `model.safetensors` (or numbered files and an index), with `config.json`
 (tools/hf/llama_config.py), `generation_config.json`, the tokenizer files (tools/hf/tokenizer_files.py) and
 `conversion.json` (what was mapped how; with --verify the logits measured through transformers). Import reads a
-LlamaForCausalLM folder's safetensors as memory-mapped views (tools/hf/safetensors_folder.py) into an ordinary
+model folder's safetensors as memory-mapped views (tools/hf/safetensors_folder.py) into an ordinary
 checkpoint folder, its config.yaml generated and the folder's tokenizer.json copied next to it and recorded, for
 `--init-from`, `pretrain eval` and `pretrain generate`. Both write into a hidden sibling folder renamed into place at
 the end: an existing OUT is an error, and a failure leaves no OUT.
