@@ -1,7 +1,7 @@
 """Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, of GQA + MoE models as
 `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
 `DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py, tools/hf/mla_rope.py; MTP modules in DeepSeek-V3's layout,
-tools/hf/mtp_names.py, export only), offline, one process.
+tools/hf/mtp_names.py), offline, one process.
 
     pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
                                [--mtp keep|drop]
@@ -209,16 +209,19 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
 
 
 def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path,
-                stacked: dict[str, torch.Tensor] | None = None,
-                left_over: list[str] | None = None) -> dict[str, StoredTensor | torch.Tensor]:
-    """The folder's tensors under our names, exactly those of `model` (`stacked`: the MoE experts already stacked
-    under our names, `left_over`: per-expert tensors beyond the config's experts)."""
-    ours: dict[str, StoredTensor | torch.Tensor] = dict(stacked or {})
+                stacked: dict[str, torch.Tensor] | None = None, left_over: list[str] | None = None,
+                rename=None) -> dict[str, StoredTensor | torch.Tensor]:
+    """The folder's tensors under our names, exactly those of `model` (`stacked`: tensors already under our names,
+    the MoE experts stacked; `left_over`: per-expert tensors beyond the config's experts; `rename`: of a mapped name,
+    e.g. an MTP layer's block)."""
+    rename = rename or (lambda name: name)
+    ours: dict[str, StoredTensor | torch.Tensor] = {rename(name): t for name, t in (stacked or {}).items()}
     unknown = list(left_over or [])
     for name, tensor in stored.items():
         if name.endswith("rotary_emb.inv_freq"):  # computed, not learned: older transformers saved it
             continue
         our_name = from_hf(name) or moe_names.from_hf(name)
+        our_name = our_name and rename(our_name)
         if our_name is None or not tensor.dtype.is_floating_point:
             unknown.append(f"{name} ({str(tensor.dtype).removeprefix('torch.')})")
             continue
@@ -265,24 +268,34 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     except ConfigError as exc:
         raise ConversionError(f"{config_path} is not representable by our model: {exc}") from None
     folder, stacked, left_over = read_folder(hf_dir), {}, []
-    # DeepSeek-V3's MTP layers after the main ones (tools/hf/mtp_names.py) are left out (recorded in the state)
-    mtp = tuple(f"model.layers.{model.n_layers + k}." for k in range(int(config.get("num_nextn_predict_layers") or 0)))
-    mtp_left_out = sorted(name for name in folder if mtp and name.startswith(mtp))
-    folder = {name: tensor for name, tensor in folder.items() if not (mtp and name.startswith(mtp))}
+    # DeepSeek-V3's MTP layers after the main ones (tools/hf/mtp_names.py) become our MTP modules
+    depth = int(config.get("num_nextn_predict_layers") or 0) if model.attention == "mla" else 0
+    depth = depth if any(name.startswith(f"model.layers.{model.n_layers}.") for name in folder) else 0
+    mapped = MappedFiles()
+    mtp_own, copies, folder = mtp_names.split_mtp_layers(folder, model.n_layers, depth, mapped.tensor, hf_dir)
+    if depth:
+        model = replace(model, mtp_depth=depth)
+        cfg.model = model
+        main = {"embed_tokens.weight": "model.embed_tokens.weight",
+                "shared_head.head.weight": "model.embed_tokens.weight" if model.tie_embeddings else "lm_head.weight"}
+        for name, copy in copies.items():
+            source = main[name.split(".", 3)[3]]
+            if source not in folder or not torch.equal(mapped.tensor(copy), mapped.tensor(folder[source])):
+                raise ConversionError(f"{hf_dir}: {name} differs from {source} (our MTP modules share the main "
+                                      "model's embedding and head)")
     if moe:  # their per-expert linears, stacked (memory-mapped views in, one stacked tensor per weight out)
         experts = {name: tensor for name, tensor in folder.items() if moe_names.is_expert(name)}
         folder = {name: tensor for name, tensor in folder.items() if name not in experts}
         views = MappedFiles()
         stacked, left_over = moe_names.stack_experts({name: views.tensor(t) for name, t in experts.items()},
                                                      model.moe.num_experts, hf_dir)
-    stored = _tensors_of(folder, model, hf_dir, stacked, left_over)
+    stored = _tensors_of(folder, model, hf_dir, stacked | mtp_own, left_over, mtp_names.block_name(model.n_layers))
     tokenizer = hf_dir / "tokenizer.json"
     state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": architecture}}
-    if mtp_left_out:
-        state["imported_from"]["mtp_left_out"] = {"layers": len(mtp), "tensors": len(mtp_left_out)}
+    if depth:
+        state["imported_from"]["mtp_layers"] = depth
     if tokenizer.is_file():
         state["tokenizer"] = {"path": str(out.resolve() / "tokenizer.json"), "sha256": tokenizer_sha256(tokenizer)}
-    mapped = MappedFiles()
     tensors = {name: tensor if isinstance(tensor, torch.Tensor) else mapped.tensor(tensor)
                for name, tensor in stored.items()}
     if model.attention == "mla" and config.get("rope_interleave", True):  # DeepseekV3's default

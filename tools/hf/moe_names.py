@@ -92,7 +92,10 @@ def their_name(name: str) -> str:
         return f"model.layers.{match[1]}.mlp.experts.0.{STACKED[match[2]]}.weight"
     if match and (match[2] in MOE_PER_LAYER or match[2] in MLA_PER_LAYER):
         return f"model.layers.{match[1]}.{(MOE_PER_LAYER | MLA_PER_LAYER)[match[2]]}"
-    return dense_to_hf(name)
+    try:
+        return dense_to_hf(name)
+    except ConversionError:  # e.g. an MTP module's tensor: named as ours
+        return name
 
 
 def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int,

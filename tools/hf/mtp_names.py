@@ -69,6 +69,44 @@ class MTPLayout:
         yield from moe_names.hf_tensors(f"layers.{layer}.{part.removeprefix('block.')}", tensor, export_dtype)
 
 
+_FROM_OWN = {theirs: ours for ours, theirs in OWN.items()}
+_THEIR_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def split_mtp_layers(stored: dict, n_layers: int, depth: int, tensor_of, where) -> tuple[dict, dict, dict]:
+    """(our MTP modules' own tensors: enorm, hnorm, eh_proj (halves swapped back), shared_head.norm; their copies of
+    the embedding and head by name; the rest of `stored`, the MTP layers' blocks staying under their layer names
+    for `block_name`)."""
+    own, copies, rest = {}, {}, {}
+    for name, stored_tensor in stored.items():
+        match = _THEIR_LAYER.fullmatch(name)
+        layer = int(match[1]) if match else -1
+        if not n_layers <= layer < n_layers + depth:
+            rest[name] = stored_tensor
+        elif match[2] in _FROM_OWN:
+            tensor = tensor_of(stored_tensor)
+            if match[2] == "eh_proj.weight":
+                embed_half, hidden_half = tensor.chunk(2, dim=1)
+                tensor = torch.cat([hidden_half, embed_half], dim=1)
+            own[f"mtp.{layer - n_layers}.{_FROM_OWN[match[2]]}"] = tensor
+        elif match[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+            copies[name] = stored_tensor
+        else:
+            rest[name] = stored_tensor
+    return own, copies, rest
+
+
+def block_name(n_layers: int):
+    """Our name of a tensor mapped as `layers.{L}.X`: `mtp.{L - n_layers}.block.X` for an MTP layer's block."""
+    def rename(name: str) -> str:
+        match = _OUR_LAYER.fullmatch(name)
+        if match and int(match[1]) >= n_layers:
+            return f"mtp.{int(match[1]) - n_layers}.block.{match[2]}"
+        return name
+    return rename
+
+
 def mapping_table() -> dict[str, str]:
     """Our MTP names -> theirs, `{k}` for the depth and L = n_layers + k (for conversion.json and the README)."""
     table = {f"mtp.{{k}}.{ours}": f"model.layers.{{L}}.{theirs}" for ours, theirs in OWN.items()}
