@@ -246,8 +246,8 @@ def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path
 
 
 def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
-    """Writes the LlamaForCausalLM (or Glm4MoeForCausalLM) folder `hf_dir` as an ordinary checkpoint folder
-    `out_checkpoint` (weights in the dtype they are stored in) and returns it."""
+    """Writes the LlamaForCausalLM, Glm4MoeForCausalLM or DeepseekV3ForCausalLM folder `hf_dir` as an ordinary
+    checkpoint folder `out_checkpoint` (weights in the dtype they are stored in) and returns it."""
     hf_dir, out = Path(hf_dir), Path(out_checkpoint)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -272,7 +272,7 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     depth = int(config.get("num_nextn_predict_layers") or 0) if model.attention == "mla" else 0
     depth = depth if any(name.startswith(f"model.layers.{model.n_layers}.") for name in folder) else 0
     mapped = MappedFiles()
-    mtp_own, copies, folder = mtp_names.split_mtp_layers(folder, model.n_layers, depth, mapped.tensor, hf_dir)
+    mtp_own, copies, folder = mtp_names.split_mtp_layers(folder, model.n_layers, depth, mapped.tensor)
     if depth:
         model = replace(model, mtp_depth=depth)
         cfg.model = model

@@ -1,6 +1,7 @@
 """Our multi-token prediction modules (pretrain/model/mtp.py) in DeepSeek-V3's published checkpoint layout: module k
 is an extra decoder layer `model.layers.{n_layers + k}` after the main ones (config.json's `num_nextn_predict_layers`
-says how many; transformers ignores them, inference engines use them for speculative decoding), holding
+says how many; transformers ignores them, inference engines use them for speculative decoding; import-hf reads
+them back into our modules), holding
 
     enorm.weight                 our embed_norm (of the next token's embedding)
     hnorm.weight                 our hidden_norm (of the previous depth's hidden state)
@@ -74,7 +75,7 @@ _THEIR_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-def split_mtp_layers(stored: dict, n_layers: int, depth: int, tensor_of, where) -> tuple[dict, dict, dict]:
+def split_mtp_layers(stored: dict, n_layers: int, depth: int, tensor_of) -> tuple[dict, dict, dict]:
     """(our MTP modules' own tensors: enorm, hnorm, eh_proj (halves swapped back), shared_head.norm; their copies of
     the embedding and head by name; the rest of `stored`, the MTP layers' blocks staying under their layer names
     for `block_name`)."""
