@@ -17,7 +17,7 @@ from typing import Any
 
 from pretrain.model.config import ModelConfig
 from tools.hf import ConversionError
-from tools.hf.glm4_moe_config import moe_refusals
+from tools.hf.glm4_moe_config import moe_config_keys, moe_refusals
 from tools.hf.llama_config import to_llama_config
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -46,7 +46,7 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
                           mtp_layers: int = 0) -> dict[str, Any]:
     """config.json; `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py), in
     DeepSeek-V3's `num_nextn_predict_layers` (transformers' own `num_mtp_layers` stays 0: it ignores them)."""
-    moe, mla = model.moe, model.mla
+    mla = model.mla
     config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
               if k not in ("mlp_bias", "head_dim")}
     return config | {
@@ -59,16 +59,7 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
         "qk_rope_head_dim": mla.qk_rope_head_dim,
         "v_head_dim": mla.v_head_dim,
         "rope_interleave": True,
-        "n_routed_experts": moe.num_experts,
-        "num_experts_per_tok": moe.top_k,
-        "moe_intermediate_size": moe.hidden(model.ffn_dim),
-        "n_shared_experts": moe.num_shared_experts,
-        "first_k_dense_replace": moe.first_k_dense,
-        "norm_topk_prob": moe.norm_topk,
-        "routed_scaling_factor": moe.routed_scaling,
-        "n_group": moe.n_groups,
-        "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
-        "num_mtp_layers": 0,
+        **moe_config_keys(model),
         "num_nextn_predict_layers": mtp_layers,
     }
 

@@ -63,13 +63,20 @@ def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
 def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
     """config.json of the model; every routing hyperparameter has its own key (our name -> theirs in
     `routing_mapping`)."""
-    moe = model.moe
     config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items() if k != "mlp_bias"}
     config["rope_parameters"] = config["rope_parameters"] | {"partial_rotary_factor": 1.0}
     return config | {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
         "use_qk_norm": False,
+        **moe_config_keys(model),
+    }
+
+
+def moe_config_keys(model: ModelConfig) -> dict[str, Any]:
+    """The DeepSeek-style MoE keys Glm4Moe and DeepseekV3 configs share (transformers' own MTP layers: none)."""
+    moe = model.moe
+    return {
         "n_routed_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "moe_intermediate_size": moe.hidden(model.ffn_dim),
