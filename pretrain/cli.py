@@ -196,16 +196,23 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+def _dtype_and_file_size(dtype: str, size: str | None, option: str):
+    """The torch dtype of a `--dtype keep|fp32|bf16` choice (None: keep) and a file-size limit such as 5GB."""
     import torch
 
-    from pretrain.consolidate import consolidate, parse_size
+    from pretrain.consolidate import parse_size
 
-    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
-        max_size = parse_size(args.max_file_size) if args.max_file_size else None
+        limit = parse_size(size) if size else None
     except ValueError as exc:
-        raise ConfigError("--max-file-size", str(exc)) from None
+        raise ConfigError(option, str(exc)) from None
+    return {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype], limit
+
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from pretrain.consolidate import consolidate
+
+    dtype, max_size = _dtype_and_file_size(args.dtype, args.max_file_size, "--max-file-size")
     files = consolidate(Path(args.checkpoint), Path(args.out), args.part, dtype, max_size)
     total = sum(f.stat().st_size for f in files)
     print(f"wrote {len(files)} file(s), {total / 2**20:,.1f} MiB of whole tensors to {args.out}")
@@ -222,16 +229,9 @@ def cmd_checkpoint_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_export_hf(args: argparse.Namespace) -> int:
-    import torch
-
-    from pretrain.consolidate import parse_size
     from tools.convert_hf import export_hf
 
-    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    try:
-        shard_size = parse_size(args.shard_size) if args.shard_size else None
-    except ValueError as exc:
-        raise ConfigError("--shard-size", str(exc)) from None
+    dtype, shard_size = _dtype_and_file_size(args.dtype, args.shard_size, "--shard-size")
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     record = export_hf(Path(args.checkpoint), Path(args.out), dtype, shard_size, tokenizer, args.verify, args.mtp)
     if record.get("mtp", {}).get("written") == 0:
