@@ -219,6 +219,46 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_reshard(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cluster.distributed import env_from_launcher, init_distributed
+    from parallel.grid import GridShape, ProcessGrid
+    from tools.reshard import Source, check_overrides, reshard_rank, staging_root
+
+    check_overrides(args.overrides)
+    source, out = Path(args.source), Path(args.out)
+    if not (source / "config.yaml").is_file():
+        raise ConfigError("SOURCE", f"{source} is not a checkpoint or consolidated folder (no config.yaml)")
+    cfg = load_config(source / "config.yaml", args.overrides, check_paths=False)
+    launcher = env_from_launcher()
+    world = cfg.parallel.world_size
+    if launcher.world_size == 1:  # the command as typed: check everything before any process starts
+        if out.exists():
+            raise ConfigError("OUT", f"{out} already exists; reshard writes a new folder")
+        Source(source)
+        shutil.rmtree(staging_root(out), ignore_errors=True)  # what a crashed reshard left
+        if world > 1:
+            from cluster.launch import launch
+
+            print(f"resharding {source} for tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.parallel.dp} "
+                  f"cp={cfg.parallel.cp} ep={cfg.parallel.ep}: {world} processes", flush=True)
+            return launch(world, args.argv)
+    validate_world_size(cfg, launcher.world_size)
+    denv = init_distributed(cfg.parallel.timeout_s)
+    p = cfg.parallel
+    grid = (ProcessGrid.build(GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep), denv.world_size, denv.rank,
+                              p.timeout_s) if denv.world_size > 1 else ProcessGrid.single())
+    written = reshard_rank(source, out, cfg, grid)
+    if written is not None:
+        from pretrain.checkpoint import read_meta
+
+        meta = read_meta(written)
+        print(f"wrote {written}: step {meta.step}, {len(meta.files)} shard file(s) as tp={p.tp} pp={p.pp} dp={p.dp} "
+              f"cp={p.cp} ep={p.ep} write them (resume with these parallel.* settings to read one file per rank)")
+    return 0
+
+
 def cmd_checkpoint_merge(args: argparse.Namespace) -> int:
     from pretrain.lora_checkpoint import merge_checkpoint
 
@@ -376,6 +416,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_consolidate_parser(sub, name: str) -> None:
+    whole = sub.add_parser(
+        name, help="write whole tensors (safetensors) from a sharded checkpoint, one tensor at a time")
+    whole.add_argument("checkpoint", help="a checkpoint folder")
+    whole.add_argument("out", help="output folder (model.safetensors, or numbered files and an index, + config.yaml "
+                       "and checkpoint.json; --part all: what `pretrain convert reshard` turns back into a checkpoint)")
+    whole.add_argument("--part", choices=["model", "optimizer", "all"], default="model")
+    whole.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep")
+    whole.add_argument("--max-file-size", help="split into files of at most this size, e.g. 5GB (default: one file)")
+    whole.set_defaults(func=cmd_checkpoint_consolidate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="Distributed LLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -481,14 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = ckpt_sub.add_parser("verify", help="check every shard file of a checkpoint against its sha256")
     check.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny/checkpoints/step_00000240")
     check.set_defaults(func=cmd_checkpoint_verify)
-    whole = ckpt_sub.add_parser(
-        "consolidate", help="write whole tensors (safetensors) from a sharded checkpoint, one tensor at a time")
-    whole.add_argument("checkpoint", help="a checkpoint folder")
-    whole.add_argument("out", help="output folder (model.safetensors, or numbered files and an index, + config.yaml)")
-    whole.add_argument("--part", choices=["model", "optimizer", "all"], default="model")
-    whole.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep")
-    whole.add_argument("--max-file-size", help="split into files of at most this size, e.g. 5GB (default: one file)")
-    whole.set_defaults(func=cmd_checkpoint_consolidate)
+    _add_consolidate_parser(ckpt_sub, "consolidate")
     merge = ckpt_sub.add_parser(
         "merge", help="fold a LoRA checkpoint's adapters into its base weights: an ordinary checkpoint folder")
     merge.add_argument("checkpoint", help="a checkpoint of a run with lora.rank > 0")
@@ -519,6 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("hf_dir", help="a Hugging Face model folder")
     imported.add_argument("out", help="the checkpoint folder to write (must not exist)")
     imported.set_defaults(func=cmd_convert_import_hf)
+    reshard = convert_sub.add_parser(
+        "reshard", help="rewrite a checkpoint (or `consolidate --part all` whole tensors) as the checkpoint another "
+        "parallel layout writes, one shard file per rank (offline, CPU: one process per target rank)")
+    reshard.add_argument("source", help="a checkpoint folder, or a folder written by consolidate --part all")
+    reshard.add_argument("out", help="the checkpoint folder to write (must not exist)")
+    reshard.add_argument("overrides", nargs="*", metavar="parallel.key=value",
+                         help="the target layout, e.g. parallel.tp=2 parallel.dp=1 (default: the source's)")
+    reshard.set_defaults(func=cmd_convert_reshard)
+    _add_consolidate_parser(convert_sub, "consolidate")
     return parser
 
 
@@ -531,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
-        if args.command not in ("train", "plan", "eval"):
+        if args.command not in ("train", "plan", "eval") and getattr(args, "convert_command", None) != "reshard":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)

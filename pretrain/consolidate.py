@@ -4,7 +4,9 @@
                                     [--max-file-size 5GB]
 
 writes `model.safetensors` (or `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`, as
-Hugging Face lays them out, when the tensors exceed `--max-file-size`) plus the run's `config.yaml`. The
+Hugging Face lays them out, when the tensors exceed `--max-file-size`) plus the run's `config.yaml` and
+`checkpoint.json` (the step, trainer state and layout of the checkpoint; with `--part all`, what
+`pretrain convert reshard` needs to write a checkpoint back from the whole tensors). The
 conversion tools (tools/convert_hf.py) read whole tensors through `iter_full_tensors` and write them with
 `write_safetensors` the same way.
 """
@@ -30,6 +32,7 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 PARTS = {"model": MODEL, "optimizer": OPTIMIZER, "all": ""}
+CHECKPOINT_RECORD = "checkpoint.json"  # beside the whole tensors: the step, state and layout they came from
 
 
 def _chunks_by_tensor(shards: Path) -> dict[str, list[tuple[Path, tuple[int, ...]]]]:
@@ -111,6 +114,9 @@ def consolidate(checkpoint: Path, out_dir: Path, part: str = "model", dtype: tor
     tensors = iter_full_tensors(checkpoint, prefix, check_contents=False, dtype=dtype)
     written = write_safetensors(Path(out_dir), "model" if part == "model" else part, entries, tensors, max_file_size)
     shutil.copyfile(meta.path / "config.yaml", Path(out_dir) / "config.yaml")
+    record = {"source": str(meta.path.resolve()), "part": part, "step": meta.step, "layout": meta.layout,
+              "state": meta.state}
+    (Path(out_dir) / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2))
     return written
 
 

@@ -66,6 +66,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def pipeline_options(cfg: Config) -> PipelineOptions:
+    p = cfg.parallel
+    return PipelineOptions(schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
+                           seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                           n_microbatches=cfg.grad_accum_steps)
+
+
+def checkpoint_layout(cfg: Config, engine: str) -> dict[str, Any]:
+    """The layout a checkpoint records as the one that wrote it."""
+    p = cfg.parallel
+    return {"world_size": p.world_size, "tp": p.tp, "pp": p.pp, "dp": p.dp, "cp": p.cp, "ep": p.ep,
+            "virtual_stages": p.virtual_stages, "engine": engine,
+            "zero_stage": cfg.deepspeed.zero_stage if engine == "deepspeed" else None}
+
+
 def check_initialization_source(meta, cfg: Config, tokenizer: dict[str, str]) -> None:
     """The checkpoint holds every tensor of this model with the same full shape, and its tokenizer is the data's."""
     refuse_adapters_as_source(meta)
@@ -143,12 +158,7 @@ class Trainer:
             init_rules |= adapters
             self.adapter_parameters = sum(math.prod(rule.shape) for rule in adapters.values())
         p = cfg.parallel
-        pipeline = PipelineOptions(
-            schedule=p.pp_schedule, virtual_stages=p.virtual_stages, layers=list(p.pp_layers),
-            seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-            n_microbatches=cfg.grad_accum_steps,
-        )
-        self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
+        self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline_options(cfg))
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         if cfg.lora.enabled:
@@ -649,10 +659,7 @@ class Trainer:
         }
 
     def layout(self) -> dict[str, Any]:
-        p = self.cfg.parallel
-        return {"world_size": self.grid.shape.world_size, "tp": p.tp, "pp": p.pp, "dp": p.dp, "cp": p.cp, "ep": p.ep,
-                "virtual_stages": p.virtual_stages, "engine": self.engine.name,
-                "zero_stage": self.cfg.deepspeed.zero_stage if self.engine.name == "deepspeed" else None}
+        return checkpoint_layout(self.cfg, self.engine.name)
 
     def save_checkpoint(self, wait: bool = False) -> Path:
         """Collective: every rank writes its own shards (replicas once) in parallel, rank 0 commits the checkpoint.
