@@ -555,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained with)")
     export.add_argument("--verify", action="store_true", help="load the result with transformers and compare its "
                         "logits with the checkpoint's (recorded in conversion.json)")
-    export.add_argument("--mtp", choices=["keep", "drop"], default="keep", help="MTP modules: keep writes them in "
-                        "DeepSeek-V3's layout (DeepseekV3ForCausalLM only), drop leaves them out")
+    export.add_argument("--mtp", choices=["keep", "drop"], default="keep", help="MTP modules of an MoE model "
+                        "(Glm4MoeForCausalLM, DeepseekV3ForCausalLM): keep writes them in DeepSeek-V3's layout, for "
+                        "transformers' generate(use_mtp=True); drop leaves them out")
     export.set_defaults(func=cmd_convert_export_hf)
     imported = convert_sub.add_parser(
         "import-hf", help="a LlamaForCausalLM, Glm4MoeForCausalLM or DeepseekV3ForCausalLM folder (config.json + "

@@ -1,7 +1,8 @@
 """Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, of GQA + MoE models as
 `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
-`DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py, tools/hf/mla_rope.py; MTP modules in DeepSeek-V3's layout,
-tools/hf/mtp_names.py), offline, one process.
+`DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py, tools/hf/mla_rope.py); the MoE models' MTP modules in
+DeepSeek-V3's layout (tools/hf/mtp_names.py), which transformers' `generate(use_mtp=True)` drafts with. Offline, one
+process.
 
     pretrain convert export-hf CHECKPOINT OUT_DIR [--dtype keep|fp32|bf16] [--shard-size 5GB] [--verify]
                                [--mtp keep|drop]
@@ -95,7 +96,7 @@ def _check_stored(meta: CheckpointMeta, model: ModelConfig) -> dict[str, tuple[t
     return stored
 
 
-def _source_meta(checkpoint: Path, mtp: str = "keep") -> tuple[CheckpointMeta, Config]:
+def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
     meta = read_meta(checkpoint)
     if is_adapter_checkpoint(meta):
         raise ConversionError(f"{meta.path} holds LoRA adapters only (its base: {meta.state[LORA_BASE].get('path')}): "
@@ -104,7 +105,7 @@ def _source_meta(checkpoint: Path, mtp: str = "keep") -> tuple[CheckpointMeta, C
     if cfg.model.attention == "mla":
         deepseek_v3_config.refuse_unexportable_mla(cfg.model, str(meta.path))
     elif cfg.model.moe.enabled:
-        glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path), mtp)
+        glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path))
     else:
         refuse_unexportable(cfg.model, str(meta.path))
     return meta, cfg
@@ -131,13 +132,13 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
     returns its conversion record.
     `dtype`: of the written weights (None: as stored); `tokenizer`: instead of the one the checkpoint recorded (it
     must be the same file); `verify`: load the result with transformers and compare logits (recorded); `mtp`: "keep"
-    writes the MTP modules in DeepSeek-V3's layout (DeepseekV3ForCausalLM only), "drop" leaves them out."""
+    writes the MoE model's MTP modules in DeepSeek-V3's layout (Glm4Moe and DeepseekV3), "drop" leaves them out."""
     from pretrain.generate_cli import tokenizer_file
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if mtp not in ("keep", "drop"):
         raise ConversionError(f"--mtp {mtp}: keep or drop")
-    meta, cfg = _source_meta(checkpoint, mtp)
+    meta, cfg = _source_meta(checkpoint)
     stored = _check_stored(meta, cfg.model)
     kept_mtp = cfg.model.mtp_depth if mtp == "keep" else 0
     if mtp == "drop":
@@ -158,7 +159,8 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         config = deepseek_v3_config.to_deepseek_v3_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD],
                                                           kept_mtp)
     elif moe:
-        config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
+        config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD],
+                                                    kept_mtp)
     with atomic_folder(out_dir) as work:
         if moe:
             entries = [entry for name, (shape, kept) in sorted(stored.items())
@@ -193,8 +195,10 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
             "tie_word_embeddings": cfg.model.tie_embeddings,
             **({"routing": glm4_moe_config.routing_mapping(cfg.model)} if moe else {}),
             **({"mtp": {"depth": cfg.model.mtp_depth, "written": kept_mtp,
-                        "note": "written as model.layers.{n_layers + k} in DeepSeek-V3's layout (transformers ignores "
-                                "them)" if kept_mtp else "left out (--mtp drop)"}} if cfg.model.mtp_depth else {}),
+                        "note": "written as model.layers.{n_layers + k} in DeepSeek-V3's layout, with "
+                                "num_nextn_predict_layers and tie_last_hidden_states: false (transformers' "
+                                "generate(use_mtp=True) drafts with them)" if kept_mtp else "left out (--mtp drop)"}}
+                if cfg.model.mtp_depth else {}),
             "vocab_size": cfg.model.vocab_size,
             "tokenizer": {"source": str(tokenizer_json), "sha256": tokenizer_sha256(tokenizer_json),
                           "vocab_size": ids["vocab_size"]},
@@ -268,8 +272,8 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     except ConfigError as exc:
         raise ConversionError(f"{config_path} is not representable by our model: {exc}") from None
     folder, stacked, left_over = read_folder(hf_dir), {}, []
-    # DeepSeek-V3's MTP layers after the main ones (tools/hf/mtp_names.py) become our MTP modules
-    depth = int(config.get("num_nextn_predict_layers") or 0) if model.attention == "mla" else 0
+    # MTP layers after the main ones in DeepSeek-V3's layout (tools/hf/mtp_names.py) become our MTP modules
+    depth = int(config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0) if moe else 0
     depth = depth if any(name.startswith(f"model.layers.{model.n_layers}.") for name in folder) else 0
     mapped = MappedFiles()
     mtp_own, copies, folder = mtp_names.split_mtp_layers(folder, model.n_layers, depth, mapped.tensor)

@@ -45,7 +45,7 @@ def refuse_unexportable_mla(model: ModelConfig, where: str) -> None:
 def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int,
                           mtp_layers: int = 0) -> dict[str, Any]:
     """config.json; `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py), in
-    DeepSeek-V3's `num_nextn_predict_layers` (transformers' own `num_mtp_layers` stays 0: it ignores them)."""
+    DeepSeek-V3's `num_nextn_predict_layers` (`moe_config_keys`)."""
     mla = model.mla
     config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
               if k not in ("mlp_bias", "head_dim")}
@@ -59,8 +59,7 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
         "qk_rope_head_dim": mla.qk_rope_head_dim,
         "v_head_dim": mla.v_head_dim,
         "rope_interleave": True,
-        **moe_config_keys(model),
-        "num_nextn_predict_layers": mtp_layers,
+        **moe_config_keys(model, mtp_layers),
     }
 
 

@@ -23,15 +23,12 @@ ARCHITECTURE = "Glm4MoeForCausalLM"
 MODEL_TYPE = "glm4_moe"
 
 
-def refuse_unexportable_moe(model: ModelConfig, where: str, mtp: str = "keep") -> None:
-    """What Glm4MoeForCausalLM cannot compute exactly, named (MTP modules unless `mtp` is "drop")."""
+def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
+    """What Glm4MoeForCausalLM cannot compute exactly, named."""
     refused = []
     if model.attention != "gqa":
         refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
                        "attention)")
-    if model.mtp_depth and mtp != "drop":
-        refused.append(f"multi-token prediction modules (model.mtp_depth: {model.mtp_depth}; only "
-                       "DeepseekV3ForCausalLM exports them: leave them out with --mtp drop)")
     refused += moe_refusals(model, ARCHITECTURE)
     if refused:
         raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
@@ -60,21 +57,26 @@ def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
     return [item.replace(ARCHITECTURE, architecture) for item in refused]
 
 
-def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
+def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int,
+                       mtp_layers: int = 0) -> dict[str, Any]:
     """config.json of the model; every routing hyperparameter has its own key (our name -> theirs in
-    `routing_mapping`)."""
+    `routing_mapping`); `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py)."""
     config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items() if k != "mlp_bias"}
     config["rope_parameters"] = config["rope_parameters"] | {"partial_rotary_factor": 1.0}
     return config | {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
         "use_qk_norm": False,
-        **moe_config_keys(model),
+        **moe_config_keys(model, mtp_layers),
     }
 
 
-def moe_config_keys(model: ModelConfig) -> dict[str, Any]:
-    """The DeepSeek-style MoE keys Glm4Moe and DeepseekV3 configs share (transformers' own MTP layers: none)."""
+def moe_config_keys(model: ModelConfig, mtp_layers: int = 0) -> dict[str, Any]:
+    """The DeepSeek-style MoE keys Glm4Moe and DeepseekV3 configs share, and `mtp_layers` MTP layers
+    (tools/hf/mtp_names.py) in `num_nextn_predict_layers` (transformers' alias of its `num_mtp_layers`: what
+    `generate(use_mtp=True)` drafts with). With MTP layers, `tie_last_hidden_states: false`: transformers then hands
+    them the last decoder layer's output (`hidden_states[-1]`) before the final norm, as ours take it, instead of the
+    normed `last_hidden_state`."""
     moe = model.moe
     return {
         "n_routed_experts": moe.num_experts,
@@ -86,7 +88,8 @@ def moe_config_keys(model: ModelConfig) -> dict[str, Any]:
         "routed_scaling_factor": moe.routed_scaling,
         "n_group": moe.n_groups,
         "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
-        "num_mtp_layers": 0,
+        "num_nextn_predict_layers": mtp_layers,
+        **({"tie_last_hidden_states": False} if mtp_layers else {}),
     }
 
 
