@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ META = "meta.json"
 SHARDS = "shards"
 MODEL, OPTIMIZER, RNG = "model/", "optimizer/", "rng/"
 INVALID = "invalid"  # where unusable checkpoints are moved
+ONE_PROCESS_SHARD = "shard-00001-model-00001-of-00001"  # the shard file of a one-process save (DCP's name)
 log = logging.getLogger(__name__)
 
 
@@ -220,34 +222,70 @@ class CheckpointManager:
 
         def commit(files: list[StoredFile], tensors: dict[str, StoredTensor]) -> None:
             """Rank 0, once every rank's files are written and synced."""
-            (tmp / "config.yaml").write_text(config_yaml)
-            _fsync_file(tmp / "config.yaml")
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "saved_at": time.time(),
-                "layout": layout or {},
-                "files": {f.name: {"sha256": f.sha256, "bytes": f.bytes} for f in files},
-                "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                            for name, t in sorted(tensors.items())},
-                "state": state,
-            }
-            (tmp / META).write_text(json.dumps(meta, indent=2))
-            _fsync_file(tmp / META)
-            _pause_for_tests("before_rename")
-            _fsync_dir(tmp / SHARDS)
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._prune(keep=final)
+            self._commit(step, files, tensors, state, config_yaml, layout)
 
         try:
             future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous)
         except ShardWriteError as exc:
             raise save_failed(final, exc) from None
         return PendingSave(final, future)
+
+    def save_streamed(self, step: int, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[tuple[str, torch.Tensor]], state: dict[str, Any], config_yaml: str,
+                      layout: dict[str, Any] | None = None) -> Path:
+        """One process, whole tensors: the checkpoint a one-process `save` writes, but written tensor by tensor as
+        `tensors` yields them (name, tensor) in the order of `entries` (name, dtype, full shape), so that only one is
+        in memory at a time (offline conversions of models larger than memory)."""
+        from pretrain.consolidate import write_safetensors
+
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        self._remove_stale_tmp()
+        (tmp / SHARDS).mkdir(parents=True)
+        try:
+            sharding = {name: {"saved_offsets": [0] * len(shape)} for name, _, shape in entries}
+            metadata = {"DCP_SHARDING_INFO": json.dumps(sharding), "DCP_VERSION": "1.0", "format": "pt"}
+            written = write_safetensors(tmp / SHARDS, ONE_PROCESS_SHARD, entries, tensors, metadata=metadata)
+            for file in written:
+                _fsync_file(file)
+            files = [StoredFile(f.name, sha256_file(f), f.stat().st_size) for f in written]
+            stored = {name: StoredTensor(tuple(shape), dtype) for name, dtype, shape in entries}
+            self._commit(step, files, stored, state, config_yaml, layout)
+        except OSError as exc:
+            raise save_failed(final, exc) from None
+        except BaseException:  # e.g. a tensor the caller could not produce: its own error, nothing left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _commit(self, step: int, files: list[StoredFile], tensors: dict[str, StoredTensor], state: dict[str, Any],
+                config_yaml: str, layout: dict[str, Any] | None) -> None:
+        """Once every shard file is written and synced: config.yaml and meta.json (last), then the folder into place
+        and the old checkpoints pruned."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        (tmp / "config.yaml").write_text(config_yaml)
+        _fsync_file(tmp / "config.yaml")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "saved_at": time.time(),
+            "layout": layout or {},
+            "files": {f.name: {"sha256": f.sha256, "bytes": f.bytes} for f in files},
+            "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                        for name, t in sorted(tensors.items())},
+            "state": state,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        _fsync_file(tmp / META)
+        _pause_for_tests("before_rename")
+        _fsync_dir(tmp / SHARDS)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune(keep=final)
 
     def checkpoints(self) -> list[Path]:
         if not self.root.is_dir():

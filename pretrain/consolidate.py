@@ -85,8 +85,9 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+            metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset, sizes = 0, []
     for name, dtype, shape in entries:
         size = _nbytes(dtype, shape)
@@ -121,18 +122,19 @@ def consolidate(checkpoint: Path, out_dir: Path, part: str = "model", dtype: tor
 
 
 def write_safetensors(out_dir: Path, stem: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                      tensors: Iterator[tuple[str, torch.Tensor]], max_file_size: int | None = None) -> list[Path]:
+                      tensors: Iterator[tuple[str, torch.Tensor]], max_file_size: int | None = None,
+                      metadata: dict[str, str] | None = None) -> list[Path]:
     """`stem.safetensors`, or `stem-0000K-of-0000N.safetensors` files of at most `max_file_size` bytes each (a
     larger tensor alone in its file) and `stem.safetensors.index.json`, as Hugging Face lays them out. `entries`:
     (name, dtype, shape) of every tensor, in the order `tensors` yields (name, tensor); each tensor is written as it
-    comes, so only one is in memory."""
+    comes, so only one is in memory. `metadata`: the header's `__metadata__` (default: {"format": "pt"})."""
     files = _split(entries, max_file_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{stem}.safetensors"] if len(files) == 1 else [
         f"{stem}-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
     written = []
     for file_name, file_entries in zip(names, files, strict=True):
-        header, sizes = _header(file_entries)
+        header, sizes = _header(file_entries, metadata)
         tmp = out_dir / f".{file_name}.tmp"
         with open(tmp, "wb") as out:
             out.write(header)

@@ -37,7 +37,6 @@ from pretrain.checkpoint import (
     CheckpointManager,
     CheckpointMeta,
     model_templates,
-    pieces,
     read_meta,
     step_dir_name,
 )
@@ -54,7 +53,7 @@ from tools.hf.llama_config import (
     to_llama_config,
 )
 from tools.hf.names import from_hf, mapping_table, to_hf
-from tools.hf.safetensors_folder import MappedFiles, StoredTensor, read_folder
+from tools.hf.safetensors_folder import LazyTensor, MappedFiles, StoredTensor, read_folder
 from tools.hf.tokenizer_files import generation_config, special_ids, write_tokenizer_files
 
 IMPORT_STEP = 0
@@ -300,13 +299,19 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
         state["imported_from"]["mtp_layers"] = depth
     if tokenizer.is_file():
         state["tokenizer"] = {"path": str(out.resolve() / "tokenizer.json"), "sha256": tokenizer_sha256(tokenizer)}
-    tensors = {name: tensor if isinstance(tensor, torch.Tensor) else mapped.tensor(tensor)
-               for name, tensor in stored.items()}
-    if model.attention == "mla" and config.get("rope_interleave", True):  # DeepseekV3's default
-        tensors = {name: mla_rope.from_interleaved(name, tensor, model.mla) for name, tensor in tensors.items()}
+    interleaved = model.attention == "mla" and config.get("rope_interleave", True)  # DeepseekV3's default
+
+    def streamed() -> Iterator[tuple[str, torch.Tensor]]:
+        """Each tensor only when it is written: a view of the mapped files, or experts stacked."""
+        for name, value in sorted(stored.items()):
+            tensor = value.make() if isinstance(value, LazyTensor) else (
+                value if isinstance(value, torch.Tensor) else mapped.tensor(value))
+            yield MODEL + name, mla_rope.from_interleaved(name, tensor, model.mla) if interleaved else tensor
+
+    entries = [(MODEL + name, value.dtype, tuple(value.shape)) for name, value in sorted(stored.items())]
     with atomic_folder(out, inner=step_dir_name(IMPORT_STEP)) as work:
-        written = CheckpointManager(work, keep_last=1).save(
-            IMPORT_STEP, pieces(tensors, {}), state, config_to_yaml(cfg), layout={"world_size": 1}).wait()
+        written = CheckpointManager(work, keep_last=1).save_streamed(
+            IMPORT_STEP, entries, streamed(), state, config_to_yaml(cfg), layout={"world_size": 1})
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, written / "tokenizer.json")
     return out

@@ -10,8 +10,9 @@ regions of many, and turns a folder of whole tensors back into a checkpoint that
 It runs as the target layout's processes (gloo, through torchrun when there is more than one): each builds the
 model on the meta device, applies the layout's parallel plan, reads only its own pieces of the source (regions of
 whole-tensor files, or of the source's shard files) and saves them with the training run's own checkpoint writer,
-so the output is what a run at that layout would have written from the same tensors. Nothing is ever whole in
-memory. The output folder appears only once complete.
+so the output is what a run at that layout would have written from the same tensors: each rank holds its own
+pieces, as it would in training. A one-process target streams instead (one whole tensor in memory at a time).
+The output folder appears only once complete.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pretrain.checkpoint import (
     read_pieces,
 )
 from pretrain.config import Config, ConfigError, config_to_yaml
-from pretrain.consolidate import CHECKPOINT_RECORD, SAFETENSORS_DTYPES
+from pretrain.consolidate import CHECKPOINT_RECORD, SAFETENSORS_DTYPES, iter_full_tensors
 
 ADAMW_STATES = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 LAYOUT_SECTIONS = ("parallel.", "train.")  # what a reshard may change (train.: batch sizes the pipeline splits)
@@ -84,6 +85,15 @@ class Source:
 
     def config_yaml(self) -> Path:
         return self.path / "config.yaml"
+
+    def whole_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) in name order, one at a time."""
+        if self.checkpoint:
+            yield from iter_full_tensors(self.path, "")
+            return
+        for name in sorted(self.tensors):
+            with safe_open(self.files[name], framework="pt") as f:
+                yield name, f.get_tensor(name)
 
     def read(self, templates: dict[str, torch.Tensor], placements: dict) -> dict[str, torch.Tensor]:
         """Fills this rank's templates (collective when the source is a checkpoint: its shard readers agree)."""
@@ -209,13 +219,18 @@ def reshard_rank(source_path: Path, out: Path, cfg: Config, grid) -> Path | None
                             if k.startswith(MODEL) and k.removeprefix(MODEL) not in whole_names)
         if unexpected:
             raise CheckpointError(f"{source.path} does not fit the model of its config: unexpected {unexpected}")
-        templates = _templates(source, model, cfg, is_main)
-        placements = {key: plan.placement(key.split("/", 1)[1], t.shape) for key, t in templates.items()
-                      if key.startswith((MODEL, OPTIMIZER))}
-        loaded = source.read(templates, placements)
         layout = checkpoint_layout(cfg, "reshard") | {"resharded_from": str(source.path.resolve())}
         manager = CheckpointManager(root, keep_last=1)
-        written = manager.save(source.step, loaded, source.state, config_to_yaml(cfg), placements, layout).wait()
+        if grid.shape.world_size == 1:  # whole tensors, written one at a time as they are read
+            entries = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(source.tensors.items())]
+            written = manager.save_streamed(source.step, entries, source.whole_tensors(), source.state,
+                                            config_to_yaml(cfg), layout)
+        else:  # this rank's pieces, all at once, as the training run's own (collective) save takes them
+            templates = _templates(source, model, cfg, is_main)
+            placements = {key: plan.placement(key.split("/", 1)[1], t.shape) for key, t in templates.items()
+                          if key.startswith((MODEL, OPTIMIZER))}
+            loaded = source.read(templates, placements)
+            written = manager.save(source.step, loaded, source.state, config_to_yaml(cfg), placements, layout).wait()
         if not is_main:
             return None
         os.replace(written, out)

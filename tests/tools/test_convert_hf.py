@@ -415,14 +415,14 @@ def test_a_failure_midway_or_an_existing_output_leaves_no_trace(exported, base_r
             export_hf(base_run["checkpoint"], tmp_path / "hf")
     assert_no_output(tmp_path / "hf")
 
-    save = CheckpointManager.save
+    save = CheckpointManager.save_streamed
 
     def save_then_fail(self, *args, **kwargs):
-        save(self, *args, **kwargs).wait()
+        save(self, *args, **kwargs)
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(CheckpointManager, "save", save_then_fail)
+        patch.setattr(CheckpointManager, "save_streamed", save_then_fail)
         with pytest.raises(OSError, match="disk full"):
             import_hf(exported[0], tmp_path / "imported")
     assert_no_output(tmp_path / "imported")

@@ -17,6 +17,7 @@ import torch
 from tools.hf import ConversionError
 from tools.hf.names import mapping_table as dense_mapping_table
 from tools.hf.names import to_hf as dense_to_hf
+from tools.hf.safetensors_folder import LazyTensor
 
 MOE_PER_LAYER = {
     "mlp.router.weight": "mlp.gate.weight",
@@ -99,9 +100,10 @@ def their_name(name: str) -> str:
 
 
 def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int,
-                  where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+                  where: str) -> tuple[dict[str, LazyTensor], list[str]]:
     """Our stacked expert tensors from their per-expert linears (`tensors`: their name -> tensor, the per-expert
-    ones), each expert's weight transposed; and the per-expert names that are left over (unexpected)."""
+    ones), each expert's weight transposed, stacked only when asked for (one at a time when streamed); and the
+    per-expert names that are left over (unexpected)."""
     groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         match = _THEIR_EXPERT.fullmatch(name)
@@ -114,8 +116,10 @@ def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int,
                 raise ConversionError(f"{where}: layer {layer} lacks the {part}_proj of experts {missing[:6]}")
             left_over += [f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight" for e in sorted(experts)
                           if e >= num_experts]
-        stacked[f"layers.{layer}.mlp.experts.{part}"] = torch.stack(
-            [experts[e].t() for e in range(num_experts)])
+        first = experts[0]
+        stacked[f"layers.{layer}.mlp.experts.{part}"] = LazyTensor(
+            (num_experts, *reversed(first.shape)), first.dtype,
+            lambda experts=experts: torch.stack([experts[e].t() for e in range(num_experts)]))
     return stacked, left_over
 
 

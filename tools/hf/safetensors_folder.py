@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,16 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor computed from others only when it is written (e.g. experts stacked), so that a streamed conversion
+    holds one at a time."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
