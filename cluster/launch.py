@@ -40,7 +40,7 @@ def torchrun_command(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) ->
     else:
         rendezvous = [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", f"--master-addr={nodes.master_addr}",
                       f"--master-port={nodes.master_port}"]
-    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "cluster.torchrun", *rendezvous, f"--nproc-per-node={nproc}",
             "-m", "pretrain.cli", *cli_args]
 
 

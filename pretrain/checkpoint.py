@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.fault_injection import kill_point
 from pretrain.sharded_io import (
     Placement,
     ShardReadError,
@@ -225,7 +226,8 @@ class CheckpointManager:
             self._commit(step, files, tensors, state, config_yaml, layout)
 
         try:
-            future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous)
+            future = save_pieces(tmp / SHARDS, tensors, placements or {}, start, commit, group, asynchronous,
+                                 on_written=lambda: kill_point(step, "save"))
         except ShardWriteError as exc:
             raise save_failed(final, exc) from None
         return PendingSave(final, future)

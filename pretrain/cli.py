@@ -17,9 +17,10 @@ def _user_facing_errors() -> tuple[type[Exception], ...]:
     from data.shards.reader import CorruptShardError
     from data.sources import SourceError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.heartbeat import CollectiveError
     from tools.hf import ConversionError
 
-    return (CheckpointError, ConversionError, CorruptShardError, ManifestError, SourceError)
+    return (CheckpointError, CollectiveError, ConversionError, CorruptShardError, ManifestError, SourceError)
 
 
 USER_FACING_ERRORS = _user_facing_errors()
@@ -544,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(offline, one process)")
     convert_sub = convert.add_subparsers(dest="convert_command", required=True)
     export = convert_sub.add_parser(
-        "export-hf", help="a dense GQA checkpoint as a LlamaForCausalLM folder (GQA + MoE: Glm4MoeForCausalLM): "
+        "export-hf", help="a dense GQA checkpoint as a LlamaForCausalLM folder (GQA + sigmoid MoE: "
+        "Glm4MoeForCausalLM; GQA + softmax top-k MoE: MixtralForCausalLM; MLA + MoE: DeepseekV3ForCausalLM): "
         "safetensors, config.json, tokenizer")
     export.add_argument("checkpoint", help="a checkpoint folder (of a LoRA run: merge it first)")
     export.add_argument("out", help="the Hugging Face folder to write (must not exist)")
@@ -560,8 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers' generate(use_mtp=True); drop leaves them out")
     export.set_defaults(func=cmd_convert_export_hf)
     imported = convert_sub.add_parser(
-        "import-hf", help="a LlamaForCausalLM, Glm4MoeForCausalLM or DeepseekV3ForCausalLM folder (config.json + "
-        "safetensors) as an ordinary checkpoint folder")
+        "import-hf", help="a LlamaForCausalLM, Glm4MoeForCausalLM, MixtralForCausalLM or DeepseekV3ForCausalLM "
+        "folder (config.json + safetensors) as an ordinary checkpoint folder")
     imported.add_argument("hf_dir", help="a Hugging Face model folder")
     imported.add_argument("out", help="the checkpoint folder to write (must not exist)")
     imported.set_defaults(func=cmd_convert_import_hf)

@@ -26,6 +26,10 @@ import torch.distributed as dist
 PREFIX = "pretrain/heartbeat/"
 
 
+class CollectiveError(RuntimeError):
+    """A collective that failed or timed out (a dead or stuck rank), named by rank, phase and step."""
+
+
 def default_store():
     """The store the process group was set up with (torchrun's or the launcher's), or None."""
     try:

@@ -117,9 +117,10 @@ class _HashingWriter(HuggingFaceStorageWriter):
     `on_finish(files, tensors)` runs once every rank's files are written and synced."""
 
     def __init__(self, path: Path, on_start: Callable[[], None] | None,
-                 on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None):
+                 on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None,
+                 on_written: Callable[[], None] | None = None):
         super().__init__(str(path), save_distributed=True)
-        self.on_start, self.on_finish = on_start, on_finish
+        self.on_start, self.on_finish, self.on_written = on_start, on_finish, on_written
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.on_start is not None:  # the coordinator, after every rank planned and before any rank writes
@@ -132,6 +133,8 @@ class _HashingWriter(HuggingFaceStorageWriter):
         for name in {r.storage_data.relative_path for r in results}:
             file = Path(self.path) / name
             stored[name] = StoredFile(name, sha256_file(file), file.stat().st_size)
+        if self.on_written is not None:  # this rank's files are written; the checkpoint is not committed yet
+            self.on_written()
         future: Future = Future()
         future.set_result([WriteResult(r.index, r.size_in_bytes, stored[r.storage_data.relative_path])
                            for r in results])
@@ -197,12 +200,12 @@ def _quiet_about_one_process():
 def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement],
                 on_start: Callable[[], None] | None = None,
                 on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None = None, group=None,
-                asynchronous: bool = False):
+                asynchronous: bool = False, on_written: Callable[[], None] | None = None):
     """Collective over `group` (all ranks when distributed): every rank writes its pieces into `path`.
     On the coordinator (rank 0 of the group), `on_start()` runs before any rank writes and `on_finish(files, tensors)`
     after every file is written and synced. Returns a future when `asynchronous` (the pieces are copied before
-    it returns, so training may change them meanwhile)."""
-    writer = _HashingWriter(path, on_start, on_finish)
+    it returns, so training may change them meanwhile). `on_written()` runs on each rank once its files are written."""
+    writer = _HashingWriter(path, on_start, on_finish, on_written)
     planner = _PieceSavePlanner(placements)
     with _quiet_about_one_process():
         try:

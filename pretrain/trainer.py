@@ -40,8 +40,9 @@ from pretrain.checkpoint import (
     rng_tensors,
 )
 from pretrain.config import Config, config_to_dict, config_to_yaml
+from pretrain.fault_injection import kill_point
 from pretrain.hardware import peak_flops
-from pretrain.heartbeat import Heartbeat, default_store
+from pretrain.heartbeat import CollectiveError, Heartbeat, default_store
 from pretrain.lora_checkpoint import LORA_BASE, refuse_adapters_as_source
 from pretrain.model.documents import Documents
 from pretrain.model.flops import count_parameters, flops_per_token, lora_flops_per_token
@@ -54,10 +55,6 @@ from pretrain.spikes import LossSpikeDetector
 from pretrain.stop import StopRequest
 
 log = logging.getLogger(__name__)
-
-
-class CollectiveError(RuntimeError):
-    """A collective that failed or timed out (a dead or stuck rank), named by rank, phase and step."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -321,6 +318,7 @@ class Trainer:
         interval_start, interval_tokens = time.perf_counter(), 0
         while self.step < self.cfg.train.steps:
             self.current_step, self.phase = self.step + 1, "step start"
+            kill_point(self.current_step, "step")
             if self.heartbeat is not None:
                 self.heartbeat.beat()
             metrics = self.train_step()

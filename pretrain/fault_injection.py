@@ -1,0 +1,25 @@
+"""Faults the reliability tests inject for real; inert unless their environment variable is set.
+
+    PRETRAIN_TEST_KILL=RANK:STEP:WHERE   that rank SIGKILLs itself at that step. WHERE is "step" (as the step starts:
+                                         its peers then wait for it in the step's collectives) or "save" (once it
+                                         has written its shards of the step's checkpoint, before the checkpoint is
+                                         committed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+KILL = "PRETRAIN_TEST_KILL"
+
+
+def kill_point(step: int, where: str) -> None:
+    spec = os.environ.get(KILL)
+    if not spec:
+        return
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if spec == f"{rank}:{step}:{where}":
+        os.kill(os.getpid(), signal.SIGKILL)
