@@ -85,6 +85,8 @@ def read_folder(folder: Path) -> dict[str, StoredTensor]:
                               "read: save the model with safetensors)")
     stored: dict[str, StoredTensor] = {}
     for name in files:
+        if Path(name).name != name:
+            raise ConversionError(f"{folder / INDEX} names {name}, a file outside the folder: refused")
         if not (folder / name).is_file():
             raise ConversionError(f"{folder / INDEX} names {name}, which is not in {folder}")
         stored |= _header(folder / name)
