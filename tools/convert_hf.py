@@ -1,5 +1,6 @@
-"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, of GQA + MoE models as
-`Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py) and of MLA + MoE models as
+"""Hugging Face export and import of dense GQA models as transformers' `LlamaForCausalLM`, of GQA + sigmoid MoE models
+as `Glm4MoeForCausalLM` (tools/hf/glm4_moe_config.py, tools/hf/moe_names.py), of GQA + softmax top-k MoE models as
+`MixtralForCausalLM` (tools/hf/mixtral_config.py, tools/hf/mixtral_names.py) and of MLA + MoE models as
 `DeepseekV3ForCausalLM` (tools/hf/deepseek_v3_config.py, tools/hf/mla_rope.py); the MoE models' MTP modules in
 DeepSeek-V3's layout (tools/hf/mtp_names.py), which transformers' `generate(use_mtp=True)` drafts with. Offline, one
 process.
@@ -44,7 +45,16 @@ from pretrain.config import Config, ConfigError, DataConfig, config_to_yaml, loa
 from pretrain.consolidate import iter_full_tensors, write_safetensors
 from pretrain.lora_checkpoint import LORA_BASE, is_adapter_checkpoint
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError, deepseek_v3_config, glm4_moe_config, mla_rope, moe_names, mtp_names
+from tools.hf import (
+    ConversionError,
+    deepseek_v3_config,
+    glm4_moe_config,
+    mixtral_config,
+    mixtral_names,
+    mla_rope,
+    moe_names,
+    mtp_names,
+)
 from tools.hf.llama_config import (
     ARCHITECTURE,
     check_rope_with_transformers,
@@ -103,6 +113,8 @@ def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
     cfg = load_config(meta.path / "config.yaml", check_paths=False)
     if cfg.model.attention == "mla":
         deepseek_v3_config.refuse_unexportable_mla(cfg.model, str(meta.path))
+    elif _is_mixtral(cfg.model):
+        mixtral_config.refuse_unexportable_mixtral(cfg.model, str(meta.path))
     elif cfg.model.moe.enabled:
         glm4_moe_config.refuse_unexportable_moe(cfg.model, str(meta.path))
     else:
@@ -110,9 +122,31 @@ def _source_meta(checkpoint: Path) -> tuple[CheckpointMeta, Config]:
     return meta, cfg
 
 
+def _is_mixtral(model: ModelConfig) -> bool:
+    """GQA + softmax top-k MoE: exported as MixtralForCausalLM (or refused by its reasons)."""
+    return model.attention == "gqa" and model.moe.enabled and model.moe.score_func == "softmax"
+
+
+def _nonzero_selection_biases(meta: CheckpointMeta) -> list[str]:
+    """Our MoE layers whose stored selection bias (`router.expert_bias`) is not all zero, read before writing."""
+    from safetensors import safe_open
+
+    from pretrain.consolidate import _chunks_by_tensor
+
+    nonzero = []
+    for name, chunks in sorted(_chunks_by_tensor(meta.shards).items()):
+        if name.startswith(MODEL) and name.endswith(mixtral_names.SELECTION_BIAS):
+            for file, _ in chunks:
+                with safe_open(file, framework="pt") as f:
+                    if f.get_tensor(name).any():
+                        nonzero.append(name.removeprefix(MODEL))
+                        break
+    return nonzero
+
+
 def _reference_model(meta: CheckpointMeta, cfg: Config, dtype: torch.dtype | None) -> torch.nn.Module:
-    """The checkpoint's model in float32, its weights rounded to the exported dtype (what the export holds; MoE
-    routers stay in float32)."""
+    """The checkpoint's model in float32, its weights rounded to the exported dtype (what the export holds; the
+    routers of Glm4Moe and DeepseekV3 exports stay in float32, Mixtral's are rounded too)."""
     from pretrain.checkpoint import load_checkpoint
 
     model = cfg.model.build()
@@ -120,15 +154,16 @@ def _reference_model(meta: CheckpointMeta, cfg: Config, dtype: torch.dtype | Non
     if dtype is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if not name.endswith(moe_names.KEPT_DTYPE):
+                if not name.endswith(mixtral_names.KEPT_DTYPE if _is_mixtral(cfg.model) else moe_names.KEPT_DTYPE):
                     param.copy_(param.to(dtype).float())
     return model
 
 
 def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
               tokenizer: Path | None = None, verify: bool = False, mtp: str = "keep") -> dict[str, Any]:
-    """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` (Glm4MoeForCausalLM for an MoE model) and
-    returns its conversion record.
+    """Writes the checkpoint as a LlamaForCausalLM folder `out_dir` (Glm4MoeForCausalLM for a GQA + sigmoid MoE
+    model, MixtralForCausalLM for a GQA + softmax one, DeepseekV3ForCausalLM for MLA + MoE) and returns its
+    conversion record.
     `dtype`: of the written weights (None: as stored); `tokenizer`: instead of the one the checkpoint recorded (it
     must be the same file); `verify`: load the result with transformers and compare logits (recorded); `mtp`: "keep"
     writes the MoE model's MTP modules in DeepSeek-V3's layout (Glm4Moe and DeepseekV3), "drop" leaves them out."""
@@ -140,6 +175,16 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
     meta, cfg = _source_meta(checkpoint)
     stored = _check_stored(meta, cfg.model)
     kept_mtp = cfg.model.mtp_depth if mtp == "keep" else 0
+    mixtral = _is_mixtral(cfg.model)
+    if mixtral and kept_mtp:
+        raise ConversionError(f"{meta.path}: cannot export multi-token prediction modules (model.mtp_depth: "
+                              f"{kept_mtp}) to {mixtral_config.ARCHITECTURE}, which has no MTP layers: pass --mtp drop "
+                              "to leave them out")
+    if mixtral and (biased := _nonzero_selection_biases(meta)):
+        raise ConversionError(f"{meta.path}: cannot export nonzero expert selection biases ({biased[:4]}; "
+                              f"auxiliary-loss-free balancing, model.moe.bias_update_rate: "
+                              f"{cfg.model.moe.bias_update_rate}) to {mixtral_config.ARCHITECTURE}, which selects "
+                              "experts by the softmax scores alone")
     if mtp == "drop":
         stored = {name: value for name, value in stored.items() if not name.startswith("mtp.")}
     layout = mtp_names.MTPLayout(cfg.model.n_layers, kept_mtp, cfg.model.tie_embeddings)
@@ -157,11 +202,18 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
     if mla:
         config = deepseek_v3_config.to_deepseek_v3_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD],
                                                           kept_mtp)
+    elif mixtral:
+        config = mixtral_config.to_mixtral_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD])
     elif moe:
         config = glm4_moe_config.to_glm4_moe_config(cfg.model, config["dtype"], ids[BOS], ids[EOS], ids[PAD],
                                                     kept_mtp)
     with atomic_folder(out_dir) as work:
-        if moe:
+        if mixtral:
+            entries = [entry for name, (shape, kept) in sorted(stored.items())
+                       for entry in mixtral_names.hf_entries(name, shape, kept, dtype)]
+            tensors = (pair for name, tensor in iter_full_tensors(meta.path) if name in stored
+                       for pair in mixtral_names.hf_tensors(name, tensor, dtype))
+        elif moe:
             entries = [entry for name, (shape, kept) in sorted(stored.items())
                        for entry in layout.hf_entries(name, shape, kept, dtype)]
             tensors = (pair for name, tensor in iter_full_tensors(meta.path) if name in stored for pair in
@@ -176,7 +228,9 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
         _dump(work / "generation_config.json", generation_config(ids))
         names = {ours: theirs for ours, theirs in mapping_table().items()
                  if ours != "lm_head.weight" or not cfg.model.tie_embeddings}
-        if moe:
+        if mixtral:
+            names = mixtral_names.mapping_table(cfg.model.tie_embeddings)
+        elif moe:
             names = moe_names.mapping_table(cfg.model.tie_embeddings, mla) | (mtp_names.mapping_table() if kept_mtp
                                                                               else {})
         architecture, model_type = config["architectures"][0], config["model_type"]
@@ -192,7 +246,8 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
                                "rotate-half on both sides: q_proj and k_proj rows are copied unpermuted",
                      "check": rope_check},
             "tie_word_embeddings": cfg.model.tie_embeddings,
-            **({"routing": glm4_moe_config.routing_mapping(cfg.model)} if moe else {}),
+            **({"routing": (mixtral_config if mixtral else glm4_moe_config).routing_mapping(cfg.model)}
+               if moe else {}),
             **({"mtp": {"depth": cfg.model.mtp_depth, "written": kept_mtp,
                         "note": "written as model.layers.{n_layers + k} in DeepSeek-V3's layout, with "
                                 "num_nextn_predict_layers and tie_last_hidden_states: false (transformers' "
@@ -213,17 +268,17 @@ def export_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
 
 def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path,
                 stacked: dict[str, torch.Tensor] | None = None, left_over: list[str] | None = None,
-                rename=None) -> dict[str, StoredTensor | torch.Tensor]:
+                rename=None, names=moe_names) -> dict[str, StoredTensor | torch.Tensor]:
     """The folder's tensors under our names, exactly those of `model` (`stacked`: tensors already under our names,
     the MoE experts stacked; `left_over`: per-expert tensors beyond the config's experts; `rename`: of a mapped name,
-    e.g. an MTP layer's block)."""
+    e.g. an MTP layer's block; `names`: the MoE naming, moe_names or mixtral_names)."""
     rename = rename or (lambda name: name)
     ours: dict[str, StoredTensor | torch.Tensor] = {rename(name): t for name, t in (stacked or {}).items()}
     unknown = list(left_over or [])
     for name, tensor in stored.items():
         if name.endswith("rotary_emb.inv_freq"):  # computed, not learned: older transformers saved it
             continue
-        our_name = from_hf(name) or moe_names.from_hf(name)
+        our_name = from_hf(name) or names.from_hf(name)
         our_name = our_name and rename(our_name)
         if our_name is None or not tensor.dtype.is_floating_point:
             unknown.append(f"{name} ({str(tensor.dtype).removeprefix('torch.')})")
@@ -236,7 +291,7 @@ def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path
             raise ConversionError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from "
                                   "model.embed_tokens.weight")
     wanted = _model_shapes(model)
-    their = moe_names.their_name
+    their = names.their_name
     missing = [their(name) for name in sorted(set(wanted) - set(ours))]
     unexpected = unknown + [their(name) for name in sorted(set(ours) - set(wanted))]
     reshaped = [f"{their(k)} {list(ours[k].shape)} (config.json: {list(wanted[k])})" for k in sorted(wanted)
@@ -249,7 +304,8 @@ def _tensors_of(stored: dict[str, StoredTensor], model: ModelConfig, where: Path
 
 
 def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
-    """Writes the LlamaForCausalLM, Glm4MoeForCausalLM or DeepseekV3ForCausalLM folder `hf_dir` as an ordinary
+    """Writes the LlamaForCausalLM, Glm4MoeForCausalLM, MixtralForCausalLM or DeepseekV3ForCausalLM folder `hf_dir`
+    as an ordinary
     checkpoint folder `out_checkpoint` (weights in the dtype they are stored in) and returns it."""
     hf_dir, out = Path(hf_dir), Path(out_checkpoint)
     config_path = hf_dir / "config.json"
@@ -261,9 +317,11 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
         raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
     architecture = (config.get("architectures") or [ARCHITECTURE])[0]
     from_config = {glm4_moe_config.ARCHITECTURE: glm4_moe_config.from_glm4_moe_config,
+                   mixtral_config.ARCHITECTURE: mixtral_config.from_mixtral_config,
                    deepseek_v3_config.ARCHITECTURE: deepseek_v3_config.from_deepseek_v3_config}
     model = from_config.get(architecture, from_llama_config)(config, str(config_path))
     moe = model.moe.enabled
+    names = mixtral_names if architecture == mixtral_config.ARCHITECTURE else moe_names
     supported = model.rope.max_supported_seq_len(model.max_seq_len)
     cfg = Config(model=model, data=DataConfig(seq_len=min(DataConfig().seq_len, supported)))
     try:
@@ -273,6 +331,7 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
     folder, stacked, left_over = read_folder(hf_dir), {}, []
     # MTP layers after the main ones in DeepSeek-V3's layout (tools/hf/mtp_names.py) become our MTP modules
     depth = int(config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0) if moe else 0
+    depth = 0 if names is mixtral_names else depth
     depth = depth if any(name.startswith(f"model.layers.{model.n_layers}.") for name in folder) else 0
     mapped = MappedFiles()
     mtp_own, copies, folder = mtp_names.split_mtp_layers(folder, model.n_layers, depth, mapped.tensor)
@@ -287,12 +346,15 @@ def import_hf(hf_dir: Path, out_checkpoint: Path) -> Path:
                 raise ConversionError(f"{hf_dir}: {name} differs from {source} (our MTP modules share the main "
                                       "model's embedding and head)")
     if moe:  # their per-expert linears, stacked (memory-mapped views in, one stacked tensor per weight out)
-        experts = {name: tensor for name, tensor in folder.items() if moe_names.is_expert(name)}
+        experts = {name: tensor for name, tensor in folder.items() if names.is_expert(name)}
         folder = {name: tensor for name, tensor in folder.items() if name not in experts}
         views = MappedFiles()
-        stacked, left_over = moe_names.stack_experts({name: views.tensor(t) for name, t in experts.items()},
-                                                     model.moe.num_experts, hf_dir)
-    stored = _tensors_of(folder, model, hf_dir, stacked | mtp_own, left_over, mtp_names.block_name(model.n_layers))
+        stacked, left_over = names.stack_experts({name: views.tensor(t) for name, t in experts.items()},
+                                                 model.moe.num_experts, hf_dir)
+        if names is mixtral_names:  # Mixtral selects by the scores alone: our selection biases are zero
+            stacked |= mixtral_names.selection_biases(model.n_layers, model.moe.num_experts)
+    stored = _tensors_of(folder, model, hf_dir, stacked | mtp_own, left_over, mtp_names.block_name(model.n_layers),
+                         names)
     tokenizer = hf_dir / "tokenizer.json"
     state: dict[str, Any] = {"imported_from": {"path": str(hf_dir.resolve()), "architecture": architecture}}
     if depth:

@@ -323,7 +323,8 @@ def test_cli_exports_bf16_shards_verified_and_imports(base_run, tmp_path, capsys
 
 MLA = MLAConfig(q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
 REFUSED = {
-    "moe": ({"moe": MoEConfig(num_experts=4, top_k=2)}, None, "Mixture-of-Experts"),
+    "moe": ({"moe": MoEConfig(num_experts=4, top_k=2, num_shared_experts=1)}, None,
+            "MixtralForCausalLM only: cannot export shared experts"),  # softmax, shared: no architecture holds it
     "mtp": ({"mtp_depth": 1}, None, "multi-token prediction"),
     "mla": ({"attention": "mla", "mla": MLA}, None, "Multi-head Latent Attention"),
     "sliding-window": ({"sliding_window": 16}, None, "sliding-window attention"),

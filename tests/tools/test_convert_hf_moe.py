@@ -145,7 +145,6 @@ def test_other_routing_settings_and_bf16_export_verified(tiny_data, tmp_path):
 
 
 REFUSED = {
-    "softmax": ({"moe": {"score_func": "softmax"}}, "Mixture-of-Experts with softmax routing"),
     "capacity": ({"moe": {"capacity_factor": 1.25}}, "capacity_factor: 1.25 drops tokens"),
     "no-shared": ({"moe": {"num_shared_experts": 0}}, "without shared experts"),
     "one-per-group": ({"moe": {"n_groups": 8, "topk_groups": 4}}, "one expert per group"),
@@ -155,6 +154,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_what_glm4_moe_cannot_compute_is_refused_by_name_and_leaves_no_output(name, tiny_data, tmp_path):
+    """(Softmax routing exports as MixtralForCausalLM or is refused by its reasons: test_convert_hf_mixtral.py.)"""
     changes, message = REFUSED[name]
     checkpoint = save_moe_checkpoint(tmp_path / "run", moe_model(**changes), tiny_data / "tokenizer.json")
     with pytest.raises(ConversionError, match=f"{message}.*Glm4MoeForCausalLM"):

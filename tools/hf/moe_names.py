@@ -99,25 +99,29 @@ def their_name(name: str) -> str:
         return name
 
 
-def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int,
-                  where: str) -> tuple[dict[str, LazyTensor], list[str]]:
+def stack_experts(tensors: dict[str, torch.Tensor], num_experts: int, where: str, pattern: re.Pattern = _THEIR_EXPERT,
+                  parts: dict[str, str] | None = None,
+                  their_format: str = "model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight",
+                  ) -> tuple[dict[str, LazyTensor], list[str]]:
     """Our stacked expert tensors from their per-expert linears (`tensors`: their name -> tensor, the per-expert
     ones), each expert's weight transposed, stacked only when asked for (one at a time when streamed); and the
-    per-expert names that are left over (unexpected)."""
+    per-expert names that are left over (unexpected). `pattern` matches their names (groups: layer, expert, part),
+    `parts` maps their part to ours (gate, up, down; None: the same) and `their_format` writes their names back."""
     groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        match = _THEIR_EXPERT.fullmatch(name)
+        match = pattern.fullmatch(name)
         groups.setdefault((match[1], match[3]), {})[int(match[2])] = tensor
     stacked, left_over = {}, []
     for (layer, part), experts in sorted(groups.items()):
         if sorted(experts) != list(range(num_experts)):
             missing = sorted(set(range(num_experts)) - set(experts))
             if missing:
-                raise ConversionError(f"{where}: layer {layer} lacks the {part}_proj of experts {missing[:6]}")
-            left_over += [f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight" for e in sorted(experts)
+                their = their_format.format(layer=layer, e="{e}", part=part)
+                raise ConversionError(f"{where}: layer {layer} lacks the {their} of experts {missing[:6]}")
+            left_over += [their_format.format(layer=layer, e=e, part=part) for e in sorted(experts)
                           if e >= num_experts]
         first = experts[0]
-        stacked[f"layers.{layer}.mlp.experts.{part}"] = LazyTensor(
+        stacked[f"layers.{layer}.mlp.experts.{(parts or {}).get(part, part)}"] = LazyTensor(
             (num_experts, *reversed(first.shape)), first.dtype,
             lambda experts=experts: torch.stack([experts[e].t() for e in range(num_experts)]))
     return stacked, left_over
