@@ -4,6 +4,8 @@
                                          its peers then wait for it in the step's collectives) or "save" (once it
                                          has written its shards of the step's checkpoint, before the checkpoint is
                                          committed).
+    PRETRAIN_TEST_SLOW=RANK:SECONDS      that rank sleeps this long in every step before the gradient reduction (a
+                                         straggler).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 
-KILL = "PRETRAIN_TEST_KILL"
+KILL, SLOW = "PRETRAIN_TEST_KILL", "PRETRAIN_TEST_SLOW"
 
 
 def kill_point(step: int, where: str) -> None:
@@ -23,3 +25,16 @@ def kill_point(step: int, where: str) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if spec == f"{rank}:{step}:{where}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_point() -> None:
+    spec = os.environ.get(SLOW)
+    if not spec:
+        return
+    import time
+
+    import torch.distributed as dist
+
+    rank, seconds = spec.split(":")
+    if int(rank) == (dist.get_rank() if dist.is_initialized() else 0):
+        time.sleep(float(seconds))

@@ -20,7 +20,7 @@ from data.chat_loader import build_loader
 from data.loader import TokenWindowLoader
 from parallel.data_feed import DataFeed
 from parallel.engine import PlainEngine
-from parallel.grid import ProcessGrid
+from parallel.grid import ProcessGrid, coordinates
 from parallel.materialize import materialize
 from parallel.plan import PipelineOptions, parallelize
 from pretrain.callbacks.base import Callback
@@ -40,7 +40,7 @@ from pretrain.checkpoint import (
     rng_tensors,
 )
 from pretrain.config import Config, config_to_dict, config_to_yaml
-from pretrain.fault_injection import kill_point
+from pretrain.fault_injection import kill_point, slow_point
 from pretrain.hardware import peak_flops
 from pretrain.heartbeat import CollectiveError, Heartbeat, default_store
 from pretrain.lora_checkpoint import LORA_BASE, refuse_adapters_as_source
@@ -61,6 +61,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+# A rank is reported as a straggler when its work before the gradient reduction exceeds the median rank's by this
+# much (seconds and share of the median, both), at most once per STRAGGLER_WARN_EVERY steps.
+STRAGGLER_SECONDS, STRAGGLER_SHARE, STRAGGLER_WARN_EVERY = 0.05, 0.2, 100
 
 
 def pipeline_options(cfg: Config) -> PipelineOptions:
@@ -211,6 +216,7 @@ class Trainer:
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
         self.windows_log = None  # data.record_windows: this rank's file of the training windows it took
+        self.straggler_warned = -STRAGGLER_WARN_EVERY  # the step of the last straggler warning
         self.spikes = LossSpikeDetector(t.spike_zscore, t.spike_window, t.max_spikes)
         self.num_parameters = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -401,6 +407,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; None when it was rolled back instead (train.on_nan=rollback)."""
+        started = time.perf_counter()
         self.model.train()
         set_lr(self.engine, lr_at(self.step, self.cfg.train.steps, self.cfg.optim))
         accum = self.cfg.grad_accum_steps
@@ -445,6 +452,8 @@ class Trainer:
             self.engine.backward(loss, self.cfg.grad_accum_steps)
             total_loss += loss.detach() / self.cfg.grad_accum_steps
             total_ce += ce.detach() / self.cfg.grad_accum_steps
+        slow_point()
+        compute_seconds = time.perf_counter() - started  # this rank's own work, before it waits for the others
         grad_norm = self.engine.step(self.set_phase)
         skipped = grad_norm is not None and not math.isfinite(grad_norm)
         if grad_norm is None:
@@ -468,6 +477,8 @@ class Trainer:
             moe_metrics["skipped_steps"] = self.skipped_steps
         if self.objective is not None:
             moe_metrics |= self._preference_metrics(total_preference, supervised)
+        if self.grid.shape.world_size > 1 and self.should_log():
+            moe_metrics |= self._straggler_metrics(compute_seconds)
         return {
             "loss": loss_value,
             "ce": ce_value,
@@ -493,6 +504,27 @@ class Trainer:
             dist.all_reduce(sums, group=self.grid.group("dp"))
         return {f"{prefix}{name}": value / pairs for name, value in zip(PREFERENCE_METRICS, sums.tolist(),
                                                                           strict=True)}
+
+    def _straggler_metrics(self, compute_seconds: float) -> dict[str, float]:
+        """Collective, on logged steps: every rank's time from the step's start to its gradient reduction (under
+        pipeline parallelism, with the schedule's waits); the spread names a slow rank, which a warning reports."""
+        self.phase = "straggler check"
+        world = self.grid.shape.world_size
+        times = torch.empty(world, device=self.device)
+        dist.all_gather_into_tensor(times, torch.tensor([compute_seconds], device=self.device))
+        times = times.tolist()
+        slowest = max(range(world), key=times.__getitem__)
+        skew = times[slowest] - min(times)
+        typical = sorted(times)[(world - 1) // 2]
+        if self.is_main and skew > max(STRAGGLER_SECONDS, STRAGGLER_SHARE * typical) and (
+                self.step - self.straggler_warned >= STRAGGLER_WARN_EVERY):
+            self.straggler_warned = self.step
+            where = ", ".join(f"{k}={v}" for k, v in coordinates(self.grid.shape, slowest).items())
+            print(f"warning: rank {slowest} ({where}) is a straggler at step {self.step}: {times[slowest]:.3f} s of "
+                  "work before the gradient "
+                  f"reduction against {typical:.3f} s for the median rank (the others wait {skew:.3f} s for it)",
+                  flush=True)
+        return {"straggler/skew_s": skew, "straggler/slowest_rank": slowest, "straggler/median_s": typical}
 
     def _roll_back(self, where: str) -> None:
         """train.on_nan=rollback: the newest checkpoint's weights, optimizer state, step and RNG, with the data going
