@@ -42,6 +42,31 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError("--run-dir", f"{run_dir} cannot be used as the run folder: {exc.strerror or exc}") from None
 
 
+def _train_on_this_rank(cfg, run_dir: Path, resume: str | None, stop_request, main_rank: bool) -> dict:
+    from cluster.distributed import init_distributed
+    from parallel.grid import GridShape, ProcessGrid
+    from pretrain.callbacks import default_callbacks
+    from pretrain.trainer import Trainer
+
+    denv = init_distributed(cfg.parallel.timeout_s)
+    p = cfg.parallel
+    shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
+    grid = ProcessGrid.build(shape, denv.world_size, denv.rank, p.timeout_s) if denv.world_size > 1 else None
+    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, main_rank), grid)
+    if main_rank:
+        print(
+            f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | {denv.world_size} process(es) "
+            f"tp={p.tp} pp={p.pp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
+            f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps\n{trainer.precision.describe()}",
+            flush=True,
+        )
+        if cfg.lora.enabled:
+            print(f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}): {trainer.adapter_parameters:,} trainable "
+                  f"parameters ({100 * trainer.adapter_parameters / trainer.num_parameters:.2f}% of the model), "
+                  f"the base frozen at {cfg.train.init_from}", flush=True)
+    return trainer.fit(resume=resume, stop_request=stop_request)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.distributed import env_from_launcher
     from cluster.launch import Nodes
@@ -102,29 +127,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return EXIT_RESUMABLE
         return code
 
-    from cluster.distributed import init_distributed
-    from parallel.grid import GridShape, ProcessGrid
-    from pretrain.callbacks import default_callbacks
-    from pretrain.trainer import Trainer
+    from pretrain.stop import StopRequest
 
-    denv = init_distributed(cfg.parallel.timeout_s)
-    p = cfg.parallel
-    shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
-    grid = ProcessGrid.build(shape, denv.world_size, denv.rank, p.timeout_s) if denv.world_size > 1 else None
-    main_rank = denv.rank == 0
-    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, main_rank), grid)
-    if main_rank:
-        print(
-            f"run dir {run_dir} | {trainer.num_parameters / 1e6:.2f}M parameters | {denv.world_size} process(es) "
-            f"tp={p.tp} pp={p.pp} dp={p.dp}{' +sp' if p.sequence_parallel else ''} | "
-            f"{trainer.tokens_per_step:,} tokens/step | {cfg.train.steps} steps\n{trainer.precision.describe()}",
-            flush=True,
-        )
-        if cfg.lora.enabled:
-            print(f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}): {trainer.adapter_parameters:,} trainable "
-                  f"parameters ({100 * trainer.adapter_parameters / trainer.num_parameters:.2f}% of the model), "
-                  f"the base frozen at {cfg.train.init_from}", flush=True)
-    summary = trainer.fit(resume=args.resume)
+    main_rank = launcher.rank == 0
+    with StopRequest(announce=main_rank) as stop_request:  # from here on a signal stops the run cleanly
+        summary = _train_on_this_rank(cfg, run_dir, args.resume, stop_request, main_rank)
     if not main_rank:
         return 0
     if summary["stopped"]:
@@ -132,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(f"stopped by {summary['stopped']} after step {summary['steps']} of {cfg.train.steps}, checkpoint "
               f"saved: continue with --resume auto (exit code {EXIT_RESUMABLE})", flush=True)
-        return EXIT_RESUMABLE if denv.world_size == 1 else 0
+        return EXIT_RESUMABLE if launcher.world_size == 1 else 0
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
         f"done: {summary['steps']} steps, train loss {fmt(summary['final_train_loss'])}, "

@@ -4,6 +4,9 @@
                                          its peers then wait for it in the step's collectives) or "save" (once it
                                          has written its shards of the step's checkpoint, before the checkpoint is
                                          committed).
+    PRETRAIN_TEST_SIGNAL=WHERE[:STEP]    every rank sends itself SIGTERM at that point: "setup" (the trainer and
+                                         its data loaders built, before the first step) or "evaluation" (as the
+                                         evaluation after step STEP starts).
     PRETRAIN_TEST_SLOW=RANK:SECONDS      that rank sleeps this long in every step before the gradient reduction (a
                                          straggler).
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-KILL, SLOW = "PRETRAIN_TEST_KILL", "PRETRAIN_TEST_SLOW"
+KILL, SLOW, SIGNAL = "PRETRAIN_TEST_KILL", "PRETRAIN_TEST_SLOW", "PRETRAIN_TEST_SIGNAL"
 
 
 def kill_point(step: int, where: str) -> None:
@@ -38,3 +41,9 @@ def slow_point() -> None:
     rank, seconds = spec.split(":")
     if int(rank) == (dist.get_rank() if dist.is_initialized() else 0):
         time.sleep(float(seconds))
+
+
+def signal_point(where: str, step: int | None = None) -> None:
+    spec = os.environ.get(SIGNAL)
+    if spec and spec == (where if step is None else f"{where}:{step}"):
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -40,7 +40,7 @@ from pretrain.checkpoint import (
     rng_tensors,
 )
 from pretrain.config import Config, config_to_dict, config_to_yaml
-from pretrain.fault_injection import kill_point, slow_point
+from pretrain.fault_injection import kill_point, signal_point, slow_point
 from pretrain.hardware import peak_flops
 from pretrain.heartbeat import CollectiveError, Heartbeat, default_store
 from pretrain.lora_checkpoint import LORA_BASE, refuse_adapters_as_source
@@ -66,6 +66,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # A rank is reported as a straggler when its work before the gradient reduction exceeds the median rank's by this
 # much (seconds and share of the median, both), at most once per STRAGGLER_WARN_EVERY steps.
 STRAGGLER_SECONDS, STRAGGLER_SHARE, STRAGGLER_WARN_EVERY = 0.05, 0.2, 100
+EVAL_STOP_POLL = 8  # evaluation batches between two (collective) checks for a stop request
 
 
 def pipeline_options(cfg: Config) -> PipelineOptions:
@@ -216,6 +217,7 @@ class Trainer:
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
         self.windows_log = None  # data.record_windows: this rank's file of the training windows it took
+        self.stop_request: StopRequest | None = None  # set by fit(): evaluation polls it too
         self.straggler_warned = -STRAGGLER_WARN_EVERY  # the step of the last straggler warning
         self.spikes = LossSpikeDetector(t.spike_zscore, t.spike_window, t.max_spikes)
         self.num_parameters = count_parameters(cfg.model)
@@ -239,6 +241,7 @@ class Trainer:
         self.heartbeat = Heartbeat(default_store(), self.grid.rank, world,
                                    lambda: (self.current_step, self.phase, self.phases_entered, self.progress),
                                    cfg.parallel.timeout_s) if world > 1 else None
+        signal_point("setup")
 
     def _agree_on_precision(self, choice: PrecisionChoice) -> PrecisionChoice:
         """Every rank computes in the same precision: bf16 only if every rank's device runs it natively."""
@@ -265,7 +268,14 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     # -- the recipe -----------------------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> dict[str, Any]:
+    def fit(self, resume: str | None = None, stop_request: StopRequest | None = None) -> dict[str, Any]:
+        """Trains to train.steps, or until a stop signal (SIGTERM, SIGINT, SIGUSR1) that arrives at any time after
+        `stop_request` was installed (the command line installs it before building the trainer; without one, from
+        here on): every rank then stops at the same point and the run is saved."""
+        if stop_request is None:
+            with StopRequest(announce=self.is_main) as own:
+                return self.fit(resume, own)
+        self.stop_request = stop_request
         if self.heartbeat is None:
             return self._fit(resume)
         self.heartbeat.start()
@@ -300,8 +310,8 @@ class Trainer:
         if self.step == 0 and self.cfg.train.init_from and not starts_frozen:
             self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
-        with StopRequest(announce=self.is_main) as stop_request:
-            self._train_loop(stop_request)
+        if not self._stop_agreed(self.stop_request):  # a signal during start-up stops before the first step
+            self._train_loop(self.stop_request)
         summary = self.summary(time.perf_counter() - self.attempt_started)
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -634,7 +644,12 @@ class Trainer:
         batches = [self.next_batch(self.val_loader) for _ in range(self.cfg.train.eval_batches)]
         # chat data: the mean over every supervised token read, however they fall into batches (as in training)
         weights = self.loss_weights(batches)[0] if self.token_weighted and batches else [1.0] * len(batches)
-        for batch, weight in zip(batches, weights, strict=True):
+        signal_point("evaluation", self.step)
+        for index, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+            if index and index % EVAL_STOP_POLL == 0 and self.stop_request is not None and self._stop_agreed(
+                    self.stop_request):
+                return {}  # a stop request cuts the evaluation short: saving comes first
+            self.phase = "evaluation"
             if self.plan.pipeline is not None:
                 total += weight * self.plan.pipeline.evaluate_batch(
                     batch["input_ids"], batch["labels"], self.plan.loss, self.autocast,
@@ -667,7 +682,12 @@ class Trainer:
     def run_eval(self) -> None:
         if self.cfg.train.eval_batches == 0:
             return
-        self.last_val = self.evaluate()
+        result = self.evaluate()
+        if not result:
+            if self.is_main:
+                print(f"evaluation at step {self.step} cut short by the stop request", flush=True)
+            return
+        self.last_val = result
         self._emit("on_eval", self.last_val)
 
     # -- state ------------------------------------------------------------------------------------

@@ -225,6 +225,44 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(four_steps, tmp_path, s
         assert got[step] == expected[step], step
 
 
+def test_a_signal_during_start_up_stops_before_the_first_step_and_resumes_exactly(four_steps, tmp_path):
+    """SIGTERM once the trainer and its data loader are built, before the first step (PRETRAIN_TEST_SIGNAL=setup):
+    no step is taken, a step-0 checkpoint is saved, the command exits resumable, and the resumed run's losses are
+    the uninterrupted run's."""
+    overrides, _ = four_steps
+    run = [*overrides, "train.steps=4", "data.num_workers=1"]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), *run]
+    stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PRETRAIN_TEST_SIGNAL": "setup"})
+    assert stopped.returncode == EXIT_RESUMABLE, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM after step 0 of 4" in stopped.stdout and not train_losses(run_dir)
+    assert read_meta(run_dir / "checkpoints" / "step_00000000").step == 0
+    resumed = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trainer_for(run, tmp_path / "reference").fit()
+    assert train_losses(run_dir) == train_losses(tmp_path / "reference")
+
+
+def test_a_signal_during_evaluation_cuts_it_short_and_saves(four_steps, tmp_path):
+    """SIGTERM as the evaluation after step 2 starts (PRETRAIN_TEST_SIGNAL=evaluation:2), an evaluation of 400
+    batches: it stops at its next check (every 8 batches) instead of finishing, records no validation loss, and the
+    run saves step 2 and exits resumable."""
+    from pretrain.callbacks.metrics_log import read_metrics
+
+    overrides, _ = four_steps
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), *overrides,
+           "train.steps=40", "train.eval_every=2", "train.eval_batches=400", "train.checkpoint_every=1000"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PRETRAIN_TEST_SIGNAL": "evaluation:2"})
+    assert result.returncode == EXIT_RESUMABLE, result.stderr[-2000:]
+    assert "evaluation at step 2 cut short by the stop request" in result.stdout
+    assert "stopped by SIGTERM after step 2 of 40" in result.stdout
+    assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "val"]
+    assert read_meta(run_dir / "checkpoints" / "step_00000002").step == 2
+
+
 def test_a_save_past_a_file_size_limit_fails_cleanly_and_the_run_resumes(four_steps, tmp_path):
     """The disk "fills" during a save (a file-size limit set on the running process, as a full disk's ENOSPC
     would): the run stops with the path, the errno and the newest intact checkpoint named, the partial folder is
