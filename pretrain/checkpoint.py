@@ -287,6 +287,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        _pause_for_tests("before_prune")
         self._prune(keep=final)
 
     def checkpoints(self) -> list[Path]:

@@ -217,6 +217,39 @@ def test_save_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_save_killed_after_the_rename_keeps_both_checkpoints_until_the_next_save_prunes(tmp_path):
+    """Killed after the new checkpoint is in place but before the old ones are pruned (keep_last=1): both are
+    valid, the new one is the one resumed from, and the next save prunes."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.pretrain.test_checkpoint import trained_toy, save
+        from pretrain.checkpoint import CheckpointManager
+        model, opt = trained_toy(2)
+        manager = CheckpointManager({str(tmp_path)!r}, keep_last=1)
+        save(manager, 1, model, opt, {{"mark": 1}})
+        os.environ["PRETRAIN_TEST_PAUSE_IN_SAVE"] = "before_prune"
+        save(manager, 2, model, opt, {{"mark": 2}})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "step_00000002" / "meta.json").exists():
+        time.sleep(0.1)
+    assert (tmp_path / "step_00000002" / "meta.json").exists(), "the save never reached its rename"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    complete, broken = manager.survey()
+    assert [p.name for p in complete] == ["step_00000001", "step_00000002"] and not broken
+    assert load_checkpoint(manager.latest_valid(), TiedToy(), restore_rng_state=False).state == {"mark": 2}
+    model, opt = trained_toy(1)
+    save(manager, 3, model, opt)
+    assert [p.name for p in manager.checkpoints()] == ["step_00000003"]
+
+
 def test_background_save_writes_the_values_of_the_moment_it_was_asked(tmp_path):
     model, opt = trained_toy(2)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
