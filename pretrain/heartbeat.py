@@ -89,8 +89,9 @@ class Heartbeat:
                 reported = True
 
     def behind(self) -> list[str]:
-        """The other ranks whose last entry is behind this rank's place, or missing (once the training loop has
-        started), as phrases."""
+        """The other ranks furthest behind this rank's place (those whose last entry has the lowest position, or
+        is missing once the training loop has started), as phrases: the ones that held the others up. Ranks that
+        are behind by less were waiting in the same collective and had not written their place yet."""
         step, _, position, _ = self.state()
         if self.store is None:
             return []
@@ -99,7 +100,7 @@ class Heartbeat:
             store.set_timeout(timedelta(seconds=2))
         except (RuntimeError, AttributeError):
             pass
-        found = []
+        missing, behind = [], []  # (rank, phrase); behind: also the position
         for rank in range(self.world_size):
             if rank == self.rank:
                 continue
@@ -107,12 +108,14 @@ class Heartbeat:
             try:
                 if not store.check([key]):
                     if step > 0:  # in the training loop every rank has written one
-                        found.append(f"rank {rank} (no heartbeat yet)")
+                        missing.append((rank, f"rank {rank} (no heartbeat yet)"))
                     continue
                 entry = json.loads(store.get(key))
             except (RuntimeError, ValueError, OSError):
-                return found  # the store went away while reading
+                break  # the store went away while reading
             if entry["position"] < position:
-                found.append(f"rank {rank} (step {entry['step']}, {entry['phase']}, last heard "
-                             f"{time.time() - entry['time']:.0f} s ago)")
-        return found
+                behind.append((entry["position"], rank, f"rank {rank} (step {entry['step']}, {entry['phase']}, "
+                                                        f"last heard {time.time() - entry['time']:.0f} s ago)"))
+        furthest = min((p for p, _, _ in behind), default=None)
+        named = missing + [(rank, phrase) for p, rank, phrase in behind if p == furthest]
+        return [phrase for _, phrase in sorted(named)]

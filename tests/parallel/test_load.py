@@ -23,8 +23,9 @@ MINUTES = float(os.environ.get("PRETRAIN_LOAD_MINUTES", "0"))
 LAYOUT = ["parallel.dp=4", "train.micro_batch_size=2", "train.log_every=10", "train.eval_every=1000000",
           "train.keep_last=1000"]
 
-pytestmark = pytest.mark.skipif(not MINUTES, reason="the load test runs for ~2 x 20 minutes: set "
-                                "PRETRAIN_LOAD_MINUTES=20 to run it (see its docstring)")
+pytestmark = [pytest.mark.skipif(not MINUTES, reason="the load test runs for ~2 x 20 minutes: set "
+                                 "PRETRAIN_LOAD_MINUTES=20 to run it (see its docstring)"),
+              pytest.mark.timeout(int(MINUTES * 60 * 4 + 1800))]
 
 
 def launch(data, run_dir, *extra, kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:

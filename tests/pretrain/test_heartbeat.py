@@ -24,6 +24,16 @@ def test_ranks_behind_are_named_with_their_step_and_phase():
     assert [p.split(" (")[0] for p in before_training.behind()] == []  # nobody is behind setup; none missing yet
 
 
+def test_only_the_ranks_furthest_behind_are_named():
+    """A dead rank's peers fail together, each before writing its place in the failed collective: those that got
+    as far as this rank's previous phase are not named, only the one furthest behind."""
+    store = dist.HashStore()
+    me, peer, dead = ranks(store, [(3, "gradient sync", 41, 0), (3, "step start", 40, 0), (2, "step start", 30, 0)])
+    for heartbeat in (me, peer, dead):
+        heartbeat.beat()
+    assert [p.split(", last heard")[0] for p in me.behind()] == ["rank 2 (step 2, step start"]
+
+
 def test_watchdog_writes_a_stalled_ranks_place(capfd):
     store = dist.HashStore()
     place = [(2, "step start", 10, 5)]
