@@ -41,7 +41,8 @@ from pretrain.checkpoint import (
     read_pieces,
 )
 from pretrain.config import Config, ConfigError, config_to_yaml
-from pretrain.consolidate import CHECKPOINT_RECORD, SAFETENSORS_DTYPES, iter_full_tensors
+from pretrain.consolidate import CHECKPOINT_RECORD, iter_full_tensors
+from tools.hf.safetensors_folder import DTYPES
 
 ADAMW_STATES = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 LAYOUT_SECTIONS = ("parallel.", "train.")  # what a reshard may change (train.: batch sizes the pipeline splits)
@@ -75,16 +76,16 @@ class Source:
         self.step, self.state, self.layout = int(record["step"]), record["state"], record.get("layout", {})
         self.files = _whole_tensor_files(self.path)
         self.tensors = {}
-        for name, file in self.files.items():
+        for file in sorted(set(self.files.values())):  # each file's header once
             with safe_open(file, framework="pt") as f:
-                piece = f.get_slice(name)
-                self.tensors[name] = StoredTensor(tuple(piece.get_shape()), _dtype(piece.get_dtype(), file))
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    if piece.get_dtype() not in DTYPES:
+                        raise CheckpointError(f"{file}: '{name}' has an unsupported dtype {piece.get_dtype()}")
+                    self.tensors[name] = StoredTensor(tuple(piece.get_shape()), DTYPES[piece.get_dtype()])
         if not any(name.startswith(OPTIMIZER) for name in self.tensors):
             raise CheckpointError(f"{self.path} holds no optimizer states: consolidate the checkpoint with --part all "
                                   "to reshard it back into one that resumes training")
-
-    def config_yaml(self) -> Path:
-        return self.path / "config.yaml"
 
     def whole_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole tensor) in name order, one at a time."""
@@ -113,13 +114,6 @@ class Source:
                 stored = opened[file].get_slice(name)
                 template.copy_(stored[region] if region else opened[file].get_tensor(name))
         return templates
-
-
-def _dtype(name: str, file: Path) -> torch.dtype:
-    for dtype, code in SAFETENSORS_DTYPES.items():
-        if code == name:
-            return dtype
-    raise CheckpointError(f"{file}: unsupported dtype {name}")
 
 
 def _whole_tensor_files(folder: Path) -> dict[str, Path]:
