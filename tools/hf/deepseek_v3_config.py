@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError
+from tools.hf import ConversionError, moe_config
 from tools.hf.glm4_moe_config import moe_config_keys, moe_refusals
-from tools.hf.llama_config import to_llama_config
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPE = "deepseek_v3"
@@ -38,8 +37,7 @@ def refuse_unexportable_mla(model: ModelConfig, where: str) -> None:
                        f"{LATENT_NORM_EPS})")
     if model.rope.scaling == "ntk":
         refused.append("static NTK RoPE (model.rope.scaling: ntk) on MLA's rope part")
-    if refused:
-        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+    moe_config.refuse(refused, where, ARCHITECTURE)
 
 
 def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int,
@@ -47,11 +45,8 @@ def to_deepseek_v3_config(model: ModelConfig, dtype: str, bos: int, eos: int, pa
     """config.json; `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py), in
     DeepSeek-V3's `num_nextn_predict_layers` (`moe_config_keys`)."""
     mla = model.mla
-    config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
-              if k not in ("mlp_bias", "head_dim")}
+    config = moe_config.llama_config_as(ARCHITECTURE, MODEL_TYPE, model, dtype, bos, eos, pad, drop=("head_dim",))
     return config | {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
         "num_key_value_heads": model.n_heads,
         "q_lora_rank": mla.q_lora_rank or None,
         "kv_lora_rank": mla.kv_lora_rank,
@@ -72,8 +67,7 @@ def from_deepseek_v3_config(config: dict[str, Any], where: str) -> ModelConfig:
     from tools.hf.glm4_moe_config import moe_from_hf
     from tools.hf.llama_config import from_llama_config
 
-    if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
+    moe_config.check_architecture(config, ARCHITECTURE, MODEL_TYPE, where)
     problems = []
     if float(config.get("rms_norm_eps", 1e-6)) != LATENT_NORM_EPS:
         problems.append(f"rms_norm_eps {config.get('rms_norm_eps')} (its latent norms use {LATENT_NORM_EPS}, ours "
@@ -83,8 +77,7 @@ def from_deepseek_v3_config(config: dict[str, Any], where: str) -> ModelConfig:
     if problems:
         raise ConversionError(f"{where}: not representable by our model: {'; '.join(problems)}")
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                         "head_dim": (hidden or 0) // (heads or 1), "num_key_value_heads": heads}
+    as_llama = moe_config.as_llama(config, head_dim=(hidden or 0) // (heads or 1), num_key_value_heads=heads)
     mla = MLAConfig(q_lora_rank=int(config.get("q_lora_rank") or 0), kv_lora_rank=int(config["kv_lora_rank"]),
                     qk_nope_head_dim=int(config["qk_nope_head_dim"]),
                     qk_rope_head_dim=int(config["qk_rope_head_dim"]), v_head_dim=int(config["v_head_dim"]))

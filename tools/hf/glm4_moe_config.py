@@ -16,22 +16,23 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError
-from tools.hf.llama_config import to_llama_config
+from tools.hf import ConversionError, moe_config
 
 ARCHITECTURE = "Glm4MoeForCausalLM"
 MODEL_TYPE = "glm4_moe"
+KEYS = {  # our routing setting -> its config.json key (DeepseekV3's too)
+    "model.moe.num_experts": "n_routed_experts", "model.moe.top_k": "num_experts_per_tok",
+    "model.moe.expert_hidden": "moe_intermediate_size", "model.moe.num_shared_experts": "n_shared_experts",
+    "model.moe.first_k_dense": "first_k_dense_replace", "model.moe.norm_topk": "norm_topk_prob",
+    "model.moe.routed_scaling": "routed_scaling_factor", "model.moe.n_groups": "n_group",
+    "model.moe.topk_groups": "topk_group",
+}
 
 
 def refuse_unexportable_moe(model: ModelConfig, where: str) -> None:
     """What Glm4MoeForCausalLM cannot compute exactly, named."""
-    refused = []
-    if model.attention != "gqa":
-        refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
-                       "attention)")
-    refused += moe_refusals(model, ARCHITECTURE)
-    if refused:
-        raise ConversionError(f"{where}: cannot export {'; '.join(refused)} to {ARCHITECTURE}")
+    refused = moe_config.gqa_refusals(model, ARCHITECTURE) + moe_refusals(model, ARCHITECTURE)
+    moe_config.refuse(refused, where, ARCHITECTURE)
 
 
 def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
@@ -40,35 +41,28 @@ def moe_refusals(model: ModelConfig, architecture: str) -> list[str]:
     moe = model.moe
     refused = []
     if model.sliding_window:
-        refused.append(f"sliding-window attention (model.sliding_window: {model.sliding_window}; {ARCHITECTURE} "
+        refused.append(f"sliding-window attention (model.sliding_window: {model.sliding_window}; {architecture} "
                        "attends to the whole context)")
     if moe.score_func != "sigmoid":
         refused.append(f"Mixture-of-Experts with {moe.score_func} routing (model.moe.score_func: {moe.score_func}; "
-                       f"{ARCHITECTURE}'s router scores experts with a sigmoid)")
-    if moe.capacity_factor > 0:
-        refused.append(f"Mixture-of-Experts with an expert capacity (model.moe.capacity_factor: "
-                       f"{moe.capacity_factor} drops tokens; {ARCHITECTURE} is dropless)")
+                       f"{architecture}'s router scores experts with a sigmoid)")
+    refused += moe_config.capacity_refusals(model, architecture)
     if moe.num_shared_experts == 0:
         refused.append(f"Mixture-of-Experts without shared experts (model.moe.num_shared_experts: 0; every MoE layer "
-                       f"of {ARCHITECTURE} has them)")
+                       f"of {architecture} has them)")
     if moe.n_groups > 1 and moe.num_experts // moe.n_groups < 2:
         refused.append(f"group-limited routing with one expert per group (model.moe.n_groups: {moe.n_groups}, "
-                       f"{moe.num_experts} experts; {ARCHITECTURE} scores a group by its best two)")
-    return [item.replace(ARCHITECTURE, architecture) for item in refused]
+                       f"{moe.num_experts} experts; {architecture} scores a group by its best two)")
+    return refused
 
 
 def to_glm4_moe_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int,
                        mtp_layers: int = 0) -> dict[str, Any]:
-    """config.json of the model; every routing hyperparameter has its own key (our name -> theirs in
-    `routing_mapping`); `mtp_layers`: the MTP modules written after the main layers (tools/hf/mtp_names.py)."""
-    config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items() if k != "mlp_bias"}
+    """config.json of the model; every routing hyperparameter has its own key (`KEYS`); `mtp_layers`: the MTP modules
+    written after the main layers (tools/hf/mtp_names.py)."""
+    config = moe_config.llama_config_as(ARCHITECTURE, MODEL_TYPE, model, dtype, bos, eos, pad)
     config["rope_parameters"] = config["rope_parameters"] | {"partial_rotary_factor": 1.0}
-    return config | {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "use_qk_norm": False,
-        **moe_config_keys(model, mtp_layers),
-    }
+    return config | {"use_qk_norm": False, **moe_config_keys(model, mtp_layers)}
 
 
 def moe_config_keys(model: ModelConfig, mtp_layers: int = 0) -> dict[str, Any]:
@@ -77,35 +71,13 @@ def moe_config_keys(model: ModelConfig, mtp_layers: int = 0) -> dict[str, Any]:
     `generate(use_mtp=True)` drafts with). With MTP layers, `tie_last_hidden_states: false`: transformers then hands
     them the last decoder layer's output (`hidden_states[-1]`) before the final norm, as ours take it, instead of the
     normed `last_hidden_state`."""
-    moe = model.moe
-    return {
-        "n_routed_experts": moe.num_experts,
-        "num_experts_per_tok": moe.top_k,
-        "moe_intermediate_size": moe.hidden(model.ffn_dim),
-        "n_shared_experts": moe.num_shared_experts,
-        "first_k_dense_replace": moe.first_k_dense,
-        "norm_topk_prob": moe.norm_topk,
-        "routed_scaling_factor": moe.routed_scaling,
-        "n_group": moe.n_groups,
-        "topk_group": moe.topk_groups if moe.n_groups > 1 else 1,
-        "num_nextn_predict_layers": mtp_layers,
-        **({"tie_last_hidden_states": False} if mtp_layers else {}),
-    }
+    return {**moe_config.routing_keys(model, KEYS), "num_nextn_predict_layers": mtp_layers,
+            **({"tie_last_hidden_states": False} if mtp_layers else {})}
 
 
 def routing_mapping(model: ModelConfig) -> dict[str, Any]:
     """Our routing settings and the config.json keys they became (for conversion.json)."""
-    moe = model.moe
-    return {
-        "score_func": {"ours": moe.score_func, "theirs": "sigmoid (the only one the router computes)"},
-        "model.moe.num_experts": "n_routed_experts", "model.moe.top_k": "num_experts_per_tok",
-        "model.moe.expert_hidden": "moe_intermediate_size", "model.moe.num_shared_experts": "n_shared_experts",
-        "model.moe.first_k_dense": "first_k_dense_replace", "model.moe.norm_topk": "norm_topk_prob",
-        "model.moe.routed_scaling": "routed_scaling_factor", "model.moe.n_groups": "n_group",
-        "model.moe.topk_groups": "topk_group",
-        "training only, not exported": {"bias_update_rate": moe.bias_update_rate,
-                                        "aux_loss_weight": moe.aux_loss_weight, "router_z_loss": moe.router_z_loss},
-    }
+    return moe_config.routing_mapping(model, "sigmoid (the only one the router computes)", KEYS)
 
 
 def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
@@ -115,8 +87,7 @@ def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
 
     from tools.hf.llama_config import from_llama_config
 
-    if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
+    moe_config.check_architecture(config, ARCHITECTURE, MODEL_TYPE, where)
     params = dict(config.get("rope_parameters") or {})
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
     problems = []
@@ -129,7 +100,7 @@ def from_glm4_moe_config(config: dict[str, Any], where: str) -> ModelConfig:
     if problems:
         raise ConversionError(f"{where}: not representable by our model: {'; '.join(problems)}")
     params["partial_rotary_factor"] = 1.0
-    as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_parameters": params}
+    as_llama = moe_config.as_llama(config, rope_parameters=params)
     return replace(from_llama_config(as_llama, where), moe=moe_from_hf(config))
 
 

@@ -27,11 +27,14 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.model.config import ModelConfig
-from tools.hf import ConversionError
-from tools.hf.llama_config import to_llama_config
+from tools.hf import moe_config
 
 ARCHITECTURE = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
+KEYS = {"model.moe.num_experts": "num_local_experts", "model.moe.top_k": "num_experts_per_tok",  # ours -> theirs
+        "model.moe.expert_hidden": "intermediate_size", "model.sliding_window": "sliding_window"}
+FIXED = {"num_shared_experts": 0, "first_k_dense": 0, "norm_topk": True, "routed_scaling": 1.0, "n_groups": 1,
+         "capacity_factor": 0.0, "expert_bias": "zero (not written)"}  # what Mixtral computes: checked on export
 QWEN_NOTE = ("Qwen3-MoE, which has dense layers and norm_topk_prob, also has q/k norms ours lacks; Qwen2-MoE "
              "matches only with a zero-width shared expert, which is not exported")
 
@@ -39,10 +42,7 @@ QWEN_NOTE = ("Qwen3-MoE, which has dense layers and norm_topk_prob, also has q/k
 def refuse_unexportable_mixtral(model: ModelConfig, where: str) -> None:
     """What MixtralForCausalLM cannot compute exactly, named, with why no other architecture of transformers does."""
     moe = model.moe
-    refused = []
-    if model.attention != "gqa":
-        refused.append(f"Multi-head Latent Attention (model.attention: {model.attention}; {ARCHITECTURE} has GQA "
-                       "attention)")
+    refused = moe_config.gqa_refusals(model, ARCHITECTURE)
     if moe.num_shared_experts:
         refused.append(f"shared experts (model.moe.num_shared_experts: {moe.num_shared_experts}; {ARCHITECTURE} "
                        "has none, and Qwen2-MoE's shared expert has a sigmoid gate ours lacks)")
@@ -58,42 +58,19 @@ def refuse_unexportable_mixtral(model: ModelConfig, where: str) -> None:
     if moe.n_groups > 1:
         refused.append(f"group-limited routing (model.moe.n_groups: {moe.n_groups}; {ARCHITECTURE} chooses among "
                        "all experts)")
-    if moe.capacity_factor > 0:
-        refused.append(f"Mixture-of-Experts with an expert capacity (model.moe.capacity_factor: "
-                       f"{moe.capacity_factor} drops tokens; {ARCHITECTURE} is dropless)")
-    if refused:
-        raise ConversionError(f"{where}: softmax top-k MoE exports as {ARCHITECTURE} only: cannot export "
-                              f"{'; '.join(refused)} to {ARCHITECTURE}")
+    refused += moe_config.capacity_refusals(model, ARCHITECTURE)
+    moe_config.refuse(refused, where, ARCHITECTURE, lead=f"softmax top-k MoE exports as {ARCHITECTURE} only: ")
 
 
 def to_mixtral_config(model: ModelConfig, dtype: str, bos: int, eos: int, pad: int) -> dict[str, Any]:
-    """config.json of the model (our name -> theirs in `routing_mapping`)."""
-    config = {k: v for k, v in to_llama_config(model, dtype, bos, eos, pad).items()
-              if k not in ("mlp_bias", "attention_bias")}
-    return config | {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "intermediate_size": model.moe.hidden(model.ffn_dim),
-        "num_local_experts": model.moe.num_experts,
-        "num_experts_per_tok": model.moe.top_k,
-        "sliding_window": model.sliding_window or None,
-        "router_jitter_noise": 0.0,
-        "output_router_logits": False,
-    }
+    """config.json of the model (our name -> theirs in `KEYS`)."""
+    config = moe_config.llama_config_as(ARCHITECTURE, MODEL_TYPE, model, dtype, bos, eos, pad, drop=("attention_bias",))
+    return config | moe_config.routing_keys(model, KEYS) | {"router_jitter_noise": 0.0, "output_router_logits": False}
 
 
 def routing_mapping(model: ModelConfig) -> dict[str, Any]:
     """Our routing settings and the config.json keys they became (for conversion.json)."""
-    moe = model.moe
-    return {
-        "score_func": {"ours": moe.score_func, "theirs": "softmax over all experts, top-k renormalized (always)"},
-        "model.moe.num_experts": "num_local_experts", "model.moe.top_k": "num_experts_per_tok",
-        "model.moe.expert_hidden": "intermediate_size", "model.sliding_window": "sliding_window",
-        "fixed (checked)": {"num_shared_experts": 0, "first_k_dense": 0, "norm_topk": True, "routed_scaling": 1.0,
-                            "n_groups": 1, "capacity_factor": 0.0, "expert_bias": "zero (not written)"},
-        "training only, not exported": {"bias_update_rate": moe.bias_update_rate,
-                                        "aux_loss_weight": moe.aux_loss_weight, "router_z_loss": moe.router_z_loss},
-    }
+    return moe_config.routing_mapping(model, "softmax over all experts, top-k renormalized (always)", KEYS, FIXED)
 
 
 def from_mixtral_config(config: dict[str, Any], where: str) -> ModelConfig:
@@ -104,10 +81,8 @@ def from_mixtral_config(config: dict[str, Any], where: str) -> ModelConfig:
     from pretrain.model.moe import MoEConfig
     from tools.hf.llama_config import from_llama_config
 
-    if config.get("architectures") != [ARCHITECTURE] or config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{where} describes {config.get('architectures')}: not {ARCHITECTURE}")
-    as_llama = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    model = from_llama_config(as_llama, where)
+    moe_config.check_architecture(config, ARCHITECTURE, MODEL_TYPE, where)
+    model = from_llama_config(moe_config.as_llama(config), where)
     hidden = int(config["intermediate_size"])
     moe = MoEConfig(num_experts=int(config["num_local_experts"]), top_k=int(config["num_experts_per_tok"]),
                     expert_hidden=hidden, num_shared_experts=0, first_k_dense=0, score_func="softmax",
