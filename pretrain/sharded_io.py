@@ -5,7 +5,9 @@ A piece is a tensor plus its placement: the full tensor's shape and the offsets 
 parallel plan, `ParallelPlan.placement`). Pieces several ranks hold identically (data-parallel replicas, a tied
 embedding on two pipeline stages) are written once: DCP spreads them over the ranks holding them. Loading asks
 for any other placement of the same tensors and DCP reads exactly the overlapping regions, which is what lets a
-checkpoint resume on another layout or world size.
+checkpoint resume on another layout or world size. A piece may also be a `Fragment`: a contiguous range of a
+piece's elements in row-major order (how ZeRO partitions a parameter over data-parallel ranks), stored as the few
+boxes that range is made of (`flat_range_boxes`), so it is written and read without assembling the whole tensor.
 
 Every written file's sha256 travels to the coordinator with DCP's own write results; a reading rank checks the
 files it reads from, and only those.
@@ -20,11 +22,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint._hf_utils import _gen_file_name
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
@@ -34,6 +38,40 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 Placement = tuple[tuple[int, ...], tuple[int, ...]]  # (full shape, offsets of this rank's piece)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """Where a 1-D tensor lies that holds elements [start, start + its numel) of a piece in row-major order: the
+    piece's placement in the full tensor and the piece's shape."""
+
+    placement: Placement
+    piece_shape: tuple[int, ...]
+    start: int
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The boxes (offsets, sizes) that elements [start, stop) of a row-major tensor of `shape` are made of, in
+    element order: at most 2 * len(shape) - 1 (a partial first row, whole rows, a partial last row, recursively)."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+
+    def within(row: int, lo: int, hi: int) -> list:
+        return [((row, *offsets), (1, *sizes)) for offsets, sizes in flat_range_boxes(shape[1:], lo, hi)]
+
+    if first == last and (start % inner or stop % inner):
+        return within(first, start - first * inner, stop - first * inner)
+    boxes = within(first, start % inner, inner) if start % inner else []
+    whole_from, whole_to = first + bool(start % inner), last + (stop % inner == 0)
+    if whole_to > whole_from:
+        boxes.append(((whole_from,) + (0,) * (len(shape) - 1), (whole_to - whole_from, *shape[1:])))
+    if stop % inner:
+        boxes += within(last, 0, stop - last * inner)
+    return boxes
 
 
 class ShardReadError(RuntimeError):
@@ -64,37 +102,53 @@ class StoredTensor:
     dtype: torch.dtype
 
 
-def _chunk(placements: dict[str, Placement], fqn: str, tensor: torch.Tensor) -> tuple[torch.Size, ChunkStorageMetadata]:
-    """(full shape, this piece's chunk in it); a tensor without a placement is whole."""
-    whole, offsets = placements.get(fqn) or (tuple(tensor.shape), (0,) * tensor.dim())
-    return torch.Size(whole), ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+def _chunks(where: Placement | Fragment | None, tensor: torch.Tensor
+            ) -> tuple[torch.Size, list[tuple[ChunkStorageMetadata, torch.Tensor]]]:
+    """(full shape, [(chunk of the full tensor, the view of `tensor` that holds it)]); a tensor without a placement
+    is whole, a fragment is its boxes."""
+    if not isinstance(where, Fragment):
+        whole, offsets = where or (tuple(tensor.shape), (0,) * tensor.dim())
+        return torch.Size(whole), [(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape), tensor)]
+    whole, piece_offsets = where.placement
+    chunks, position = [], 0
+    for offsets, sizes in flat_range_boxes(where.piece_shape, where.start, where.start + tensor.numel()):
+        count = math.prod(sizes)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(o + p for o, p in zip(offsets, piece_offsets, strict=True)),
+                                     sizes=torch.Size(sizes))
+        chunks.append((chunk, tensor[position:position + count].view(sizes)))
+        position += count
+    return torch.Size(whole), chunks
 
 
 class _PieceSavePlanner(DefaultSavePlanner):
-    def __init__(self, placements: dict[str, Placement]):
+    def __init__(self, placements: dict[str, Placement | Fragment]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.placements = placements
+        self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def create_local_plan(self) -> SavePlan:
         items = []
         for fqn, tensor in self.state_dict.items():
-            whole, chunk = _chunk(self.placements, fqn, tensor)
-            items.append(WriteItem(
-                index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor),
-                                            size=whole),
-            ))
+            whole, chunks = _chunks(self.placements.get(fqn), tensor)
+            for chunk, view in chunks:
+                self.views[fqn, tuple(chunk.offsets)] = view
+                items.append(WriteItem(
+                    index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(tensor),
+                                                size=whole),
+                ))
         self.plan = SavePlan(items)
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        return self.state_dict[write_item.index.fqn].detach().contiguous().cpu()
+        return self.views[write_item.index.fqn, tuple(write_item.index.offset)].detach().contiguous().cpu()
 
 
 class _PieceLoadPlanner(DefaultLoadPlanner):
-    def __init__(self, placements: dict[str, Placement]):
+    def __init__(self, placements: dict[str, Placement | Fragment]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.placements = placements
+        self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def create_local_plan(self) -> LoadPlan:
         items = []
@@ -102,14 +156,16 @@ class _PieceLoadPlanner(DefaultLoadPlanner):
             md = self.metadata.state_dict_metadata.get(fqn)
             if md is None:
                 raise ShardReadError(f"the checkpoint has no tensor '{fqn}'")
-            whole, chunk = _chunk(self.placements, fqn, tensor)
+            whole, chunks = _chunks(self.placements.get(fqn), tensor)
             if md.size != whole:
                 raise ShardReadError(f"'{fqn}' is {tuple(md.size)} in the checkpoint but {tuple(whole)} in this model")
-            items += create_read_items_for_chunk_list(fqn, md, [chunk])
+            for chunk, view in chunks:  # views of `tensor`: reading into them fills it in place
+                self.views[fqn, tuple(chunk.offsets)] = view
+            items += create_read_items_for_chunk_list(fqn, md, [chunk for chunk, _ in chunks])
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
+        return self.views[index.fqn, tuple(index.offset)]
 
 
 class _HashingWriter(HuggingFaceStorageWriter):
@@ -128,7 +184,7 @@ class _HashingWriter(HuggingFaceStorageWriter):
         return super().prepare_global_plan(plans)
 
     def write_data(self, plan, planner) -> Future[list[WriteResult]]:
-        results = super().write_data(plan, planner).wait()
+        results = self._write_files(plan, planner).wait()
         stored = {}
         for name in {r.storage_data.relative_path for r in results}:
             file = Path(self.path) / name
@@ -139,6 +195,22 @@ class _HashingWriter(HuggingFaceStorageWriter):
         future.set_result([WriteResult(r.index, r.size_in_bytes, stored[r.storage_data.relative_path])
                            for r in results])
         return future
+
+    def _write_files(self, plan: SavePlan, planner) -> Future[list[WriteResult]]:
+        """One safetensors file per rank, as DCP writes them; a rank holding several chunks of a tensor (fragments)
+        writes its k-th chunk of every tensor into its k-th file, since a safetensors file names a tensor once."""
+        ordinal: dict[str, int] = {}
+        files: dict[int, list[WriteItem]] = {}
+        for item in plan.items:
+            ordinal[item.index.fqn] = ordinal.get(item.index.fqn, 0) + 1
+            files.setdefault(ordinal[item.index.fqn], []).append(item)
+        if len(files) <= 1:
+            return super().write_data(plan, planner)
+        queue: Queue = Queue()
+        for number, items in sorted(files.items()):
+            name = _gen_file_name(number, len(files), plan.storage_data["shard_index"])
+            queue.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, queue)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         tensors = {}
@@ -197,7 +269,7 @@ def _quiet_about_one_process():
         yield
 
 
-def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement],
+def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement | Fragment],
                 on_start: Callable[[], None] | None = None,
                 on_finish: Callable[[list[StoredFile], dict[str, StoredTensor]], None] | None = None, group=None,
                 asynchronous: bool = False, on_written: Callable[[], None] | None = None):
@@ -217,7 +289,7 @@ def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[st
     return None
 
 
-def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement],
+def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement | Fragment],
                 expected: dict[str, StoredFile], group=None) -> None:
     """Collective: fill each of this rank's `pieces` (tensors of this rank's shapes) from the checkpoint at `path`.
     A failure on any rank raises ShardReadError on every rank (DCP gathers the failures)."""
