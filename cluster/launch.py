@@ -45,8 +45,8 @@ def torchrun_command(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) ->
 
 
 def launch(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> int:
-    """Runs torchrun in its own session and hands it one stop request: Ctrl-C, SIGTERM or SIGUSR1 here becomes
-    one SIGTERM to torchrun, which passes it to the ranks (they save and exit; torchrun gives them 30 s before
+    """Runs torchrun in its own session and hands it one stop request: Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2 here
+    becomes one SIGTERM to torchrun, which passes it to the ranks (they save and exit; torchrun gives them 30 s before
     killing them). Without this, Ctrl-C would reach the ranks twice (from the terminal and from torchrun) and the
     second would abort them. A second Ctrl-C kills everything at once."""
     env = dict(os.environ)
@@ -61,7 +61,8 @@ def launch(nproc: int, cli_args: list[str], nodes: Nodes = Nodes()) -> int:
             proc.send_signal(signal.SIGTERM)
         requests.append(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, forward) for sig in stop_signals}
     try:
         return proc.wait()
     finally:

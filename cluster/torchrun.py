@@ -43,4 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # A scheduler's warning (SLURM's --signal reaches every process of a job step) is for the ranks, which get it
+    # themselves; torchrun's stop comes as SIGTERM from the launcher. Left at their default it would kill torchrun.
+    for warning in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(warning, signal.SIG_IGN)
     sys.exit(main())

@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import multiprocessing
 import os
 import signal
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -303,14 +305,44 @@ def _collate(windows: list[tuple[int, torch.Tensor]], eos: int | None = None) ->
     return out
 
 
+def shielded_batches(dataset: Dataset, **options):
+    """`iter(DataLoader(dataset, **options))` whose worker processes (if any) are shielded from stop signals
+    (`_shield_from_stop_signals`). The workers are forked wherever fork exists, whatever the training process's own
+    default (fork for a rank that torchrun started, before Python 3.14; spawn for one started by `mp.spawn`), and
+    started with SIGTERM blocked in the calling thread: a forked worker begins life with only that thread and its
+    mask, so every thread it runs keeps SIGTERM blocked and only `_end_on_parents_sigterm` takes it. A spawned
+    worker starts threads with SIGTERM open (interpreter and torch start-up) before `worker_init_fn`; such a thread
+    would run torch's worker handler, which ends the worker on anyone's SIGTERM (a preemption warning would kill the
+    step in flight)."""
+    if options.get("num_workers"):
+        fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+        options |= {"multiprocessing_context": fork, "worker_init_fn": _shield_from_stop_signals}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(DataLoader(dataset, **options))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _shield_from_stop_signals(worker_id: int) -> None:
     """A stop signal is for the training process (it finishes its step, which may need more batches, and saves):
-    workers leave the process group that Ctrl-C or `kill -- -PGID` reach, and ignore SIGINT and SIGUSR1 (a
-    scheduler's warning, which may be sent to every process of a job). They keep SIGTERM's default, by which the
-    loader and multiprocessing shut them down (and by which they die with the job)."""
+    workers leave the process group that Ctrl-C or `kill -- -PGID` reach, and ignore SIGINT, SIGUSR1 and SIGUSR2 (a
+    scheduler's warning: SLURM signals every process of a job step). SIGTERM ends a worker only when the training
+    process sends it (the loader's and multiprocessing's shutdown); from anyone else — SLURM at a preemption, which
+    would otherwise kill the worker and with it the step in flight — it is ignored (a worker whose training process
+    is gone still ends, by the loader's own watchdog)."""
     os.setpgid(0, 0)
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 class TokenWindowLoader:
@@ -401,11 +433,9 @@ class TokenWindowLoader:
         step, offset = self._position()
         sampler = RankSampler(self.global_batch_size, self.dp_rank, self.dp_size, step, offset)
         workers = self.cfg.num_workers
-        loader = DataLoader(self.numbered_windows(), batch_size=self.micro_batch_size, sampler=sampler,
-                            num_workers=workers, collate_fn=self.collate, persistent_workers=False,
-                            worker_init_fn=_shield_from_stop_signals if workers else None,
-                            prefetch_factor=4 if workers else None)
-        return iter(loader)
+        return shielded_batches(self.numbered_windows(), batch_size=self.micro_batch_size, sampler=sampler,
+                                num_workers=workers, collate_fn=self.collate, persistent_workers=False,
+                                prefetch_factor=4 if workers else None)
 
     def numbered_windows(self) -> Dataset:
         """The dataset the DataLoader reads: item `g` is window `g` of the global stream, with its number."""
@@ -430,7 +460,14 @@ class TokenWindowLoader:
     def reset(self) -> None:
         """Back to the start of the stream (evaluation sees the same windows every time)."""
         self.consumed_micro_batches = 0
-        self._iterator = None
+        self.close()
+
+    def close(self) -> None:
+        """Ends the worker processes now (the position is kept: reading again starts new ones). Left to the garbage
+        collector, the shutdown may run inside another thread's import and wait seconds on each worker."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

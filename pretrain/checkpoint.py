@@ -39,6 +39,7 @@ from torch import nn
 
 from pretrain.fault_injection import kill_point
 from pretrain.sharded_io import (
+    Fragment,
     Placement,
     ShardReadError,
     ShardWriteError,
@@ -206,7 +207,7 @@ class CheckpointManager:
         tensors: dict[str, torch.Tensor],
         state: dict[str, Any],
         config_yaml: str,
-        placements: dict[str, Placement] | None = None,
+        placements: dict[str, Placement | Fragment] | None = None,
         layout: dict[str, Any] | None = None,
         group=None,
         asynchronous: bool = False,
@@ -397,7 +398,7 @@ def verify(path: Path, contents: bool = True) -> CheckpointMeta:
 
 
 def read_pieces(meta: CheckpointMeta, templates: dict[str, torch.Tensor],
-                placements: dict[str, Placement] | None = None, group=None) -> dict[str, torch.Tensor]:
+                placements: dict[str, Placement | Fragment] | None = None, group=None) -> dict[str, torch.Tensor]:
     """Collective when distributed: fills this rank's `templates` (checkpoint names -> tensors of this rank's
     shapes, placed in the full tensors by `placements`; none: whole tensors) and returns them."""
     try:

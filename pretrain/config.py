@@ -147,6 +147,11 @@ class TrackingConfig:
     run_name: str = ""
     # MLflow calls are batched: metrics are sent every `flush_every` logged steps.
     flush_every: int = 10
+    # A tracking server that does not answer costs training nothing: its data waits and is sent when it answers,
+    # tried at most every `retry_every_s`; at the end the run waits up to `end_wait_s` for it, then keeps what is
+    # unsent in RUN_DIR/mlflow_pending.json (sent by the next start or `pretrain track sync RUN_DIR`).
+    retry_every_s: float = 15.0
+    end_wait_s: float = 60.0
     progress_bar: bool = True
 
 
@@ -542,6 +547,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         ("tracking.flush_every", cfg.tracking.flush_every),
     ]:
         _require(value > 0, key, f"must be a positive integer, got {value}")
+    _require(cfg.tracking.retry_every_s > 0, "tracking.retry_every_s", f"must be > 0, got {cfg.tracking.retry_every_s}")
+    _require(cfg.tracking.end_wait_s >= 0, "tracking.end_wait_s", f"must be >= 0, got {cfg.tracking.end_wait_s}")
     _require(
         m.d_model % m.n_heads == 0,
         "model.d_model",

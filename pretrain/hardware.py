@@ -7,14 +7,11 @@ import time
 
 import torch
 
-# Dense (non-sparse) peak tensor-core throughput, FLOP/s, from vendor datasheets.
-GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
-    "A10": {"bf16": 125e12, "fp32": 31.2e12},
-}
+from cluster.gpu_specs import GPUS
+
+# Dense (non-sparse) peak throughput, FLOP/s, by the substring of the device name that identifies the GPU, in
+# matching order: cluster/gpu_specs.py's table (vendor datasheets, cited there), the one the cost tools read too.
+GPU_PEAK_FLOPS = {name: {"bf16": gpu.bf16, "fp32": gpu.fp32} for name, gpu in GPUS.items()}
 
 
 def precision_key(precision: str) -> str:

@@ -23,6 +23,7 @@ from parallel.engine import PlainEngine
 from parallel.grid import ProcessGrid, coordinates
 from parallel.materialize import materialize
 from parallel.plan import PipelineOptions, parallelize
+from parallel.tensor.comm import all_gather_dim0
 from pretrain.callbacks.base import Callback
 from pretrain.checkpoint import (
     MODEL,
@@ -51,6 +52,7 @@ from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_precision
 from pretrain.preference_objective import METRICS as PREFERENCE_METRICS
 from pretrain.preference_objective import PreferenceObjective
+from pretrain.run_accounting import RunAccounting
 from pretrain.spikes import LossSpikeDetector
 from pretrain.stop import StopRequest
 
@@ -134,11 +136,13 @@ class Trainer:
         self.callbacks = callbacks or []
         self.grid = grid or ProcessGrid.single()
         self.is_main = self.grid.rank == 0
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.accounting = RunAccounting(self.run_dir, cfg.tracking.run_name or self.run_dir.name,
+                                        self.grid.shape.world_size, self.device, writes=self.is_main)
         self.phases_entered = 0  # every rank enters the same phases in the same order: a rank's place in the run
         self.phase = "setup"
         self.current_step = 0  # the step being worked on (its callbacks, evaluation and stop check included)
         self.progress = 0  # moved by every micro-batch read: the watchdog's sign of life
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with warnings.catch_warnings():  # a slow-precision warning once, from the main rank
             if not self.is_main:
                 warnings.simplefilter("ignore", SlowPrecisionWarning)
@@ -213,6 +217,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.initialized_from: dict[str, Any] | None = None  # the checkpoint this run's weights started from
+        self.resumed_ledger: dict[str, Any] | None = None  # the accounting ledger of the checkpoint resumed from
         self.stopped: str | None = None  # why the run stopped before train.steps (a signal), if it did
         self.skipped_steps = 0  # steps not applied because their gradient norm was not finite (train.on_nan=skip)
         self.rollbacks: list[dict[str, int]] = []  # {at_step, to_step} of each rollback (train.on_nan=rollback)
@@ -226,6 +231,7 @@ class Trainer:
             self.flops_per_token = lora_flops_per_token(cfg.model, cfg.data.seq_len, self.adapter_parameters)
         # MFU against all ranks together: each process measures (or looks up) its own device's peak
         self.peak_flops = peak_flops(self.device, t.precision) * self.grid.shape.world_size
+        self.accounting.describe(self.flops_per_token, self.peak_flops / self.grid.shape.world_size, t.precision)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         # chat data supervises some tokens only: every micro-batch's loss is weighted by its share of the global
         # batch's supervised tokens, so accumulation and data parallelism give the gradient of one big batch
@@ -276,6 +282,16 @@ class Trainer:
             with StopRequest(announce=self.is_main) as own:
                 return self.fit(resume, own)
         self.stop_request = stop_request
+        try:
+            return self._fit_watched(resume)
+        except BaseException:
+            self.accounting.record(self.step, self.tokens_seen, status="failed")
+            raise
+        finally:
+            self.train_loader.close()
+            self.val_loader.close()
+
+    def _fit_watched(self, resume: str | None) -> dict[str, Any]:
         if self.heartbeat is None:
             return self._fit(resume)
         self.heartbeat.start()
@@ -305,18 +321,24 @@ class Trainer:
             self.initialize_from(Path(self.cfg.train.init_from))
         if self.objective is not None:
             self.objective.take_reference(self.model, adapters=self.cfg.lora.enabled)
-        if resume:
-            self.resume(resume)
+        checkpoint_ledger = self.resume(resume) if resume else None
+        self.accounting.begin(self.step, checkpoint_ledger)
         if self.step == 0 and self.cfg.train.init_from and not starts_frozen:
             self.initialize_from(Path(self.cfg.train.init_from))
         self._emit("on_train_start")
         if not self._stop_agreed(self.stop_request):  # a signal during start-up stops before the first step
+            self.accounting.charge("training")
             self._train_loop(self.stop_request)
+        if self.last_saved_step != self.step:  # the end of training (or a stop) saves the checkpoint
+            self.save_checkpoint(wait=True)
+        self.wait_for_checkpoint()
+        self.accounting.charge("other")
+        self.accounting.record(self.step, self.tokens_seen, status="stopped" if self.stopped else "finished")
         summary = self.summary(time.perf_counter() - self.attempt_started)
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._emit("on_train_end", summary)
-        self.wait_for_checkpoint()
+        self.accounting.record(self.step, self.tokens_seen)
         return summary
 
     def _stop_agreed(self, stop_request: StopRequest) -> bool:
@@ -355,7 +377,10 @@ class Trainer:
             self.last_train = metrics
             self._emit("on_step_end", metrics)
             if self.step % self.cfg.train.eval_every == 0 or self.step == self.cfg.train.steps:
-                self.run_eval()
+                with self.accounting.charging("evaluation"):
+                    self.run_eval()
+            if self.should_log():
+                self.accounting.record(self.step, self.tokens_seen)
             if self._stop_agreed(stop_request):  # the end of training saves the checkpoint
                 return
 
@@ -521,7 +546,7 @@ class Trainer:
         self.phase = "straggler check"
         world = self.grid.shape.world_size
         times = torch.empty(world, device=self.device)
-        dist.all_gather_into_tensor(times, torch.tensor([compute_seconds], device=self.device))
+        all_gather_dim0(times, torch.tensor([compute_seconds], device=self.device))
         times = times.tolist()
         slowest = max(range(world), key=times.__getitem__)
         skew = times[slowest] - min(times)
@@ -705,6 +730,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "data": self.train_loader.data_fingerprint(),
             "skipped_shards": self.train_loader.skipped_shards,
+            "accounting": self.accounting.state(),
             **({LORA_BASE: self.lora_base()} if self.cfg.lora.enabled else {}),
         }
 
@@ -714,8 +740,13 @@ class Trainer:
     def save_checkpoint(self, wait: bool = False) -> Path:
         """Collective: every rank writes its own shards (replicas once) in parallel, rank 0 commits the checkpoint.
         With `train.async_checkpoint` (and not `wait`) it returns once the shards are copied."""
+        with self.accounting.charging("checkpoint_save"):
+            return self._save_checkpoint(wait)
+
+    def _save_checkpoint(self, wait: bool) -> Path:
         self.wait_for_checkpoint()
         self.phase = "checkpoint save"
+        self.accounting.checkpoint_saving(self.step)
         model = {k: v for k, v in self.engine.model_tensors().items() if k not in self.frozen}
         optimizer = self.engine.optimizer_tensors()
         self._refuse_non_finite(model)
@@ -754,7 +785,10 @@ class Trainer:
             return
         self.phase = "checkpoint save (waiting for the background write)"
         pending, self.pending_save = self.pending_save, None
-        self._emit("on_checkpoint", pending.wait())
+        with self.accounting.charging("checkpoint_save"):
+            path = pending.wait()
+        self.accounting.record(self.step, self.tokens_seen)
+        self._emit("on_checkpoint", path)
 
     def _checkpoint_candidates(self, resume: str) -> tuple[list[Path], dict[str, str]]:
         """Rank 0 lists them (for 'auto': every complete checkpoint, most recently written first, and what is wrong
@@ -771,16 +805,20 @@ class Trainer:
         paths, broken = choice[0]
         return [Path(p) for p in paths], broken
 
-    def resume(self, resume: str) -> None:
+    def resume(self, resume: str) -> dict[str, Any] | None:
         """Continue from a checkpoint; with 'auto', the newest usable one (unusable ones are moved aside with a
         warning). Only a run folder without any checkpoint starts from step 0: if every checkpoint is unusable,
-        this stops with what is wrong with each."""
+        this stops with what is wrong with each. Returns the accounting ledger the checkpoint holds, if any."""
+        with self.accounting.charging("checkpoint_load"):
+            return self._resume(resume)
+
+    def _resume(self, resume: str) -> dict[str, Any] | None:
         self.phase = "checkpoint load"
         candidates, problems = self._checkpoint_candidates(resume)
         if not candidates and not problems:
             if self.is_main:
                 print(f"no checkpoint under {self.checkpoints.root}: starting from step 0", flush=True)
-            return
+            return None
         for path in candidates:
             try:
                 self._load_checkpoint(path)
@@ -799,6 +837,7 @@ class Trainer:
             for name, why in problems.items():
                 if (self.checkpoints.root / name).exists():
                     self.checkpoints.move_aside(self.checkpoints.root / name, why)
+        return self.resumed_ledger
 
     def _load_checkpoint(self, path: Path) -> None:
         """Collective: each rank reads only its own pieces, whatever layout wrote them."""
@@ -836,6 +875,7 @@ class Trainer:
         self.initialized_from = state.get("initialized_from")
         self.skipped_steps = state.get("skipped_steps", 0)
         self.rollbacks = state.get("rollbacks", [])
+        self.resumed_ledger = state.get("accounting")
         self.last_saved_step = self.step
         if self.is_main:
             written = meta.layout
@@ -846,6 +886,10 @@ class Trainer:
     def initialize_from(self, path: Path) -> None:
         """Collective: this rank's pieces of another run's weights (any layout wrote them); the optimizer, the
         schedule and the data position stay fresh."""
+        with self.accounting.charging("checkpoint_load"):
+            self._initialize_from(path)
+
+    def _initialize_from(self, path: Path) -> None:
         self.phase = "initialization from a checkpoint"
         meta = read_meta(path)
         check_initialization_source(meta, self.cfg, self.train_loader.tokenizer_reference())
@@ -915,4 +959,5 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "stopped": self.stopped,
             "skipped_shards": self.train_loader.skipped_shards,
+            "accounting": self.accounting.ledger.totals(),
         }

@@ -1,4 +1,4 @@
-"""Saves a checkpoint every `train.checkpoint_every` steps and at the end of training."""
+"""Saves a checkpoint every `train.checkpoint_every` steps (the trainer saves the last one itself)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,3 @@ class Checkpointing(Callback):
         every = trainer.cfg.train.checkpoint_every
         if trainer.step % every == 0 and trainer.step < trainer.cfg.train.steps:
             trainer.save_checkpoint()
-
-    def on_train_end(self, trainer, summary) -> None:
-        if trainer.last_saved_step != trainer.step:
-            trainer.save_checkpoint(wait=True)
-        trainer.wait_for_checkpoint()

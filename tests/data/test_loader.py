@@ -329,3 +329,13 @@ def test_missing_shard_is_named_when_the_loader_is_built(damaged_dir):
     shard.unlink()
     with pytest.raises(CorruptShardError, match=f"{shard.name} is missing"):
         make(damaged_dir)
+
+
+def test_close_ends_the_workers_and_reading_goes_on_from_the_same_window(tiny_dir):
+    reference = windows(take(make(tiny_dir, mb=4, gbs=8), 6))
+    loader = make(tiny_dir, mb=4, gbs=8, num_workers=2)
+    first = take(loader, 3)
+    workers = loader._iterator._workers
+    loader.close()
+    assert all(w.exitcode is not None for w in workers)
+    assert np.array_equal(windows([*first, *take(loader, 3)]), reference)
