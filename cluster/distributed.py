@@ -90,3 +90,13 @@ def init_distributed(timeout_s: float) -> DistEnv:
             backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )
     return denv
+
+
+def finish_distributed() -> None:
+    """After a rank's work has ended normally: waits for the others, then tears the process groups down. A
+    process that exits with gloo's groups alive can abort in their destructors ("terminate called without an
+    active exception") once the interpreter is gone, so a finished rank would fail its job. Not called after an
+    error: a peer may still be inside a collective, and the barrier would wait for it until the timeout."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

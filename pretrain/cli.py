@@ -8,11 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
+from cluster.submit import add_launch_parser
 from pretrain.config import ConfigError, load_config, validate_world_size
 from pretrain.generate_cli import add_generate_parser
+from pretrain.track_cli import add_track_parser
+from tools.cost_cli import add_cost_parser
 
 
 def _user_facing_errors() -> tuple[type[Exception], ...]:
+    """Imported when an error reaches `main`: the launcher of a multi-process run never loads the checkpoint code."""
     from data.shards.manifest import ManifestError
     from data.shards.reader import CorruptShardError
     from data.sources import SourceError
@@ -23,7 +27,20 @@ def _user_facing_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, CollectiveError, ConversionError, CorruptShardError, ManifestError, SourceError)
 
 
-USER_FACING_ERRORS = _user_facing_errors()
+def report_error(exc: Exception) -> int | None:
+    """Prints an error the user can act on as one line and gives the exit code (2: the config or command line, 1:
+    anything else); None for any other exception (a bug), whose traceback is wanted."""
+    if isinstance(exc, ConfigError):
+        code = 2
+    elif isinstance(exc, _user_facing_errors()):
+        code = 1
+    else:
+        return None
+    from pretrain.fault_injection import signal_point
+
+    signal_point("error report")
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return code
 
 
 def default_run_dir(config_path: str) -> Path:
@@ -43,7 +60,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def _train_on_this_rank(cfg, run_dir: Path, resume: str | None, stop_request, main_rank: bool) -> dict:
-    from cluster.distributed import init_distributed
+    from cluster.distributed import finish_distributed, init_distributed
     from parallel.grid import GridShape, ProcessGrid
     from pretrain.callbacks import default_callbacks
     from pretrain.trainer import Trainer
@@ -64,7 +81,9 @@ def _train_on_this_rank(cfg, run_dir: Path, resume: str | None, stop_request, ma
             print(f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}): {trainer.adapter_parameters:,} trainable "
                   f"parameters ({100 * trainer.adapter_parameters / trainer.num_parameters:.2f}% of the model), "
                   f"the base frozen at {cfg.train.init_from}", flush=True)
-    return trainer.fit(resume=resume, stop_request=stop_request)
+    summary = trainer.fit(resume=resume, stop_request=stop_request)
+    finish_distributed()  # rank 0 has written summary.json once every rank is past this
+    return summary
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,7 +150,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main_rank = launcher.rank == 0
     with StopRequest(announce=main_rank) as stop_request:  # from here on a signal stops the run cleanly
-        summary = _train_on_this_rank(cfg, run_dir, args.resume, stop_request, main_rank)
+        try:
+            summary = _train_on_this_rank(cfg, run_dir, args.resume, stop_request, main_rank)
+        except Exception as exc:
+            # Said while the handler is still in place: once a peer has failed the launcher stops this rank with
+            # SIGTERM, which the default action would turn into a silent death between here and `main`.
+            stop_request.announce = False
+            code = report_error(exc)
+            if code is None:
+                raise
+            return code
     if not main_rank:
         return 0
     if summary["stopped"]:
@@ -230,7 +258,7 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
 def cmd_convert_reshard(args: argparse.Namespace) -> int:
     import shutil
 
-    from cluster.distributed import env_from_launcher, init_distributed
+    from cluster.distributed import env_from_launcher, finish_distributed, init_distributed
     from parallel.grid import GridShape, ProcessGrid
     from tools.reshard import Source, check_overrides, reshard_rank, staging_root
 
@@ -258,6 +286,7 @@ def cmd_convert_reshard(args: argparse.Namespace) -> int:
     grid = (ProcessGrid.build(GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep), denv.world_size, denv.rank,
                               p.timeout_s) if denv.world_size > 1 else ProcessGrid.single())
     written = reshard_rank(source, out, cfg, grid)
+    finish_distributed()
     if written is not None:
         from pretrain.checkpoint import read_meta
 
@@ -513,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="change the checkpoint's config, e.g. model.rope.scaling=yarn")
     evaluation.set_defaults(func=cmd_eval)
     add_generate_parser(sub)
+    add_launch_parser(sub)
+    add_cost_parser(sub)
 
     recipe = sub.add_parser("recipe", help="run a lifecycle of phases (pretrain, context extension, SFT, DPO), each "
                             "from the previous one's final checkpoint; running it again continues where it stopped")
@@ -583,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the target layout, e.g. parallel.tp=2 parallel.dp=1 (default: the source's)")
     reshard.set_defaults(func=cmd_convert_reshard)
     _add_consolidate_parser(convert_sub, "consolidate")
+    add_track_parser(sub)
     return parser
 
 
@@ -595,18 +627,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
-        if args.command not in ("train", "plan", "eval") and getattr(args, "convert_command", None) != "reshard":
+        if (args.command not in ("train", "plan", "eval", "launch")
+                and getattr(args, "convert_command", None) != "reshard"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except USER_FACING_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        code = report_error(exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

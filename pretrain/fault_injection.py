@@ -5,8 +5,11 @@
                                          has written its shards of the step's checkpoint, before the checkpoint is
                                          committed).
     PRETRAIN_TEST_SIGNAL=WHERE[:STEP]    every rank sends itself SIGTERM at that point: "setup" (the trainer and
-                                         its data loaders built, before the first step) or "evaluation" (as the
-                                         evaluation after step STEP starts).
+                                         its data loaders built, before the first step), "evaluation" (as the
+                                         evaluation after step STEP starts), "error report" (just before a
+                                         failed command prints its error: the launcher's stop reaching a rank
+                                         whose peer has failed) or "between phases" (`pretrain recipe`, once a
+                                         phase and its evaluation are done).
     PRETRAIN_TEST_SLOW=RANK:SECONDS      that rank sleeps this long in every step before the gradient reduction (a
                                          straggler).
 """

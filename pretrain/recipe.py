@@ -6,11 +6,12 @@ with all their steps) are skipped, an interrupted one resumes from its newest ch
 running the same command again continues a half-done recipe where it stopped. The data a phase needs is prepared
 first when missing; after a phase, `pretrain eval` runs the tasks it lists. With MLflow on, the recipe is one parent
 run and each phase a child run in one experiment. At the end: a table per phase (RUN_DIR/results.md and .json).
+A stop signal (Ctrl-C, SIGTERM, a scheduler's warning) at any time ends the recipe with exit code 75 once the
+running phase has saved (`Steps`), and the same command continues it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.callbacks.mlflow_tracking import PARENT_RUN_ENV
 from pretrain.config import ConfigError, load_config
+from pretrain.fault_injection import signal_point
+from pretrain.stop import EXIT_RESUMABLE, StopSignalHandler
 
 
 @dataclass
@@ -90,7 +93,7 @@ def newest_checkpoint(phase_dir: Path) -> Path | None:
     return valid[-1] if valid else None
 
 
-def merged_if_adapters(checkpoint: Path, phase_dir: Path, env: dict[str, str], name: str) -> Path:
+def merged_if_adapters(checkpoint: Path, phase_dir: Path, steps: Steps, name: str) -> Path:
     """A LoRA phase's checkpoint holds adapters only: the next phase (and the evaluation) starts from the merged
     weights, written once to PHASE_DIR/merged/step_N."""
     from pretrain.checkpoint import read_meta
@@ -101,7 +104,7 @@ def merged_if_adapters(checkpoint: Path, phase_dir: Path, env: dict[str, str], n
     merged = phase_dir / "merged" / checkpoint.name
     if not (merged / "meta.json").is_file():
         merged.parent.mkdir(parents=True, exist_ok=True)
-        _run(_cli("checkpoint", "merge", str(checkpoint), str(merged)), env, f"{name}: merge the LoRA adapters")
+        steps.run(_cli("checkpoint", "merge", str(checkpoint), str(merged)), f"{name}: merge the LoRA adapters")
     return merged
 
 
@@ -119,38 +122,63 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pretrain.cli", *args]
 
 
-@contextlib.contextmanager
-def _waiting_for_child():
-    """Ctrl-C or SIGTERM reach the phase too (same process group): it finishes its step, saves and exits 75, and the
-    recipe passes that on instead of dying first."""
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+class Steps(StopSignalHandler):
+    """Runs the recipe's steps (a phase's training, a data preparation, an evaluation, a merge) one process at a
+    time, and stops the recipe on a signal without losing anything.
+
+    SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 to the recipe, to its process alone (`kill PID`) or to its process group
+    (Ctrl-C, a scheduler): the running step is sent one SIGTERM (not for SIGINT, which a terminal sends the whole group
+    anyway: a second signal that is SIGINT would abort a phase instead of letting it save), so a phase finishes its
+    step, saves a checkpoint and exits 75; the recipe then exits 75 instead of going on to the next step, and the same
+    command continues it. A signal between steps stops the recipe before the next one."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.requested: str | None = None
+        self.child: subprocess.Popen | None = None
+
+    def _handle(self, signum, frame) -> None:
+        first = self.requested is None
+        self.requested = self.requested or signal.Signals(signum).name
+        running = self.child is not None and self.child.poll() is None
+        if running and signum != signal.SIGINT:
+            self.child.send_signal(signal.SIGTERM)
+        if first:
+            print(f"recipe: {self.requested} received: "
+                  + ("the running step stops (a phase saves a checkpoint), then " if running else "")
+                  + "the recipe stops; the same command continues it", flush=True)
+
+    def stop_if_requested(self) -> None:
+        if self.requested is not None:
+            print(f"recipe: stopped by {self.requested}; run the same command again to continue (exit code "
+                  f"{EXIT_RESUMABLE})", flush=True)
+            raise SystemExit(EXIT_RESUMABLE)
+
+    def run(self, command: list[str], what: str) -> None:
+        self.stop_if_requested()
+        print(f"recipe: {what}: {' '.join(command[2:])}", flush=True)
+        self.child = subprocess.Popen(command, env=self.env)
+        if self.requested is not None:  # arrived while the step was being started: it has not seen it
+            self.child.send_signal(signal.SIGTERM)
+        try:
+            code = self.child.wait()
+        finally:
+            self.child = None
+        self.stop_if_requested()  # whatever the step's exit code: it was stopped, or finished just before
+        if code:
+            if code == EXIT_RESUMABLE:
+                raise SystemExit(EXIT_RESUMABLE)  # stopped on request, checkpoint saved: the same command continues
+            raise RuntimeError(f"recipe: {what} failed (exit code {code}); run the same command again to continue "
+                               "from where it stopped")
 
 
-def _run(command: list[str], env: dict[str, str], what: str) -> None:
-    print(f"recipe: {what}: {' '.join(command[2:])}", flush=True)
-    with _waiting_for_child():
-        code = subprocess.run(command, env=env).returncode
-    if code:
-        from pretrain.stop import EXIT_RESUMABLE
-
-        if code == EXIT_RESUMABLE:
-            raise SystemExit(EXIT_RESUMABLE)  # stopped on request, checkpoint saved: the same command continues
-        raise RuntimeError(f"recipe: {what} failed (exit code {code}); run the same command again to continue "
-                           "from where it stopped")
-
-
-def prepare_data(phase: PhaseSpec, env: dict[str, str]) -> None:
+def prepare_data(phase: PhaseSpec, steps: Steps) -> None:
     for arguments in phase.prepare:
         out = Path(arguments[arguments.index("--out") + 1]) if "--out" in arguments else None
         if out is not None and any((out / name).is_file() for name in
                                    ("manifest.json", "chat_manifest.json", "preference_manifest.json")):
             continue
-        _run(_cli("data", "prepare", *arguments), env, f"{phase.name}: prepare data")
+        steps.run(_cli("data", "prepare", *arguments), f"{phase.name}: prepare data")
 
 
 class RecipeTracking:
@@ -174,12 +202,13 @@ class RecipeTracking:
                                              tags={"run_dir": str(run_dir.resolve())}).info.run_id
         id_file.write_text(self.run_id)
 
-    def finish(self, results: list[dict[str, Any]], table: Path) -> None:
+    def finish(self, results: list[dict[str, Any]], files: list[Path]) -> None:
         for row in results:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "steps":
                     self.client.log_metric(self.run_id, f"{row['phase']}/{key}", float(value))
-        self.client.log_artifact(self.run_id, str(table))
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
@@ -192,13 +221,29 @@ def run_recipe(path: Path, run_dir: Path | None = None) -> list[dict[str, Any]]:
     tracking = RecipeTracking(recipe, run_dir) if recipe.mlflow else None
     if tracking is not None:
         env[PARENT_RUN_ENV] = tracking.run_id
+    with Steps(env) as steps:
+        results = _run_phases(recipe, run_dir, steps)
+    table = run_dir / "results.md"
+    table.write_text("\n".join(format_results(results)) + "\n")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    from tools.cost_report import write_cost_report
+
+    cost_files = write_cost_report(run_dir)  # every phase's ledger: one table and plot
+    print(f"recipe: cost report {cost_files[0]}", flush=True)
+    if tracking is not None:
+        tracking.finish(results, [table, *cost_files])
+    return results
+
+
+def _run_phases(recipe: RecipeSpec, run_dir: Path, steps: Steps) -> list[dict[str, Any]]:
+    """Each phase not done yet: its data, its training, its evaluation; then its row of the results."""
     previous: Path | None = None
     results = []
     for phase in recipe.phases:
         phase_dir = run_dir / phase.name
         started = time.perf_counter()
         if phase_done(phase_dir) is None:
-            prepare_data(phase, env)
+            prepare_data(phase, steps)
             command = _cli("train", phase.config, "--run-dir", str(phase_dir), "--resume", "auto")
             if previous is not None:
                 command += ["--init-from", str(previous)]
@@ -207,23 +252,19 @@ def run_recipe(path: Path, run_dir: Path | None = None) -> list[dict[str, Any]]:
             tracking_options = [f"tracking.experiment={recipe.name}", f"tracking.run_name={phase.name}"]
             if not recipe.mlflow:
                 tracking_options.append("tracking.mlflow=false")
-            _run(command + [*phase.overrides, *tracking_options], env, f"phase {phase.name}")
+            steps.run(command + [*phase.overrides, *tracking_options], f"phase {phase.name}")
         else:
             print(f"recipe: phase {phase.name} already done ({phase_dir})", flush=True)
         previous = newest_checkpoint(phase_dir)
         if previous is None:
             raise RuntimeError(f"recipe: phase {phase.name} left no checkpoint in {phase_dir / 'checkpoints'}")
-        previous = merged_if_adapters(previous, phase_dir, env, phase.name)
+        previous = merged_if_adapters(previous, phase_dir, steps, phase.name)
         evaluation = phase_dir / "eval.json"
         if phase.eval_tasks and not evaluation.is_file():
-            _run(_cli("eval", str(previous), "--tasks", ",".join(phase.eval_tasks), "--out", str(evaluation),
-                      *([] if recipe.mlflow else ["--no-mlflow"]), *phase.eval_args), env, f"{phase.name}: evaluate")
+            steps.run(_cli("eval", str(previous), "--tasks", ",".join(phase.eval_tasks), "--out", str(evaluation),
+                           *([] if recipe.mlflow else ["--no-mlflow"]), *phase.eval_args), f"{phase.name}: evaluate")
         results.append(phase_result(phase.name, phase_dir, evaluation, time.perf_counter() - started))
-    table = run_dir / "results.md"
-    table.write_text("\n".join(format_results(results)) + "\n")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    if tracking is not None:
-        tracking.finish(results, table)
+        signal_point("between phases")
     return results
 
 

@@ -69,3 +69,17 @@ def test_nccl_watchdog_settings_surface_errors_in_python_and_keep_the_users():
     assert int(applied["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0 and applied["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     mine = nccl_watchdog_environment({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "0"})
     assert set(mine) == {"TORCH_NCCL_DUMP_ON_TIMEOUT"}
+
+
+def test_finish_distributed_tears_the_process_groups_down(tmp_path):
+    """A finished rank leaves no gloo group alive for the interpreter's teardown (where its destructors can abort
+    the process: "terminate called without an active exception", seen on a rank of a finished DeepSpeed job)."""
+    import torch.distributed as dist
+
+    from cluster.distributed import finish_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.new_group([0])
+    finish_distributed()
+    assert not dist.is_initialized()
+    finish_distributed()  # nothing to do: no error

@@ -105,6 +105,79 @@ def test_a_recipe_runs_every_phase_and_continues_after_a_stop(tmp_path, tiny_dat
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert children == {"pretrain", "long_context", "sft", "dpo"}
 
+    # GPU-hour accounting: a ledger per phase, the stopped phase in two attempts, one cost report for the recipe
+    from cluster.accounting import read_ledgers
+
+    ledgers = {ledger.phase: ledger for ledger in read_ledgers(run_dir)}
+    assert list(ledgers) == ["pretrain", "long_context", "sft", "dpo"]
+    stopped, resumed = ledgers["sft"].attempts
+    assert stopped.status == "stopped" and stopped.last_step == stopped_at and stopped.seconds["badput_lost"] == 0
+    assert resumed.status == "finished" and resumed.first_step == stopped_at and resumed.seconds["badput_restart"] > 0
+    assert all(len(ledgers[p].attempts) == 1 for p in ("pretrain", "long_context", "dpo"))
+    report = (run_dir / "cost_report.md").read_text()
+    assert all(f"| {phase} |" in report for phase in ledgers) and (run_dir / "cost_report.png").is_file()
+    assert {"cost_report.md", "cost_report.png", "results.md"} <= {a.path for a in client.list_artifacts(parent)}
+    assert "cost_report.md" in {a.path for a in client.list_artifacts(next(
+        r.info.run_id for r in runs if r.info.run_name == "sft"))}
+
+
+def two_phase_recipe(tmp_path, tiny_data, first_steps: int) -> Path:
+    def phase(name: str, steps: int) -> dict:
+        return {"name": name, "config": str(ROOT / "configs" / "tiny.yaml"),
+                "overrides": [*TINY_MODEL, f"data.dir={tiny_data}", *COMMON, f"train.steps={steps}",
+                              f"train.checkpoint_every={steps}", f"train.eval_every={steps}"]}
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "two_phases", "mlflow": False,
+                                    "phases": [phase("first", first_steps), phase("second", 2)]}))
+    return path
+
+
+def train_steps(phase_dir: Path) -> list[int]:
+    metrics = phase_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "train"]
+
+
+def finish_and_check(path: Path, run_dir: Path, env: dict, first_steps: int) -> str:
+    again = subprocess.run(recipe_command(path, run_dir), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert max(train_steps(run_dir / "first")) == first_steps and max(train_steps(run_dir / "second")) == 2
+    return again.stdout
+
+
+def test_sigterm_to_the_recipe_alone_stops_the_running_phase_and_the_recipe(tmp_path, tiny_data):
+    """`kill PID` of the recipe (not of its process group): the phase running gets SIGTERM, saves and exits 75, and
+    the recipe exits 75 without starting the next phase; the same command continues."""
+    path, run_dir = two_phase_recipe(tmp_path, tiny_data, first_steps=400), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    recipe = subprocess.Popen(recipe_command(path, run_dir), cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not train_steps(run_dir / "first") and recipe.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recipe.poll() is None, recipe.communicate()[0][-3000:]
+    os.kill(recipe.pid, signal.SIGTERM)
+    output, _ = recipe.communicate(timeout=120)
+    assert recipe.returncode == 75, output[-3000:]
+    assert "recipe: SIGTERM received: the running step stops" in output and "recipe: stopped by SIGTERM" in output
+    stopped_at = max(train_steps(run_dir / "first"))
+    assert stopped_at < 400 and json.loads((run_dir / "first" / "summary.json").read_text())["stopped"] == "SIGTERM"
+    assert not (run_dir / "second").exists(), output[-3000:]
+    assert f"resumed from {run_dir / 'first' / 'checkpoints'}" in finish_and_check(path, run_dir, env, 400)
+
+
+def test_a_signal_between_phases_stops_the_recipe_before_the_next(tmp_path, tiny_data):
+    path, run_dir = two_phase_recipe(tmp_path, tiny_data, first_steps=2), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.run(recipe_command(path, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**env, "PRETRAIN_TEST_SIGNAL": "between phases"})
+    assert stopped.returncode == 75, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "recipe: stopped by SIGTERM" in stopped.stdout and not (run_dir / "second").exists()
+    assert "phase first already done" in finish_and_check(path, run_dir, env, 2)
+
 
 def test_a_bad_phase_config_fails_before_any_phase_runs(tmp_path):
     path = tmp_path / "recipe.yaml"
