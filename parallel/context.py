@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from parallel.tensor import comm
@@ -84,6 +83,8 @@ def _lower_right_causal(queries: int, keys: int, device):
     materialized mask; GPU kernels handle it natively), or the same boolean mask under a dispatch mode (e.g. the
     communication counter), where torch cannot create that tensor subclass."""
     if _get_current_dispatch_mode() is None:
+        from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: 1.5 s a process, CP only
+
         return causal_lower_right(queries, keys)
     i = torch.arange(keys - queries, keys, device=device).unsqueeze(1)
     return torch.arange(keys, device=device).unsqueeze(0) <= i

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,6 @@ from parallel.experts import apply_expert_parallel
 from parallel.grad_norm import clip_grad_norm
 from parallel.grid import ProcessGrid
 from parallel.pipeline.partition import plan_stages, stages_of_rank
-from parallel.pipeline.runner import PipelineRunner
 from parallel.pipeline.stages import StageModule, last_stage_holds_embedding, prune_model
 from parallel.tensor.apply import (
     ShardSpec,
@@ -32,6 +32,9 @@ from parallel.tensor.apply import (
 from parallel.tensor.loss import vocab_parallel_lm_loss, vocab_parallel_token_logprobs
 from pretrain.model.loss import lm_loss
 from pretrain.model.preference_loss import token_logprobs
+
+if TYPE_CHECKING:
+    from parallel.pipeline.runner import PipelineRunner
 
 
 @dataclass
@@ -224,6 +227,8 @@ def _pipeline(model: nn.Module, grid: ProcessGrid, options: PipelineOptions, sp:
     stages = [StageModule(model, ranges[s], s == 0, s == num_stages - 1, seq_len) for s in stage_ids]
     prune_model(model, {i for s in stage_ids for i in ranges[s]}, has_first, has_last)
     tokens = seq_len // grid.size("tp") if sp else seq_len
+    from parallel.pipeline.runner import PipelineRunner  # torch.distributed.pipelining imports torch._dynamo (1.5 s)
+
     runner = PipelineRunner(
         stages, stage_ids, num_stages, grid.group("pp"), grid.group_ranks["pp"], options.schedule,
         options.n_microbatches, lambda batch: (batch, tokens, model.cfg.d_model),

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 # torch >= 2.12 names the dim-0 collectives *_single; older releases only have the *_tensor names.
-_all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _world(group) -> int:
@@ -44,7 +44,7 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_dim0(out, moved, group=group)
+    all_gather_dim0(out, moved, group=group)
     # contiguous: every layer reading the gathered input (q/k/v, gate/up) would otherwise flatten its own copy
     return out.movedim(0, dim).contiguous()
 
@@ -55,7 +55,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if moved.shape[0] % world:
         raise ValueError(f"dim {dim} of size {moved.shape[0]} is not divisible by the tensor-parallel size {world}")
     out = torch.empty((moved.shape[0] // world, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_dim0(out, moved, group=group)
+    reduce_scatter_dim0(out, moved, group=group)
     return out.movedim(0, dim)
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from data.prepare import prepare_dataset
@@ -11,9 +13,25 @@ def parallel_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def single(parallel_data, tmp_path_factory):
-    """The reference: one process, plain engine, 8 steps, checkpoints at steps 4 and 8."""
-    from tests.parallel.cli_runs import train
+def shared_run(parallel_data, tmp_path_factory):
+    """`shared_run(*overrides, nproc=N)` -> (run folder, {step: loss}) of `train`: runs that several tests read but
+    none changes (their curves, their checkpoints to resume or convert elsewhere) run once per session."""
+    from tests.parallel.cli_runs import train, train_metrics
 
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    return run_dir, train(parallel_data, run_dir)
+    done: dict[tuple, Path] = {}
+
+    def run(*overrides: str, nproc: int | None = None):
+        key = (overrides, nproc)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("shared_run") / "run"
+            train(parallel_data, run_dir, *overrides, nproc=nproc)
+            done[key] = run_dir
+        return done[key], {step: r["loss"] for step, r in train_metrics(done[key]).items()}
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def single(shared_run):
+    """The reference: one process, plain engine, 8 steps, checkpoints at steps 4 and 8."""
+    return shared_run()

@@ -33,12 +33,12 @@ ZERO3_DP2 = ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"
     ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2", "zero3->zero1", "zero3->dp2", "zero3->dp1",
          "tp2->zero2", "pp2zero1->dp1", "tp2sp async recompute->pp2 recompute", "cp2->tp2"],
 )
-def test_resume_at_another_layout_continues_the_curve(parallel_data, single, tmp_path, writer, reader):
+def test_resume_at_another_layout_continues_the_curve(parallel_data, single, shared_run, tmp_path, writer, reader):
     _, reference = single
-    sharded = train(parallel_data, tmp_path / "written", *writer, nproc=2)
+    written, sharded = shared_run(*writer, nproc=2)
     for step in range(1, 9):
         assert abs(sharded[step] - reference[step]) < TOL, (step, sharded[step], reference[step])
-    checkpoint = tmp_path / "written" / "checkpoints" / "step_00000004"
+    checkpoint = written / "checkpoints" / "step_00000004"
     nproc = 2 if reader else None
     resumed = train(parallel_data, tmp_path / "resumed", *reader, nproc=nproc, resume=checkpoint)
     assert sorted(resumed) == [5, 6, 7, 8]

@@ -56,10 +56,8 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def tp2_run(parallel_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reshard") / "tp2"
-    train(parallel_data, run, "parallel.tp=2", nproc=2)
-    return run
+def tp2_run(shared_run) -> Path:
+    return shared_run("parallel.tp=2", nproc=2)[0]
 
 
 def test_tp2_to_whole_tensors_and_back_gives_the_runs_own_shard_files(tp2_run, tmp_path):

@@ -33,12 +33,12 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_zero_matches_one_process(parallel_data, single, tmp_path, name):
+def test_zero_matches_one_process(single, shared_run, name):
     extra, nproc = LAYOUTS[name]
     ref_dir, _ = single
-    train(parallel_data, tmp_path / "run", *extra, nproc=nproc)
-    assert_curve_matches(tmp_path / "run", ref_dir)
-    optimizer, ref_model, ref_optimizer = assert_final_checkpoint_matches(tmp_path / "run", ref_dir)
+    run_dir, _ = shared_run(*extra, nproc=nproc)
+    assert_curve_matches(run_dir, ref_dir)
+    optimizer, ref_model, ref_optimizer = assert_final_checkpoint_matches(run_dir, ref_dir)
     assert optimizer.keys() == ref_optimizer.keys()
     initial, _ = checkpoint_tensors(ref_dir / "checkpoints/step_00000004")
     assert max((ref_model[k] - initial[k]).abs().max().item() for k in ref_model) > 1e-3  # training moved them

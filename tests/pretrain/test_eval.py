@@ -14,7 +14,9 @@ def test_long_ppl_at_the_trained_length_is_the_runs_validation_loss(base_run):
     report = evaluate_checkpoint(base_run["checkpoint"], EvalSettings(tasks=("long_ppl",), windows=8, buckets=4))
     r = report["long_ppl"]
     assert r["seq_len"] == 64 and r["windows"] == 8 and report["step"] == 4
-    assert r["loss"] == pytest.approx(base_run["summary"]["val_loss"], abs=1e-5)
+    # the same windows in other batch shapes: equal up to summation order (2e-6 relative on an AVX-512 CPU); other
+    # windows would be off by ~1e-2
+    assert r["loss"] == pytest.approx(base_run["summary"]["val_loss"], rel=1e-5)
     assert [(b["start"], b["end"]) for b in r["buckets"]] == [(0, 16), (16, 32), (32, 48), (48, 64)]
     assert sum(b["loss"] for b in r["buckets"]) / 4 == pytest.approx(r["loss"], abs=1e-6)
 

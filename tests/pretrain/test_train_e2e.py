@@ -73,6 +73,8 @@ def test_run_folder_contents(tiny_overrides, tmp_path):
     assert [x["step"] for x in records if x["split"] == "val"] == [6, 12]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert [p.name for p in sorted((r / "checkpoints").iterdir())] == ["step_00000008", "step_00000012"]
+    assert "| **total** |" in (r / "cost_report.md").read_text()
+    assert not (r / "cost_report.png").exists()  # drawn for tracked runs only
 
 
 def test_training_learns_below_unigram_entropy(tiny_overrides, tmp_path):
@@ -101,7 +103,7 @@ def test_mlflow_sqlite_store_gets_params_metrics_and_artifacts(tiny_overrides, t
     assert len(client.get_metric_history(mlrun.info.run_id, "loss")) == 12
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_loss")] == [6, 12]
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
-    assert {"config.yaml", "loss_curve.png", "summary.json"} <= artifacts
+    assert {"config.yaml", "loss_curve.png", "summary.json", "cost_report.md", "cost_report.png"} <= artifacts
     assert (tmp_path / "runs" / "mlartifacts" / mlrun.info.run_id / "artifacts" / "summary.json").is_file()
     assert not (tmp_path / "mlruns").exists()
 
