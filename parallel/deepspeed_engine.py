@@ -7,9 +7,10 @@
   tensor hooks during backward, before ZeRO reduces or partitions them.
 - The optimizer is our torch AdamW (with our weight-decay groups); the trainer sets its learning rate every
   step as in the plain engine. Precision: fp32, or bf16 with DeepSpeed's fp32 master weights.
-- Checkpoints stay layout-free: parameters and AdamW states are assembled whole over the data-parallel group
-  with DeepSpeed's `safe_get_full_*` and restored with `safe_set_full_*`, so a ZeRO-3 DP=2 checkpoint resumes
-  as ZeRO-1, with the plain engine, or on one process.
+- Checkpoints stay layout-free without assembling anything: each rank writes the range of each fp32 parameter and
+  AdamW state that its ZeRO partition holds (`fragments()`: ZeRO-1/2's `_hp_mapping`, ZeRO-3's local partition),
+  placed in the full tensor by the sharded checkpoint format; a load restores them with `safe_set_full_*`, so a
+  ZeRO-3 DP=2 checkpoint resumes as ZeRO-1, with the plain engine, or on one process.
 - `deepspeed.initialize` runs lazily (first step, save or load), after a resume has put the checkpoint's
   weights into the plain model.
 - With pipeline parallelism (ZeRO-0/1) the schedule runs the backward; DeepSpeed then reduces the accumulated
@@ -17,8 +18,8 @@
   stage's copy of the embedding is left out of DeepSpeed's optimizer: its gradient is summed into the first
   stage's, which DeepSpeed updates (and counts once in the grad norm), and the updated weight is broadcast back.
 - With expert parallelism (ZeRO-1/2), DeepSpeed's MoE support reduces and partitions the expert weights over our
-  `expert_dp` group and the rest over `dp` (parallel/deepspeed_moe.py); the checkpoint gathers each rank's experts
-  whole over `expert_dp` here; the sharded checkpoint stores them as this rank's piece of the `ep`-split tensor.
+  `expert_dp` group and the rest over `dp` (parallel/deepspeed_moe.py); each rank writes its partition's range of
+  its experts, placed in the `ep`-split tensor.
 """
 
 from __future__ import annotations
@@ -230,15 +231,58 @@ class DeepSpeedEngine:
             dist.broadcast(self.model.embed.weight.data, src=self.plan.grid.group_ranks["embedding"][0], group=group)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        """Whole fp32 parameters (collective over the data-parallel group) and persistent buffers."""
-        from deepspeed.utils import safe_get_full_fp32_param
+    @staticmethod
+    def _partition(p: nn.Parameter) -> tuple[tuple[int, ...], int, int] | None:
+        """(p's shape, first element, element count) of this rank's part of p's fp32 master weight and AdamW
+        states, in p's row-major order (count 0: it holds none); None where DeepSpeed keeps no partition of p."""
+        if hasattr(p, "ds_id"):  # ZeRO-3: partition rank r holds elements [r * size, (r + 1) * size), the last padded
+            size = p.ds_tensor.ds_numel
+            start = dist.get_rank(group=p.ds_process_group) * size  # DeepSpeed's own partition rank
+            return tuple(p.ds_shape), start, max(0, min(size, p.ds_numel - start))
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer: a range of p, or None
+            address = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+            return tuple(p.shape), address.start if address else 0, address.numel if address else 0
+        return None
 
+    @staticmethod
+    def _local_values(p: nn.Parameter, key: str | None, count: int) -> torch.Tensor:
+        """This rank's part of p's fp32 master weight (key None) or AdamW state `key`: `count` elements, 1-D."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if hasattr(p, "ds_id"):
+            local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        else:
+            local = p._hp_mapping.get_hp_fragment(key)
+        return local[:count].detach().float().cpu().clone()
+
+    def _held(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters this rank writes: all but the last stage's copy of a tied embedding (the first stage's
+        ranks write it)."""
+        return [(name, p) for name, p in self._params() if p is not self.tied_copy]
+
+    def fragments(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """For each parameter whose checkpoint tensors on this rank are a ZeRO partition's range rather than the
+        whole (tensor-parallel) piece: (the piece's shape, the range's first element). No communication."""
         self.initialize()
         out = {}
-        for name, p in self._params():
-            full = safe_get_full_fp32_param(p)  # None for a parameter DeepSpeed does not own (a tied copy)
-            out[name] = (p if full is None else full).detach().float().cpu().clone()
+        for name, p in self._held():
+            partition = self._partition(p)
+            if partition is not None and partition[2] > 0:
+                out[name] = partition[:2]
+        return out
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's part of every fp32 parameter, without any collective: its ZeRO partition's range (1-D, placed
+        by `fragments()`) or nothing where it holds none, the whole piece where DeepSpeed keeps no partition; and
+        the persistent buffers."""
+        self.initialize()
+        out = {}
+        for name, p in self._held():
+            partition = self._partition(p)
+            if partition is None:
+                out[name] = p.detach().float().cpu().clone()
+            elif partition[2] > 0:
+                out[name] = self._local_values(p, None, partition[2])
         buffers = {k: v for k, v in model_tensors(self.model).items() if k not in dict(self.model.named_parameters())}
         return out | buffers
 
@@ -249,18 +293,15 @@ class DeepSpeedEngine:
         return torch.zeros((), dtype=torch.float32)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
+        """AdamW's moments as this rank's ranges (as `model_tensors`), and the step count."""
         self.initialize()
         step = self._base_step()
         out = {}
-        for name, p in self._params():
-            if p is self.tied_copy:
-                continue
-            for key in ADAM_STATES:
-                value = safe_get_full_optimizer_state(p, key)
-                if value is not None:
-                    out[f"{name}/{key}"] = value.detach().cpu().clone()
+        for name, p in self._held():
+            partition = self._partition(p)
+            if partition is not None and partition[2] > 0:
+                for key in ADAM_STATES:
+                    out[f"{name}/{key}"] = self._local_values(p, key, partition[2])
             out[f"{name}/step"] = step.clone()
         return out
 

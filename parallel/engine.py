@@ -3,8 +3,9 @@ reads and restores. `PlainEngine` is our own (gradient sync from the plan, globa
 `parallel.deepspeed_engine.DeepSpeedEngine` hands the same work to DeepSpeed ZeRO. The trainer only talks to
 this interface, so the engine is chosen by config (`deepspeed.enabled`).
 
-Checkpoint tensors are this rank's (tensor/pipeline-parallel) shards, whole over the data-parallel group:
-parameters by name, optimizer states as '<parameter>/<key>' (AdamW: step, exp_avg, exp_avg_sq).
+Checkpoint tensors are this rank's (tensor/pipeline-parallel) pieces: parameters by name, optimizer states as
+'<parameter>/<key>' (AdamW: step, exp_avg, exp_avg_sq); whole here, or a ZeRO partition's range of the piece where
+`fragments()` names one (DeepSpeed).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class PlainEngine:
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         return optimizer_tensors(self.model, self.optimizer)
+
+    def fragments(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Every checkpoint tensor is a whole piece: none is a range of one."""
+        return {}
 
     def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source,
              missing_ok: frozenset[str] = frozenset()) -> None:

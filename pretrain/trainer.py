@@ -53,6 +53,7 @@ from pretrain.precision import PrecisionChoice, SlowPrecisionWarning, choose_pre
 from pretrain.preference_objective import METRICS as PREFERENCE_METRICS
 from pretrain.preference_objective import PreferenceObjective
 from pretrain.run_accounting import RunAccounting
+from pretrain.sharded_io import Fragment
 from pretrain.spikes import LossSpikeDetector
 from pretrain.stop import StopRequest
 
@@ -751,7 +752,7 @@ class Trainer:
         optimizer = self.engine.optimizer_tensors()
         self._refuse_non_finite(model)
         tensors = pieces(model, optimizer, rng_tensors() if self.is_main else None)
-        placements = self._placements(tensors)
+        placements = self._placements(tensors, self.engine.fragments())
         asynchronous = self.cfg.train.async_checkpoint and not wait
         self.pending_save = self.checkpoints.save(
             self.step, tensors, self.state(), config_to_yaml(self.cfg), placements, self.layout(),
@@ -774,10 +775,21 @@ class Trainer:
                                   f"{' (here: ' + ', '.join(bad[:4]) + ')' if bad else ''}; the run diverged — "
                                   "resume from the last checkpoint with a lower optim.lr")
 
-    def _placements(self, tensors: dict[str, torch.Tensor]) -> dict:
-        """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole)."""
-        return {key: self.plan.placement(key.split("/", 1)[1], t.shape) for key, t in tensors.items()
-                if key.startswith((MODEL, OPTIMIZER))}
+    def _placements(self, tensors: dict[str, torch.Tensor], fragments: dict | None = None) -> dict:
+        """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole). `fragments`:
+        {parameter: (its piece's shape, first element)} for tensors that are a range of the piece (ZeRO)."""
+        out = {}
+        for key, t in tensors.items():
+            if not key.startswith((MODEL, OPTIMIZER)):
+                continue
+            name = key.split("/", 1)[1]  # '<parameter>' or '<parameter>/<state>'
+            fragment = (fragments or {}).get(name.split("/", 1)[0])
+            if fragment is not None and t.dim() > 0:  # not the scalar step count
+                shape, start = fragment
+                out[key] = Fragment(self.plan.placement(name, shape), shape, start)
+            else:
+                out[key] = self.plan.placement(name, t.shape)
+        return out
 
     def wait_for_checkpoint(self) -> None:
         """Until the checkpoint being written in the background (if any) is in place."""

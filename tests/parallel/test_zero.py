@@ -54,3 +54,31 @@ def test_bf16_zero_trains_like_the_plain_bf16_engine(parallel_data, tmp_path):
     assert plain[8] < plain[1] - 0.3  # it trains
     for step in range(1, 9):
         assert abs(ds[step] - plain[step]) < 5e-3, (step, ds[step], plain[step])
+
+
+def stored_chunks(checkpoint) -> dict[str, tuple[int, list[int]]]:
+    """{tensor: (its element count, the element count of each chunk stored for it)} of a checkpoint."""
+    import math
+
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    metadata = HuggingFaceStorageReader(str(checkpoint / "shards")).read_metadata()
+    return {key: (math.prod(m.size), [math.prod(c.sizes) for c in m.chunks])
+            for key, m in metadata.state_dict_metadata.items()}
+
+
+@pytest.mark.parametrize("name", ["zero1 dp2", "zero3 dp2", "zero3 tp2 x dp2"])
+def test_zero_ranks_write_their_partitions_not_whole_copies(shared_run, name):
+    """No rank assembles a parameter or AdamW state over the data-parallel group to save it: each writes the range
+    its ZeRO partition holds. ZeRO-3 partitions every parameter, so every one is stored as several ranges; ZeRO-1/2
+    partition the flat buffer, so the parameters straddling a partition boundary are. Whole copies (what the
+    checkpoint held when it gathered them) would be one chunk per tensor-parallel piece."""
+    extra, nproc = LAYOUTS[name]
+    run_dir, _ = shared_run(*extra, nproc=nproc)
+    chunks = {key: value for key, value in stored_chunks(run_dir / "checkpoints/step_00000008").items()
+              if key.startswith(("model/", "optimizer/")) and value[0] > 1}
+    assert len(chunks) == 60  # 20 parameters, exp_avg and exp_avg_sq of each
+    for key, (numel, sizes) in chunks.items():
+        assert sum(sizes) == numel, (key, sizes)  # each element stored once
+    split = [key for key, (_, sizes) in chunks.items() if len(sizes) > 1]
+    assert len(split) == len(chunks) if "zero3" in name else split
