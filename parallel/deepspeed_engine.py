@@ -9,8 +9,9 @@
   step as in the plain engine. Precision: fp32, or bf16 with DeepSpeed's fp32 master weights.
 - Checkpoints stay layout-free without assembling anything: each rank writes the range of each fp32 parameter and
   AdamW state that its ZeRO partition holds (`fragments()`: ZeRO-1/2's `_hp_mapping`, ZeRO-3's local partition),
-  placed in the full tensor by the sharded checkpoint format; a load restores them with `safe_set_full_*`, so a
-  ZeRO-3 DP=2 checkpoint resumes as ZeRO-1, with the plain engine, or on one process.
+  placed in the full tensor by the sharded checkpoint format. A load reads the weights' whole pieces (the plain
+  model needs them before DeepSpeed partitions it) and only this rank's ranges of the AdamW states; so a ZeRO-3 DP=2
+  checkpoint resumes as ZeRO-1, with the plain engine, or on one process.
 - `deepspeed.initialize` runs lazily (first step, save or load), after a resume has put the checkpoint's
   weights into the plain model.
 - With pipeline parallelism (ZeRO-0/1) the schedule runs the backward; DeepSpeed then reduces the accumulated
@@ -174,13 +175,16 @@ class DeepSpeedEngine:
         before the other groups have any, which leaves their `safe_get_full_optimizer_state` empty; a resume
         also needs the states to exist before the first step."""
         base = self.optimizer.optimizer
-        for group in base.param_groups:
-            for flat in group["params"]:
-                state = base.state[flat]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    for key in ADAM_STATES:
-                        state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        # ZeRO-3 hands its flat fp32 partitions to the optimizer's groups only for the length of a step
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            flats = [flat for group in base.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = base.state[flat]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                for key in ADAM_STATES:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         if hasattr(self.optimizer, "_hp_optimizer_states_linked"):  # ZeRO-1/2 and bf16 (ZeRO-3 reads directly)
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
@@ -260,15 +264,16 @@ class DeepSpeedEngine:
         ranks write it)."""
         return [(name, p) for name, p in self._params() if p is not self.tied_copy]
 
-    def fragments(self) -> dict[str, tuple[tuple[int, ...], int]]:
+    def fragments(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
         """For each parameter whose checkpoint tensors on this rank are a ZeRO partition's range rather than the
-        whole (tensor-parallel) piece: (the piece's shape, the range's first element). No communication."""
+        whole (tensor-parallel) piece: (the piece's shape, the range's first element, its element count; 0 where
+        this rank holds none of it). No communication."""
         self.initialize()
         out = {}
         for name, p in self._held():
             partition = self._partition(p)
-            if partition is not None and partition[2] > 0:
-                out[name] = partition[:2]
+            if partition is not None:
+                out[name] = partition
         return out
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
@@ -305,27 +310,33 @@ class DeepSpeedEngine:
             out[f"{name}/step"] = step.clone()
         return out
 
-    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source,
+    def load(self, model: dict[str, torch.Tensor], read_optimizer, source,
              missing_ok: frozenset[str] = frozenset()) -> None:
-        """Weights go into the plain model before DeepSpeed partitions it; then the fp32 master weights and
-        the AdamW states are set whole (each rank keeps its partition)."""
+        """Weights go into the plain model before DeepSpeed partitions it and set the fp32 master weights (each rank
+        keeps its partition); then `read_optimizer(self.fragments())` reads only this rank's ranges of the AdamW
+        states (collective), which are set in place."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         started = self.engine is not None  # a rollback: DeepSpeed holds the weights already
         if not started:
             load_model_tensors(self.model, model, source, missing_ok)
         self.initialize()
+        fragments = self.fragments()
+        optimizer = read_optimizer(fragments)
         steps = set()
-        for name, p in self._params():
-            if p is self.tied_copy:
-                continue
+        for name, p in self._held():
             if name in model:
                 safe_set_full_fp32_param(p, model[name].to(torch.float32))
                 if started:  # the masters alone would reach the module's weights only after the next step
                     p.data.copy_(model[name].to(p.dtype))
             for key in ADAM_STATES:
-                if f"{name}/{key}" in optimizer:
-                    safe_set_full_optimizer_state(p, optimizer[f"{name}/{key}"].to(torch.float32), key)
+                value = optimizer.get(f"{name}/{key}")
+                if value is None:
+                    continue
+                if name in fragments:
+                    self._set_local_values(p, key, value.to(torch.float32))
+                else:
+                    safe_set_full_optimizer_state(p, value.to(torch.float32), key)
             if f"{name}/step" in optimizer:
                 steps.add(float(optimizer[f"{name}/step"]))
         if steps:
@@ -334,3 +345,16 @@ class DeepSpeedEngine:
                 if "step" in state:
                     state["step"] = torch.as_tensor(step, dtype=torch.float32) if torch.is_tensor(
                         state["step"]) else step
+
+    @staticmethod
+    def _set_local_values(p: nn.Parameter, key: str, values: torch.Tensor) -> None:
+        """The inverse of `_local_values` for an AdamW state: this rank's range of it, 1-D."""
+        from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
+
+        if hasattr(p, "ds_id"):  # the setter takes the whole local partition, padding included
+            local = safe_get_local_optimizer_state(p, key).clone()
+            local[:values.numel()] = values.to(local.device)
+            safe_set_local_optimizer_state(p, local, key)
+        else:
+            fragment = p._hp_mapping.get_hp_fragment(key)
+            fragment.copy_(values.to(fragment.device))

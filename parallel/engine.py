@@ -57,12 +57,13 @@ class PlainEngine:
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         return optimizer_tensors(self.model, self.optimizer)
 
-    def fragments(self) -> dict[str, tuple[tuple[int, ...], int]]:
+    def fragments(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
         """Every checkpoint tensor is a whole piece: none is a range of one."""
         return {}
 
-    def load(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], source,
+    def load(self, model: dict[str, torch.Tensor], read_optimizer, source,
              missing_ok: frozenset[str] = frozenset()) -> None:
-        """`missing_ok`: names that `model` need not hold (frozen LoRA base weights, or the adapters)."""
+        """`read_optimizer(fragments)` reads the optimizer tensors (collective; `fragments()`: none here, whole
+        pieces). `missing_ok`: names that `model` need not hold (frozen LoRA base weights, or the adapters)."""
         load_model_tensors(self.model, model, source, missing_ok)
-        load_optimizer_tensors(self.model, self.optimizer, optimizer)
+        load_optimizer_tensors(self.model, self.optimizer, read_optimizer(self.fragments()))

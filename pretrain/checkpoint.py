@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class CheckpointMeta:
     tensors: dict[str, StoredTensor]  # checkpoint name -> full shape and dtype
     layout: dict[str, Any]
     saved_at: float = 0.0  # seconds since the epoch
+    checked: set[str] = field(default_factory=set)  # shard files this process has read and found intact
 
     @property
     def shards(self) -> Path:
@@ -402,7 +403,7 @@ def read_pieces(meta: CheckpointMeta, templates: dict[str, torch.Tensor],
     """Collective when distributed: fills this rank's `templates` (checkpoint names -> tensors of this rank's
     shapes, placed in the full tensors by `placements`; none: whole tensors) and returns them."""
     try:
-        load_pieces(meta.shards, templates, placements or {}, meta.files, group)
+        load_pieces(meta.shards, templates, placements or {}, meta.files, group, meta.checked)
     except ShardReadError as exc:
         raise CheckpointError(f"cannot load {meta.path}: {exc}") from None
     return templates

@@ -227,10 +227,10 @@ class _HashingWriter(HuggingFaceStorageWriter):
 class _VerifyingReader(HuggingFaceStorageReader):
     """Reads only the regions a rank needs, after checking the sha256 of each file it reads from."""
 
-    def __init__(self, path: Path, expected: dict[str, StoredFile]):
+    def __init__(self, path: Path, expected: dict[str, StoredFile], checked: set[str] | None = None):
         super().__init__(str(path))
         self.expected = expected
-        self.checked: set[str] = set()
+        self.checked: set[str] = set() if checked is None else checked
         self.metadata: Metadata | None = None  # read once by the group's first rank and handed to the others
 
     def read_metadata(self) -> Metadata:
@@ -290,10 +290,11 @@ def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[st
 
 
 def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement | Fragment],
-                expected: dict[str, StoredFile], group=None) -> None:
+                expected: dict[str, StoredFile], group=None, checked: set[str] | None = None) -> None:
     """Collective: fill each of this rank's `pieces` (tensors of this rank's shapes) from the checkpoint at `path`.
-    A failure on any rank raises ShardReadError on every rank (DCP gathers the failures)."""
-    reader = _VerifyingReader(path, expected)
+    A failure on any rank raises ShardReadError on every rank (DCP gathers the failures). `checked`: the files
+    already verified by an earlier call (updated), which are not hashed again."""
+    reader = _VerifyingReader(path, expected, checked)
     _share_metadata(reader, group)
     planner = _PieceLoadPlanner(placements)
     with _quiet_about_one_process():

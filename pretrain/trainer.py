@@ -777,7 +777,7 @@ class Trainer:
 
     def _placements(self, tensors: dict[str, torch.Tensor], fragments: dict | None = None) -> dict:
         """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole). `fragments`:
-        {parameter: (its piece's shape, first element)} for tensors that are a range of the piece (ZeRO)."""
+        {parameter: (its piece's shape, first element, count)} for tensors that are a range of the piece (ZeRO)."""
         out = {}
         for key, t in tensors.items():
             if not key.startswith((MODEL, OPTIMIZER)):
@@ -785,7 +785,7 @@ class Trainer:
             name = key.split("/", 1)[1]  # '<parameter>' or '<parameter>/<state>'
             fragment = (fragments or {}).get(name.split("/", 1)[0])
             if fragment is not None and t.dim() > 0:  # not the scalar step count
-                shape, start = fragment
+                shape, start, _ = fragment
                 out[key] = Fragment(self.plan.placement(name, shape), shape, start)
             else:
                 out[key] = self.plan.placement(name, t.shape)
@@ -871,9 +871,22 @@ class Trainer:
                 optimizer[key.removeprefix(OPTIMIZER)] = torch.empty(local_shape, dtype=dtype)
         rng = {k.removeprefix(RNG): torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items()
                if k.startswith(RNG) and (k == RNG + "torch_cpu" or torch.cuda.is_available())}
-        templates = pieces(model, optimizer, rng)
+        templates = pieces(model, {}, rng)
         loaded = read_pieces(meta, templates, self._placements(templates))
-        self.engine.load(part(loaded, MODEL), part(loaded, OPTIMIZER), path, missing_ok=self.frozen)
+
+        def read_optimizer(fragments: dict) -> dict[str, torch.Tensor]:
+            """This rank's optimizer tensors: whole pieces, or the ranges `fragments` names (collective)."""
+            shaped = {}
+            for key, template in optimizer.items():
+                fragment = fragments.get(key.rsplit("/", 1)[0])
+                if fragment is None or template.dim() == 0:
+                    shaped[key] = template
+                elif fragment[2] > 0:  # else this rank holds none of it
+                    shaped[key] = torch.empty(fragment[2], dtype=template.dtype)
+            states = pieces({}, shaped)
+            return part(read_pieces(meta, states, self._placements(states, fragments)), OPTIMIZER)
+
+        self.engine.load(part(loaded, MODEL), read_optimizer, path, missing_ok=self.frozen)
         restore_rng(part(loaded, RNG))
         state = meta.state
         self._check_same_data(path, state)
@@ -909,7 +922,7 @@ class Trainer:
         adapters = frozenset(filter(is_adapter, model))  # new in this phase
         templates = pieces({k: v for k, v in model.items() if k not in adapters}, {})
         loaded = read_pieces(meta, templates, self._placements(templates))
-        self.engine.load(part(loaded, MODEL), {}, path, missing_ok=adapters)
+        self.engine.load(part(loaded, MODEL), lambda fragments: {}, path, missing_ok=adapters)
         self.initialized_from = {"path": str(meta.path), "step": meta.step}
         if self.is_main:
             changes = model_config_changes(meta.path, self.cfg)

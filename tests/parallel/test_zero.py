@@ -11,7 +11,13 @@ of step 3, 2e-3 in the grad norm and 1.5e-2 in the norm weights: the tolerances 
 
 import pytest
 
-from tests.parallel.cli_runs import assert_curve_matches, assert_final_checkpoint_matches, checkpoint_tensors, train
+from tests.parallel.cli_runs import (
+    assert_curve_matches,
+    assert_final_checkpoint_matches,
+    checkpoint_tensors,
+    train,
+    train_metrics,
+)
 
 
 def zero(stage: int) -> list[str]:
@@ -65,6 +71,23 @@ def stored_chunks(checkpoint) -> dict[str, tuple[int, list[int]]]:
     metadata = HuggingFaceStorageReader(str(checkpoint / "shards")).read_metadata()
     return {key: (math.prod(m.size), [math.prod(c.sizes) for c in m.chunks])
             for key, m in metadata.state_dict_metadata.items()}
+
+
+@pytest.mark.parametrize("writer,reader", [("zero1 dp2", "zero3 dp2"), ("zero3 tp2 x dp2", "zero2 tp2 x dp2 +sp")])
+def test_zero_resumes_from_partitions_at_another_stage(parallel_data, single, shared_run, tmp_path, writer, reader):
+    """A resume reads only this rank's ranges of the AdamW states (its new partition, wherever the writer's
+    partitions cut them): steps 5-8 after resuming the step-4 checkpoint at another ZeRO stage end with the one-process
+    run's parameters and AdamW moments (the tolerances of test_zero_matches_one_process). Moments read into the
+    wrong ranges, or left at zero, are off by far more."""
+    ref_dir, _ = single
+    written, _ = shared_run(*LAYOUTS[writer][0], nproc=LAYOUTS[writer][1])
+    extra, nproc = LAYOUTS[reader]
+    train(parallel_data, tmp_path / "resumed", *extra, nproc=nproc, resume=written / "checkpoints/step_00000004")
+    resumed, reference = train_metrics(tmp_path / "resumed"), train_metrics(ref_dir)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert abs(resumed[step]["loss"] - reference[step]["loss"]) < 1e-5, (step, resumed[step], reference[step])
+    assert_final_checkpoint_matches(tmp_path / "resumed", ref_dir)
 
 
 @pytest.mark.parametrize("name", ["zero1 dp2", "zero3 dp2", "zero3 tp2 x dp2"])
