@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pretrain.callbacks.base import Callback
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The complete records: a last line without its newline is a record being written by a live run, not yet one."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 class MetricsLog(Callback):
@@ -20,12 +24,19 @@ class MetricsLog(Callback):
 
     def on_train_start(self, trainer) -> None:
         # A resumed run rewrites history after its checkpoint, so the file shows one clean curve.
+        # Replaced whole, so a reader following the live file never sees it half rewritten.
         kept = [r for r in read_metrics(self.path) if r["step"] <= trainer.step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        rewritten = self.path.with_name(self.path.name + ".tmp")
+        rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(rewritten, self.path)
 
     def _append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def on_step_end(self, trainer, metrics) -> None:
         if trainer.should_log():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pretrain.callbacks.metrics_log import read_metrics
 from pretrain.config import ConfigError
 from pretrain.recipe import check_phases, load_recipe
 
@@ -56,10 +57,7 @@ def recipe_command(path: Path, run_dir: Path) -> list[str]:
 
 
 def sft_steps(run_dir: Path) -> list[int]:
-    metrics = run_dir / "sft" / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "train"]
+    return [r["step"] for r in read_metrics(run_dir / "sft" / "metrics.jsonl") if r["split"] == "train"]
 
 
 def test_a_recipe_runs_every_phase_and_continues_after_a_stop(tmp_path, tiny_data, tiny_chat, tiny_pairs):
@@ -134,10 +132,7 @@ def two_phase_recipe(tmp_path, tiny_data, first_steps: int) -> Path:
 
 
 def train_steps(phase_dir: Path) -> list[int]:
-    metrics = phase_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "train"]
+    return [r["step"] for r in read_metrics(phase_dir / "metrics.jsonl") if r["split"] == "train"]
 
 
 def finish_and_check(path: Path, run_dir: Path, env: dict, first_steps: int) -> str:
