@@ -41,6 +41,7 @@ from pretrain.fault_injection import kill_point
 from pretrain.sharded_io import (
     Fragment,
     Placement,
+    ReadRecord,
     ShardReadError,
     ShardWriteError,
     StoredFile,
@@ -155,7 +156,7 @@ class CheckpointMeta:
     tensors: dict[str, StoredTensor]  # checkpoint name -> full shape and dtype
     layout: dict[str, Any]
     saved_at: float = 0.0  # seconds since the epoch
-    checked: set[str] = field(default_factory=set)  # shard files this process has read and found intact
+    read: ReadRecord = field(default_factory=ReadRecord)  # what this process's reads of it learnt (files, headers)
 
     @property
     def shards(self) -> Path:
@@ -403,7 +404,7 @@ def read_pieces(meta: CheckpointMeta, templates: dict[str, torch.Tensor],
     """Collective when distributed: fills this rank's `templates` (checkpoint names -> tensors of this rank's
     shapes, placed in the full tensors by `placements`; none: whole tensors) and returns them."""
     try:
-        load_pieces(meta.shards, templates, placements or {}, meta.files, group, meta.checked)
+        load_pieces(meta.shards, templates, placements or {}, meta.files, group, meta.read)
     except ShardReadError as exc:
         raise CheckpointError(f"cannot load {meta.path}: {exc}") from None
     return templates

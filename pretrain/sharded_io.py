@@ -20,7 +20,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
 
@@ -224,22 +224,31 @@ class _HashingWriter(HuggingFaceStorageWriter):
             self.on_finish(sorted(files.values(), key=lambda f: f.name), tensors)
 
 
+@dataclass
+class ReadRecord:
+    """What this process's earlier reads of one checkpoint learnt: the shard files found intact (not hashed again)
+    and the shard headers (not read and broadcast again). Every read sharing a record must be collective over the
+    same group, so that all its ranks hold the headers or none do."""
+
+    checked: set[str] = field(default_factory=set)
+    metadata: Metadata | None = None
+
+
 class _VerifyingReader(HuggingFaceStorageReader):
     """Reads only the regions a rank needs, after checking the sha256 of each file it reads from."""
 
-    def __init__(self, path: Path, expected: dict[str, StoredFile], checked: set[str] | None = None):
+    def __init__(self, path: Path, expected: dict[str, StoredFile], record: ReadRecord):
         super().__init__(str(path))
         self.expected = expected
-        self.checked: set[str] = set() if checked is None else checked
-        self.metadata: Metadata | None = None  # read once by the group's first rank and handed to the others
+        self.record = record
 
     def read_metadata(self) -> Metadata:
-        if self.metadata is not None:
-            return self.metadata
-        try:
-            return super().read_metadata()
-        except Exception as exc:  # a truncated or garbled header
-            raise ShardReadError(f"the shard files under {self.path} cannot be read: {exc}") from exc
+        if self.record.metadata is None:
+            try:
+                self.record.metadata = super().read_metadata()
+            except Exception as exc:  # a truncated or garbled header
+                raise ShardReadError(f"the shard files under {self.path} cannot be read: {exc}") from exc
+        return self.record.metadata
 
     def read_data(self, plan, planner) -> Future[None]:
         for file in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
@@ -247,14 +256,14 @@ class _VerifyingReader(HuggingFaceStorageReader):
         return super().read_data(plan, planner)
 
     def _check(self, file: Path) -> None:
-        if file.name in self.checked:
+        if file.name in self.record.checked:
             return
         expected = self.expected.get(file.name)
         if expected is None:
             raise ShardReadError(f"{file} is not listed in the checkpoint's meta.json")
         if file.stat().st_size != expected.bytes or sha256_file(file) != expected.sha256:
             raise ShardReadError(f"{file} is corrupt: its size or sha256 does not match the checkpoint's meta.json")
-        self.checked.add(file.name)
+        self.record.checked.add(file.name)
 
 
 def _use_process_group(group) -> dict:
@@ -290,11 +299,11 @@ def save_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[st
 
 
 def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[str, Placement | Fragment],
-                expected: dict[str, StoredFile], group=None, checked: set[str] | None = None) -> None:
+                expected: dict[str, StoredFile], group=None, record: ReadRecord | None = None) -> None:
     """Collective: fill each of this rank's `pieces` (tensors of this rank's shapes) from the checkpoint at `path`.
-    A failure on any rank raises ShardReadError on every rank (DCP gathers the failures). `checked`: the files
-    already verified by an earlier call (updated), which are not hashed again."""
-    reader = _VerifyingReader(path, expected, checked)
+    A failure on any rank raises ShardReadError on every rank (DCP gathers the failures). `record`: what earlier
+    reads of this checkpoint learnt (updated), so a second read neither hashes a file nor reads a header again."""
+    reader = _VerifyingReader(path, expected, record or ReadRecord())
     _share_metadata(reader, group)
     planner = _PieceLoadPlanner(placements)
     with _quiet_about_one_process():
@@ -307,8 +316,8 @@ def load_pieces(path: Path, pieces: dict[str, torch.Tensor], placements: dict[st
 def _share_metadata(reader: _VerifyingReader, group) -> None:
     """The tensors' shapes and where each piece lies come from the shard files' headers: the group's first rank
     reads them and sends the result to the others (else every rank reads every file's header, ranks x files reads
-    at scale). A failure reaches every rank alike."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    at scale). A failure reaches every rank alike. Nothing to do when an earlier read of the group shared them."""
+    if reader.record.metadata is not None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     box: list[Metadata | str | None] = [None]
     if dist.get_rank(group) == 0:
@@ -319,7 +328,7 @@ def _share_metadata(reader: _VerifyingReader, group) -> None:
     dist.broadcast_object_list(box, group_src=0, group=group)
     if isinstance(box[0], str):
         raise ShardReadError(box[0])
-    reader.metadata = box[0]
+    reader.record.metadata = box[0]
 
 
 def _failures(exc: CheckpointException) -> str:

@@ -352,19 +352,23 @@ def test_only_the_first_rank_reads_the_shard_headers(tmp_path):
 
 def test_a_shard_file_is_hashed_once_however_many_reads_use_it(tmp_path, monkeypatch):
     """A ZeRO resume reads a checkpoint twice (the weights, then its partitions of the optimizer states): the second
-    read trusts the files the first one checked, and a file it had not read yet is still checked."""
+    read trusts the files the first one checked and the shard headers it read, and a file it had not read yet is
+    still checked."""
     import pretrain.sharded_io as sharded_io
 
     model, opt = trained_toy()
     path = save(CheckpointManager(tmp_path), 1, model, opt)
-    hashed = []
-    real = sharded_io.sha256_file
-    monkeypatch.setattr(sharded_io, "sha256_file", lambda file: hashed.append(file.name) or real(file))
+    hashed, headers_read = [], []
+    real_hash, real_headers = sharded_io.sha256_file, sharded_io.HuggingFaceStorageReader.read_metadata
+    monkeypatch.setattr(sharded_io, "sha256_file", lambda file: hashed.append(file.name) or real_hash(file))
+    monkeypatch.setattr(sharded_io.HuggingFaceStorageReader, "read_metadata",
+                        lambda reader: headers_read.append(reader.path) or real_headers(reader))
     meta = read_meta(path)
     names = list(meta.tensors)
     for name in names[:1], names[1:]:
         read_pieces(meta, {key: torch.empty(meta.tensors[key].shape, dtype=meta.tensors[key].dtype) for key in name})
-    assert hashed == [shard_file(path).name]
+    assert hashed == [shard_file(path).name] and len(headers_read) == 1
     read_pieces(read_meta(path), {names[0]: torch.empty(meta.tensors[names[0]].shape,
                                                          dtype=meta.tensors[names[0]].dtype)})
     assert hashed == [shard_file(path).name] * 2  # another reading of the checkpoint checks it again
+    assert len(headers_read) == 2
