@@ -9,11 +9,13 @@
   step as in the plain engine. Precision: fp32, or bf16 with DeepSpeed's fp32 master weights.
 - Checkpoints stay layout-free without assembling anything: each rank writes the range of each fp32 parameter and
   AdamW state that its ZeRO partition holds (`fragments()`: ZeRO-1/2's `_hp_mapping`, ZeRO-3's local partition),
-  placed in the full tensor by the sharded checkpoint format. A load reads the weights' whole pieces (the plain
-  model needs them before DeepSpeed partitions it) and only this rank's ranges of the AdamW states; so a ZeRO-3 DP=2
-  checkpoint resumes as ZeRO-1, with the plain engine, or on one process.
+  placed in the full tensor by the sharded checkpoint format. A load reads only this rank's ranges of the AdamW
+  states, and of the weights under ZeRO-3 (ZeRO-0/1/2 read the weights' whole pieces: the model holds them whole);
+  so a ZeRO-3 DP=2 checkpoint resumes as ZeRO-1, with the plain engine, or on one process.
+- ZeRO-3 initializes sharded: `ZeroInitPartitioner` hands each unit of the model to DeepSpeed's `zero.Init` as
+  `parallel.materialize` fills it, so no rank holds its whole share of the model at any time.
 - `deepspeed.initialize` runs lazily (first step, save or load), after a resume has put the checkpoint's
-  weights into the plain model.
+  weights into the plain model (ZeRO-0/1/2).
 - With pipeline parallelism (ZeRO-0/1) the schedule runs the backward; DeepSpeed then reduces the accumulated
   gradients over `dp` and steps once (`managed_gradient_accumulation: false`). With tied embeddings, the last
   stage's copy of the embedding is left out of DeepSpeed's optimizer: its gradient is summed into the first
@@ -56,9 +58,9 @@ def import_deepspeed():
 
 def ensure_process_group() -> None:
     """DeepSpeed needs torch.distributed even on one process: a one-rank gloo group on a free port."""
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts a launcher set it
     if dist.is_initialized():
         return
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts a launcher set it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -121,6 +123,35 @@ class GridMPU:
         return self.grid.size("model")
 
 
+class ZeroInitPartitioner:
+    """ZeRO-3's sharded initialization: DeepSpeed's own `zero.Init` conversion partitions each unit's parameters
+    over the data-parallel group as `parallel.materialize` fills them, so no rank ever holds its whole (tensor-
+    and pipeline-parallel) shard of the model. `deepspeed.initialize` later finds them partitioned and keeps them."""
+
+    def __init__(self, plan: ParallelPlan, cfg):
+        self.mpu, self.ds_config = GridMPU(plan), generate(cfg)
+        self.first: nn.Parameter | None = None  # a converted parameter: it converts the next ones the same way
+
+    def __call__(self, params: list[nn.Parameter]) -> None:
+        if self.first is not None:
+            self.first.convert_to_zero_parameters(param_list=params)
+            return
+        deepspeed = import_deepspeed()
+        ensure_process_group()
+        from deepspeed.accelerator import get_accelerator
+
+        # as deepspeed.initialize does: its communication layer over our process group (its config reads the
+        # data-parallel size through it)
+        deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                        dist_init_required=False)
+        holder = nn.Module()  # zero.Init converts a module's parameters in place
+        for i, param in enumerate(params):
+            holder.register_parameter(f"p{i}", param)
+        deepspeed.zero.Init(module=holder, data_parallel_group=self.mpu.get_data_parallel_group(),
+                            config_dict_or_path=self.ds_config, mpu=self.mpu)
+        self.first = params[0]
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
     last_step_applied = True  # whether DeepSpeed applied the last step (it may whatever its gradient norm)
@@ -138,6 +169,8 @@ class DeepSpeedEngine:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p is not self.tied_copy]
         self.names = {id(p): n for n, p in model.named_parameters()}
+        # built under ZeRO-3's zero.Init (`ZeroInitPartitioner`): no rank holds a whole weight before a load
+        self.weights_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
         for name, p in model.named_parameters():
             spec = plan.specs[name]
             # DeepSpeed counts a parameter in the grad norm on every TP rank if marked, else on TP rank 0 only
@@ -276,6 +309,13 @@ class DeepSpeedEngine:
                 out[name] = partition
         return out
 
+    def weight_fragments(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        """ZeRO-3 partitioned the weights as they were initialized: a load reads only this rank's ranges of them (as
+        `fragments()`). Other stages hold the weights whole (as the plain model): {}."""
+        if not self.weights_partitioned:
+            return {}
+        return self.fragments()
+
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's part of every fp32 parameter, without any collective: its ZeRO partition's range (1-D, placed
         by `fragments()`) or nothing where it holds none, the whole piece where DeepSpeed keeps no partition; and
@@ -313,19 +353,25 @@ class DeepSpeedEngine:
     def load(self, model: dict[str, torch.Tensor], read_optimizer, source,
              missing_ok: frozenset[str] = frozenset()) -> None:
         """Weights go into the plain model before DeepSpeed partitions it and set the fp32 master weights (each rank
-        keeps its partition); then `read_optimizer(self.fragments())` reads only this rank's ranges of the AdamW
-        states (collective), which are set in place."""
+        keeps its partition); under zero.Init (ZeRO-3) they are this rank's ranges (`weight_fragments()`), set in its
+        partitions. Then `read_optimizer(self.fragments())` reads only this rank's ranges of the AdamW states
+        (collective), which are set in place."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         started = self.engine is not None  # a rollback: DeepSpeed holds the weights already
-        if not started:
+        if self.weights_partitioned:  # the persistent buffers only: the weights are partitioned
+            buffers = {k: v for k, v in model.items() if k not in dict(self.model.named_parameters())}
+            self.model.load_state_dict(buffers, strict=False)
+        elif not started:
             load_model_tensors(self.model, model, source, missing_ok)
         self.initialize()
         fragments = self.fragments()
         optimizer = read_optimizer(fragments)
         steps = set()
         for name, p in self._held():
-            if name in model:
+            if name in model and self.weights_partitioned:
+                self._set_local_weight(p, model[name])
+            elif name in model:
                 safe_set_full_fp32_param(p, model[name].to(torch.float32))
                 if started:  # the masters alone would reach the module's weights only after the next step
                     p.data.copy_(model[name].to(p.dtype))
@@ -345,6 +391,19 @@ class DeepSpeedEngine:
                 if "step" in state:
                     state["step"] = torch.as_tensor(step, dtype=torch.float32) if torch.is_tensor(
                         state["step"]) else step
+
+    @staticmethod
+    def _set_local_weight(p: nn.Parameter, values: torch.Tensor) -> None:
+        """ZeRO-3: this rank's range of p (1-D) into its fp32 master partition (trained parameters) and into the
+        partition the module computes with."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32)
+        local[:values.numel()] = values.to(torch.float32)
+        if p.requires_grad:
+            master = safe_get_local_fp32_param(p)
+            safe_set_local_fp32_param(p, local.to(master.device))
+        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))
 
     @staticmethod
     def _set_local_values(p: nn.Parameter, key: str, values: torch.Tensor) -> None:

@@ -61,6 +61,10 @@ class PlainEngine:
         """Every checkpoint tensor is a whole piece: none is a range of one."""
         return {}
 
+    def weight_fragments(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        """The model holds every weight whole: a load reads whole pieces."""
+        return {}
+
     def load(self, model: dict[str, torch.Tensor], read_optimizer, source,
              missing_ok: frozenset[str] = frozenset()) -> None:
         """`read_optimizer(fragments)` reads the optimizer tensors (collective; `fragments()`: none here, whole

@@ -167,7 +167,12 @@ class Trainer:
             self.adapter_parameters = sum(math.prod(rule.shape) for rule in adapters.values())
         p = cfg.parallel
         self.plan = parallelize(model, self.grid, p.sequence_parallel, p.grad_bucket_mb, pipeline_options(cfg))
-        self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device)
+        partition = None
+        if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:  # each unit partitioned as soon as it is filled
+            from parallel.deepspeed_engine import ZeroInitPartitioner
+
+            partition = ZeroInitPartitioner(self.plan, cfg)
+        self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device, partition)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         if cfg.lora.enabled:
             freeze_base(self.model)
@@ -775,6 +780,18 @@ class Trainer:
                                   f"{' (here: ' + ', '.join(bad[:4]) + ')' if bad else ''}; the run diverged — "
                                   "resume from the last checkpoint with a lower optim.lr")
 
+    @staticmethod
+    def _weight_templates(model: dict[str, torch.Tensor], fragments: dict) -> dict[str, torch.Tensor]:
+        """The weights a load reads into: whole pieces, or (ZeRO-3) this rank's ranges of them, 1-D fp32 (none
+        where it holds nothing of a weight)."""
+        out = {}
+        for name, template in model.items():
+            if name not in fragments:
+                out[name] = template
+            elif fragments[name][2] > 0:
+                out[name] = torch.empty(fragments[name][2], dtype=torch.float32)
+        return out
+
     def _placements(self, tensors: dict[str, torch.Tensor], fragments: dict | None = None) -> dict:
         """Where each of this rank's checkpoint pieces lies in its full tensor (RNG states are whole). `fragments`:
         {parameter: (its piece's shape, first element, count)} for tensors that are a range of the piece (ZeRO)."""
@@ -862,6 +879,8 @@ class Trainer:
         unexpected = sorted(k.removeprefix(MODEL) for k in stored if k.startswith(MODEL) and k[len(MODEL):] not in held)
         if unexpected:
             raise CheckpointError(f"{path} does not fit the model: unexpected {unexpected}")
+        weight_fragments = self.engine.weight_fragments()
+        model = self._weight_templates(model, weight_fragments)
         params = dict(self.model.named_parameters())
         optimizer = {}
         for key, (shape, dtype) in stored.items():
@@ -872,7 +891,7 @@ class Trainer:
         rng = {k.removeprefix(RNG): torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored.items()
                if k.startswith(RNG) and (k == RNG + "torch_cpu" or torch.cuda.is_available())}
         templates = pieces(model, {}, rng)
-        loaded = read_pieces(meta, templates, self._placements(templates))
+        loaded = read_pieces(meta, templates, self._placements(templates, weight_fragments))
 
         def read_optimizer(fragments: dict) -> dict[str, torch.Tensor]:
             """This rank's optimizer tensors: whole pieces, or the ranges `fragments` names (collective)."""
@@ -920,8 +939,10 @@ class Trainer:
         check_initialization_source(meta, self.cfg, self.train_loader.tokenizer_reference())
         model = model_templates(self.model)
         adapters = frozenset(filter(is_adapter, model))  # new in this phase
-        templates = pieces({k: v for k, v in model.items() if k not in adapters}, {})
-        loaded = read_pieces(meta, templates, self._placements(templates))
+        weight_fragments = self.engine.weight_fragments()
+        templates = pieces(self._weight_templates({k: v for k, v in model.items() if k not in adapters},
+                                                  weight_fragments), {})
+        loaded = read_pieces(meta, templates, self._placements(templates, weight_fragments))
         self.engine.load(part(loaded, MODEL), lambda fragments: {}, path, missing_ok=adapters)
         self.initialized_from = {"path": str(meta.path), "step": meta.step}
         if self.is_main:

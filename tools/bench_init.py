@@ -1,6 +1,7 @@
 """Benchmark: peak resident memory of one rank while it builds and shards a model, the sharded way (built on
-`meta`, parallelized there, only this rank's shards materialized) against the whole-model way (every rank builds
-and initializes the whole model, then cuts its shard: what the trainer did before).
+`meta`, parallelized there, only this rank's shards materialized; under ZeRO-3 each unit partitioned by DeepSpeed's
+zero.Init as it is filled) against the whole-model way (every rank builds and initializes the whole model, then
+cuts its shard, or DeepSpeed partitions it whole: what the trainer did before).
 
     python -m tools.bench_init [--out BENCHMARKS.md]
 
@@ -23,7 +24,8 @@ from tools.bench_report import current_rss, machine_description, write_section
 MODEL = ["model.vocab_size=32768", "model.d_model=1024", "model.n_layers=24", "model.n_heads=16", "model.n_kv_heads=8",
          "model.max_seq_len=1024", "data.seq_len=1024", "model.tie_embeddings=false", "train.micro_batch_size=1",
          "train.global_batch_size=4"]
-LAYOUTS = {"one process": [], "TP=2": ["parallel.tp=2"], "PP=2": ["parallel.pp=2"]}
+LAYOUTS = {"one process": [], "TP=2": ["parallel.tp=2"], "PP=2": ["parallel.pp=2"],
+           "ZeRO-3 DP=2": ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"]}
 
 
 def measure(layout: list[str], sharded: bool) -> dict:
@@ -43,6 +45,11 @@ def measure(layout: list[str], sharded: bool) -> dict:
     dist.init_process_group("fake", rank=0, world_size=shape.world_size, store=FakeStore())
     grid = ProcessGrid.build(shape, shape.world_size, 0)
     pipeline = PipelineOptions(seq_len=cfg.data.seq_len, micro_batch_size=1, n_microbatches=cfg.grad_accum_steps)
+    partition = None
+    if cfg.deepspeed.enabled:  # ZeRO-3: DeepSpeed's zero.Init partitions the weights over the data-parallel ranks
+        from parallel.deepspeed_engine import ZeroInitPartitioner, import_deepspeed
+
+        import_deepspeed()
     before = current_rss()
     torch.manual_seed(0)
     if sharded:
@@ -50,14 +57,18 @@ def measure(layout: list[str], sharded: bool) -> dict:
             model = cfg.model.build()
         rules = model.init_rules()
         plan = parallelize(model, grid, False, 25, pipeline)
-        materialize(model, plan, rules, 0, torch.device("cpu"))
+        if cfg.deepspeed.enabled:
+            partition = ZeroInitPartitioner(plan, cfg)  # each unit as it is filled
+        materialize(model, plan, rules, 0, torch.device("cpu"), partition)
     else:
         model = cfg.model.build()
-        parallelize(model, grid, False, 25, pipeline)
+        plan = parallelize(model, grid, False, 25, pipeline)
+        if cfg.deepspeed.enabled:  # the whole model at once, as deepspeed.initialize converts it
+            ZeroInitPartitioner(plan, cfg)(list({id(t): t for t in model.parameters()}.values()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.device("meta"):
         whole = cfg.model.build()
-    params = {id(t): t for t in model.parameters()}
+    params = {id(t): getattr(t, "ds_tensor", t) for t in model.parameters()}  # ZeRO-3: its partition
     return {
         "peak_bytes": peak - before,
         "shard_bytes": sum(t.numel() * t.element_size() for t in params.values()),
@@ -100,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Dense model of {one['parameters'] / 1e6:.0f}M parameters ({gib(one['model_bytes'])} GiB in fp32; largest "
         f"tensor {gib(one['largest_tensor_bytes'])} GiB), built and sharded by rank 0 of each layout in a fresh "
         "process (fake process group), peak RSS above the process's RSS before building. 'Within it' allows 5% "
-        "for allocator slack.", "", *rows])
+        "for allocator slack. ZeRO-3: the whole way builds the model and lets DeepSpeed partition it at once (as "
+        "`deepspeed.initialize` did); the sharded way hands each unit (a block, the embedding) to `zero.Init` as "
+        "soon as it is filled, and the rank's shard is its partition of every weight.", "", *rows])
     write_section(Path(args.out), "bench_init", "Sharded initialization: memory per rank while building (issue 14)",
                   machine_description(), body)
     print(body)

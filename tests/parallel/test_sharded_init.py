@@ -107,3 +107,63 @@ def test_placements_locate_every_shard_in_the_full_tensor(layout):
     for name, tensor in whole.items():
         covered = sum(torch.Size(size).numel() for _, size in pieces[name])
         assert covered == tensor.numel(), name  # no gaps, no overlaps between distinct pieces
+
+
+def zero3_rank_state(cfg, rank: int, during: list[int], dp_ranks: dict[int, int]) -> dict[str, torch.Tensor]:
+    """This rank's ZeRO-3 partition of every parameter (padding included) after the sharded build, with each unit
+    handed to DeepSpeed's zero.Init as it is filled; `during` gets, at each hand-over, how many elements of whole
+    (unpartitioned, materialized) parameters the rank holds."""
+    from parallel.deepspeed_engine import ZeroInitPartitioner
+
+    p = cfg.parallel
+    shape = GridShape(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep)
+    dist.init_process_group("fake", rank=rank, world_size=shape.world_size, store=FakeStore())
+    try:
+        grid = ProcessGrid.build(shape, shape.world_size, rank)
+        dp_ranks[rank] = grid.coords["dp"]
+        pipeline = PipelineOptions(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                                   n_microbatches=cfg.grad_accum_steps)
+        with torch.device("meta"):
+            model = cfg.model.build()
+        rules = model.init_rules()
+        plan = parallelize(model, grid, p.sequence_parallel, p.grad_bucket_mb, pipeline)
+        partitioner = ZeroInitPartitioner(plan, cfg)
+
+        def partition(params):
+            during.append(sum(t.numel() for t in model.parameters() if not hasattr(t, "ds_id") and not t.is_meta))
+            partitioner(params)
+
+        materialize(model, plan, rules, SEED, torch.device("cpu"), partition)
+        assert all(hasattr(t, "ds_id") and t.numel() == 0 for t in model.parameters())  # no whole weight is left
+        return {name: t.ds_tensor.detach().clone() for name, t in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2", "parallel.dp=2"]], ids=["dp2", "tp2 x dp2"])
+def test_zero3_ranks_hold_their_partitions_of_the_initial_model_never_the_whole(layout):
+    """Under ZeRO-3 each unit (a block, the embedding, ...) is partitioned by DeepSpeed's zero.Init as soon as it is
+    filled: a rank ends with its partition of each weight, equal to that range of the one-process initial value
+    cut by the tensor-parallel plan, and never holds more than one unit's whole weights."""
+    overrides = [*(o for o in SMALL if not o.startswith("model.moe")), *layout, "deepspeed.enabled=true",
+                 "deepspeed.zero_stage=3"]
+    cfg = load_config("configs/tiny.yaml", overrides, check_paths=False)
+    with torch.device("meta"):
+        full = cfg.model.build()
+    largest_unit = max(sum(t.numel() for t in block.parameters()) for block in [*full.layers, full.embed])
+    whole_model = sum(t.numel() for t in full.parameters())
+    ranks = {}  # rank -> its data-parallel rank
+    for rank in range(cfg.parallel.world_size):
+        during = []
+        partitions = zero3_rank_state(cfg, rank, during, ranks)
+        whole = rank_state(cfg, rank, sharded=False)  # the one-process model cut by the tensor-parallel plan
+        dp_rank, dp = ranks[rank], cfg.parallel.dp
+        for name, partition in partitions.items():
+            flat = whole[name].flatten()
+            size = partition.numel()
+            assert size == -(-flat.numel() // dp), name
+            expected = torch.zeros(size)
+            held = flat[dp_rank * size:(dp_rank + 1) * size]
+            expected[:held.numel()] = held
+            assert torch.equal(partition, expected), f"rank {rank}: {name} differs"
+        assert during and max(during) <= largest_unit < whole_model / 4
