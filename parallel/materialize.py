@@ -5,9 +5,9 @@ Each parameter's whole initial tensor is computed alone (its values depend only 
 `pretrain/model/init.py`), cut to this rank's shard with the plan's own shard mapping, copied in and dropped: a
 rank never holds more than its shards plus one whole tensor at a time.
 
-The model is materialized one unit at a time (a block, the embedding, ...). With `partition` (ZeRO-3: DeepSpeed's
-`zero.Init` conversion), each unit's parameters are handed over as soon as they are filled, so a rank holds its
-ZeRO partitions of the units done, plus the one unit being filled.
+With `partition` (ZeRO-3: DeepSpeed's `zero.Init` conversion) the model is materialized one unit at a time (a
+block, the embedding, ...) and each unit's parameters are handed over as soon as they are filled, so a rank holds
+its ZeRO partitions of the units done, plus the one unit being filled.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def materialize(model: nn.Module, plan: ParallelPlan, rules: dict[str, InitRule]
     materialized: dict[int, nn.Parameter] = {}  # a tied parameter's storage, given by the first unit holding it
     filled: set[int] = set()
     with torch.no_grad():
-        for prefix, unit, recurse in _units(model):
+        # without a hand-over the whole model gets its storage at once: interleaving it with the transient whole
+        # tensors only fragments the heap (measured: +0.08 GiB of peak at TP=2 on a 346M model)
+        units = _units(model) if partition is not None else [("", model, True)]
+        for prefix, unit, recurse in units:
             unit.to_empty(device=device, recurse=recurse)
             modules = [(name, m) for name, m in unit.named_modules(prefix=prefix)] if recurse else [(prefix, unit)]
             new = []
