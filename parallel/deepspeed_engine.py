@@ -328,8 +328,13 @@ class DeepSpeedEngine:
                 out[name] = p.detach().float().cpu().clone()
             elif partition[2] > 0:
                 out[name] = self._local_values(p, None, partition[2])
-        buffers = {k: v for k, v in model_tensors(self.model).items() if k not in dict(self.model.named_parameters())}
+        buffers = self._buffers_among(model_tensors(self.model))
         return out | buffers
+
+    def _buffers_among(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The entries of `tensors` that are not parameters of the model (its persistent buffers)."""
+        parameters = {name for name, _ in self.model.named_parameters()}
+        return {k: v for k, v in tensors.items() if k not in parameters}
 
     def _base_step(self) -> torch.Tensor:
         for state in self.optimizer.optimizer.state.values():
@@ -360,8 +365,7 @@ class DeepSpeedEngine:
 
         started = self.engine is not None  # a rollback: DeepSpeed holds the weights already
         if self.weights_partitioned:  # the persistent buffers only: the weights are partitioned
-            buffers = {k: v for k, v in model.items() if k not in dict(self.model.named_parameters())}
-            self.model.load_state_dict(buffers, strict=False)
+            self.model.load_state_dict(self._buffers_among(model), strict=False)
         elif not started:
             load_model_tensors(self.model, model, source, missing_ok)
         self.initialize()

@@ -57,7 +57,7 @@ def recipe_command(path: Path, run_dir: Path) -> list[str]:
 
 
 def sft_steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir / "sft" / "metrics.jsonl") if r["split"] == "train"]
+    return train_steps(run_dir / "sft")
 
 
 def test_a_recipe_runs_every_phase_and_continues_after_a_stop(tmp_path, tiny_data, tiny_chat, tiny_pairs):
