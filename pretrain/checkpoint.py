@@ -354,13 +354,35 @@ def _pause_for_tests(point: str) -> None:
         time.sleep(float(os.environ.get("PRETRAIN_TEST_PAUSE_SECONDS", "30")))
 
 
+def _checkpoints_in(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.glob(f"{STEP_PREFIX}*") if (p / META).is_file())
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `path`, a folder without meta.json, is not a checkpoint, naming the checkpoints near it."""
+    if not path.exists():
+        near = _checkpoints_in(path.parent)
+        if near:
+            return (f"checkpoint {path} does not exist (train.keep_last may have removed it); {path.parent} holds "
+                    f"{', '.join(near[-5:])}")
+        return f"checkpoint {path} does not exist"
+    for folder in (path, path / "checkpoints"):
+        inside = _checkpoints_in(folder)
+        if inside:
+            return (f"{path} is a folder of checkpoints, not a checkpoint: name one of them, e.g. "
+                    f"{folder / inside[-1]} (it holds {', '.join(inside[-5:])})")
+    return f"{path / META} is missing: the checkpoint {path} is incomplete"
+
+
 def read_meta(path: Path) -> CheckpointMeta:
     """The checkpoint's meta.json, after checking that every shard file it lists is there with its size (cheap;
     contents are checked by the ranks that read them, or all at once by `verify(path, contents=True)`)."""
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} is missing: the checkpoint {path} is incomplete")
+        raise CheckpointError(_not_a_checkpoint(path))
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:

@@ -165,6 +165,21 @@ def test_missing_meta_means_incomplete(tmp_path):
         verify(path)
 
 
+def test_a_path_that_is_not_a_checkpoint_names_the_checkpoints_near_it(tmp_path):
+    model, opt = trained_toy(1)
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints")
+    for step in (1, 2):
+        save(manager, step, model, opt)
+    with pytest.raises(CheckpointError, match=r"step_00000009 does not exist \(train.keep_last.*holds "
+                                              r"step_00000001, step_00000002"):
+        read_meta(manager.root / "step_00000009")
+    for folder in (tmp_path / "run", manager.root):  # a run folder or its checkpoints folder
+        with pytest.raises(CheckpointError, match=r"folder of checkpoints, not a checkpoint.*step_00000002"):
+            read_meta(folder)
+    with pytest.raises(CheckpointError, match=r"checkpoint \S+nowhere does not exist$"):
+        read_meta(tmp_path / "nowhere")
+
+
 def test_model_that_does_not_fit_is_named(tmp_path):
     model, opt = trained_toy(1)
     path = save(CheckpointManager(tmp_path), 1, model, opt)
