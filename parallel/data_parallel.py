@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,3 +43,83 @@ def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes:
         dist.all_reduce(flat, group=group)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             g.copy_(synced)
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    group: object
+    divisor: int
+    waiting: int = 0  # parameters whose gradient has not received the step's last micro-batch yet
+    flat: torch.Tensor | None = None
+    work: dist.Work | None = None
+
+
+class OverlappedGradientAverager:
+    """`average_gradients` started during the backward, as torch DDP's reducer does: a bucket's all-reduce begins
+    once every gradient in it holds all of the step's micro-batches (a hook counts each parameter's accumulations),
+    so communication runs while the backward computes the earlier layers' gradients.
+
+    Buckets start strictly in their order (the reverse of the parameters', the order gradients become ready), so
+    every rank issues the same collectives in the same order even when a parameter gets no gradient on some rank
+    (an expert no token reached): that bucket and the later ones then start in `finish()`, which also waits for
+    all of them and writes the averages back into `.grad`. The sums are the same as `average_gradients`'s."""
+
+    def __init__(self, groups: list[tuple[list[torch.nn.Parameter], object, int]], microbatches: int,
+                 bucket_bytes: int = 25 * 2**20):
+        """`groups`: (parameters, process group, divisor) for each set averaged alike (dense, experts)."""
+        self.microbatches = microbatches
+        self.buckets: list[_Bucket] = []
+        self.bucket_of: dict[torch.nn.Parameter, _Bucket] = {}
+        for params, group, divisor in groups:
+            trainable = [p for p in reversed(params) if p.requires_grad]
+            for members in buckets(trainable, bucket_bytes):
+                bucket = _Bucket(members, group, divisor)
+                self.buckets.append(bucket)
+                self.bucket_of.update((p, bucket) for p in members)
+        self.counts: dict[torch.nn.Parameter, int] = {}
+        self.started = 0  # buckets whose all-reduce has begun, in order
+        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.bucket_of]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts = dict.fromkeys(self.bucket_of, 0)
+        for bucket in self.buckets:
+            bucket.waiting, bucket.flat, bucket.work = len(bucket.params), None, None
+        self.started = 0
+
+    def _accumulated(self, param: torch.nn.Parameter) -> None:
+        self.counts[param] += 1
+        if self.counts[param] > self.microbatches:
+            raise RuntimeError(
+                f"a parameter received {self.counts[param]} gradients in a step of {self.microbatches} micro-batches "
+                "(more than one backward per micro-batch): set parallel.overlap_grad_reduce=false for this objective")
+        if self.counts[param] == self.microbatches:
+            self.bucket_of[param].waiting -= 1
+            while self.started < len(self.buckets) and self.buckets[self.started].waiting == 0:
+                self._start(self.buckets[self.started])
+
+    def _start(self, bucket: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        bucket.flat = _flatten_dense_tensors(grads).div_(bucket.divisor)
+        bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
+        self.started += 1
+
+    def finish(self) -> None:
+        """Start the buckets that have not started (in order), wait for all, write the averages back; ready for the
+        next step."""
+        while self.started < len(self.buckets):
+            self._start(self.buckets[self.started])
+        for bucket in self.buckets:
+            bucket.work.wait()
+            synced = _unflatten_dense_tensors(bucket.flat, bucket.params)
+            for p, value in zip(bucket.params, synced, strict=True):
+                if p.grad is not None:
+                    p.grad.copy_(value)
+                elif value.any():  # another rank's gradient: this replica takes the same average
+                    p.grad = value
+        self._reset()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -58,11 +58,12 @@ class ExpertParallelExperts(nn.Module):
         per_dest = counts.view(self.ep, self.local)  # [destination rank, its local expert]
         arriving = torch.empty_like(per_dest)
         dist.all_to_all_single(arriving, per_dest.contiguous(), group=self.group)  # [source rank, local expert]
-        send = per_dest.sum(1).tolist()
-        recv = arriving.sum(1).tolist()
+        # the split sizes go to the host once per layer (the all-to-all needs them there), and only once
+        send, recv = torch.stack([per_dest.sum(1), arriving.sum(1)]).tolist()
         received = _AllToAll.apply(x, send, recv, self.group)
         # arrived grouped by source rank, then expert: regroup by expert for one grouped matmul
-        expert_of_row = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(arriving.flatten())
+        expert_of_row = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(
+            arriving.flatten(), output_size=sum(recv))
         order = torch.argsort(expert_of_row, stable=True)
         out_sorted = grouped_swiglu(received[order], self.gate, self.up, self.down, arriving.sum(0))
         out = torch.empty_like(out_sorted)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.context import ContextParallel
-from parallel.data_parallel import average_gradients
+from parallel.data_parallel import OverlappedGradientAverager, average_gradients
 from parallel.experts import apply_expert_parallel
 from parallel.grad_norm import clip_grad_norm
 from parallel.grid import ProcessGrid
@@ -60,6 +60,7 @@ class ParallelPlan:
     local_names: set[str] | None = None  # parameters this rank holds, when it holds only some (pipeline)
     expert_names: frozenset[str] = frozenset()  # expert weights split over the expert-parallel group
     context: ContextParallel | None = None  # the sequence split over the context-parallel group
+    overlapped: OverlappedGradientAverager | None = None  # data-parallel averaging started during the backward
 
     @property
     def tp(self) -> int:
@@ -125,15 +126,30 @@ class ParallelPlan:
                 merged.setdefault(name, value)
         return merged
 
+    def overlap_grad_reduce(self, model: nn.Module, microbatches: int) -> None:
+        """Average the data- and context-parallel gradients during the backward (see OverlappedGradientAverager);
+        `sync_grads` then waits for it. Nothing to do on a single data-parallel rank."""
+        if self.grid.size("dp_cp") == 1:
+            return
+        named = list(model.named_parameters())
+        dense = [p for name, p in named if name not in self.expert_names]
+        experts = [p for name, p in named if name in self.expert_names]
+        groups = [(dense, self.grid.group("dp_cp"), self.grid.size("dp_cp"))]
+        if experts:
+            groups.append((experts, self.grid.group("expert_dp_cp"), self.grid.size("dp_cp")))
+        self.overlapped = OverlappedGradientAverager(groups, microbatches, self.grad_bucket_bytes)
+
     def sync_grads(self, model: nn.Module) -> None:
+        if self.overlapped is not None:  # averaged first: the sums below change .grad, not the buckets in flight
+            self.overlapped.finish()
         if self.tp > 1:
             sync_tensor_parallel_grads(model, self.specs, self.grid.group("tp"))
         self.sync_tied_embedding(model)
         named = list(model.named_parameters())
-        if self.grid.size("dp_cp") > 1:  # data- and context-parallel ranks each saw other tokens
+        if self.overlapped is None and self.grid.size("dp_cp") > 1:  # data/context-parallel ranks saw other tokens
             dense = [p for name, p in named if name not in self.expert_names]
             average_gradients(dense, self.grid.group("dp_cp"), self.grad_bucket_bytes)
-        if self.expert_names and self.grid.size("dp_cp") > 1:
+        if self.overlapped is None and self.expert_names and self.grid.size("dp_cp") > 1:
             # each expert's grad already holds its whole EP group's tokens (all-to-all backward): sum over the
             # ranks holding the same experts, divide by all data- and context-parallel ranks
             experts = [p for name, p in named if name in self.expert_names]

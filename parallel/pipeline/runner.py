@@ -1,7 +1,9 @@
 """Drive a rank's pipeline stages with a torch.distributed.pipelining schedule (1F1B, interleaved 1F1B, GPipe).
 
 One training step pushes the step's micro-batches through the pipeline; the schedule accumulates gradients
-over them and divides by their number, which equals the single-process loop's `loss / accum` accumulation.
+over them, each micro-batch's loss divided by their number before its backward as in the single-process loop's
+`loss / accum` (not the schedule's scaling of the gradients after the last backward: a gradient is then complete
+as soon as its last backward ends, which the overlapped data-parallel reduction relies on).
 Per-micro-batch losses exist on the last stage only; `train_step` returns their mean on every rank.
 Evaluation is a plain forward pass stage by stage (blocking send/recv), which needs no schedule and works for
 any number of batches.
@@ -63,10 +65,10 @@ class PipelineRunner:
         cls = SCHEDULES[self.schedule_name]
         loss = lambda output, target: self._loss_fn(output, target)  # noqa: E731 (set per step)
         if self.schedule_name == "interleaved_1f1b":
-            self._schedule = cls(pipeline_stages, self.n_microbatches, loss_fn=loss, scale_grads=True)
+            self._schedule = cls(pipeline_stages, self.n_microbatches, loss_fn=loss, scale_grads=False)
         else:
             (stage,) = pipeline_stages
-            self._schedule = cls(stage, self.n_microbatches, loss_fn=loss, scale_grads=True)
+            self._schedule = cls(stage, self.n_microbatches, loss_fn=loss, scale_grads=False)
 
     def _set_autocast(self, autocast) -> None:
         for stage in self.stages:
@@ -97,7 +99,7 @@ class PipelineRunner:
             ces.append(parts["ce"])
             if n_extra:
                 extras.append(parts["extra"].float())
-            return loss
+            return loss / self.n_microbatches
 
         self._loss_fn = scalar_loss
         losses: list[torch.Tensor] = []
