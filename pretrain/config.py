@@ -111,6 +111,8 @@ class TrainConfig:
     # Activation checkpointing of every block: a block keeps only its input for the backward and runs its forward
     # again there (about 4/3 of the compute, a fraction of the activation memory; see `pretrain plan`).
     activation_checkpointing: bool = False
+    # torch.compile every transformer block (pretrain/compile.py); the first step includes the compilation.
+    compile: bool = False
     # Write checkpoints in the background: the step loop waits only while this rank's shards are copied; the
     # next save (and the end of training) waits for the previous one to be in place.
     async_checkpoint: bool = False
@@ -168,6 +170,9 @@ class ParallelConfig:
     # A collective that waits longer than this (e.g. on a dead or stuck rank) fails instead of hanging.
     timeout_s: float = 300.0
     grad_bucket_mb: int = 25
+    # Plain engine: each gradient bucket's data-parallel all-reduce starts during the backward, as soon as its
+    # gradients are complete (as torch DDP does), instead of all after it. DeepSpeed: deepspeed.config.overlap_comm.
+    overlap_grad_reduce: bool = False
     # Pipeline schedule when pp > 1: "1f1b", "interleaved_1f1b" (with virtual_stages > 1) or "gpipe".
     # The micro-batches of one step (global_batch_size / (micro_batch_size * dp)) flow through the pipeline.
     pp_schedule: str = "1f1b"
@@ -461,6 +466,12 @@ def validate_deepspeed(cfg: Config) -> None:
     ds = cfg.deepspeed
     if not ds.enabled:
         return
+    _require(not (cfg.train.compile and ds.zero_stage == 3), "train.compile",
+             "ZeRO-3 gathers each parameter in module hooks, which torch.compile does not trace: use ZeRO-1/2 or "
+             "train.compile=false")
+    _require(not cfg.parallel.overlap_grad_reduce, "parallel.overlap_grad_reduce",
+             "is the plain engine's; DeepSpeed overlaps its own reduction with "
+             "deepspeed.config.zero_optimization.overlap_comm: true")
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
     _require(ds.bucket_mb > 0, "deepspeed.bucket_mb", f"must be positive, got {ds.bucket_mb}")
     _require(cfg.parallel.pp == 1 or ds.zero_stage <= 1, "deepspeed.zero_stage",

@@ -40,6 +40,7 @@ from pretrain.checkpoint import (
     restore_rng,
     rng_tensors,
 )
+from pretrain.compile import compile_blocks
 from pretrain.config import Config, config_to_dict, config_to_yaml
 from pretrain.fault_injection import kill_point, signal_point, slow_point
 from pretrain.hardware import peak_flops
@@ -174,6 +175,8 @@ class Trainer:
             partition = ZeroInitPartitioner(self.plan, cfg)
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device, partition)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        self.compiled_blocks = compile_blocks(self.model, self.device) if cfg.train.compile else 0
+        self.compile_seconds: float | None = None  # the first step of this attempt, which compiles the blocks
         if cfg.lora.enabled:
             freeze_base(self.model)
         # frozen weights (LoRA's base) are the initialization source's: checkpoints hold everything else
@@ -188,15 +191,16 @@ class Trainer:
         self.moe_layers = self.model.moe_layers()
         self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step
         # MoE and MTP losses join the gradient inside the model: they get the factor the main loss gets
-        aux_scale = 1.0 if self.plan.pipeline is not None else 1.0 / cfg.grad_accum_steps
         for module in [self.model, *self.moe_layers.values()]:
-            module.aux_loss_scale = aux_scale
+            module.aux_loss_scale = 1.0 / cfg.grad_accum_steps
         if cfg.deepspeed.enabled:
             from parallel.deepspeed_engine import DeepSpeedEngine
 
             self.engine = DeepSpeedEngine(self.model, self.optimizer, self.plan, cfg)
         else:
             self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip)
+            if p.overlap_grad_reduce:
+                self.plan.overlap_grad_reduce(self.model, cfg.grad_accum_steps)
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
         self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline, cfg.data.document_masking)
@@ -365,7 +369,13 @@ class Trainer:
             kill_point(self.current_step, "step")
             if self.heartbeat is not None:
                 self.heartbeat.beat()
+            step_started = time.perf_counter()
             metrics = self.train_step()
+            if self.compiled_blocks and self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - step_started
+                if self.is_main:
+                        print(f"torch.compile: {self.compiled_blocks} blocks compiled in the first step "
+                          f"({self.compile_seconds:.1f} s including the step itself)", flush=True)
             if metrics is None:  # rolled back to a checkpoint: the loop goes on from its step
                 continue
             spike = self.spikes.observe(self.step, metrics["loss"])  # raises at train.max_spikes
@@ -1002,6 +1012,7 @@ class Trainer:
             "precision_reason": self.precision.reason,
             "initialized_from": self.initialized_from,
             "skipped_steps": self.skipped_steps,
+            **({"compile_first_step_seconds": self.compile_seconds} if self.compiled_blocks else {}),
             "rollbacks": self.rollbacks,
             "stopped": self.stopped,
             "skipped_shards": self.train_loader.skipped_shards,

@@ -15,6 +15,9 @@ missing=()
 for pkg in "${DEBIAN_CORPORA[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v g++ >/dev/null; then
+  missing+=(g++)  # the tests compile blocks with torch.compile, whose CPU code generation builds C++
+fi
 if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
   missing+=(python3-venv)
 fi

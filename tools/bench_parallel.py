@@ -21,14 +21,14 @@ from pathlib import Path
 
 from tools.bench_report import torchrun
 
-DEFAULT_LAYOUTS = ["tp=1,dp=1", "tp=2,dp=1", "tp=2,dp=1,sp", "tp=1,dp=2"]
+DEFAULT_LAYOUTS = ["tp=1,dp=1", "tp=2,dp=1", "tp=2,dp=1,sp", "tp=1,dp=2", "tp=1,dp=2,overlap"]
 
 
 def parse_layout(text: str) -> dict:
-    out = {"tp": 1, "dp": 1, "sp": False}
+    out = {"tp": 1, "dp": 1, "sp": False, "overlap": False}
     for part in text.split(","):
-        if part == "sp":
-            out["sp"] = True
+        if part in ("sp", "overlap"):  # sequence parallelism; data-parallel reduction during the backward
+            out[part] = True
         else:
             key, value = part.split("=")
             out[key] = int(value)
@@ -46,6 +46,7 @@ def layout_overrides(config: str, overrides: list[str], layout: dict) -> list[st
         raise SystemExit(f"train.micro_batch_size={base.train.micro_batch_size} does not split over dp={layout['dp']}")
     return [f"parallel.tp={layout['tp']}", f"parallel.dp={layout['dp']}",
             f"parallel.sequence_parallel={str(layout['sp']).lower()}", f"train.micro_batch_size={micro}",
+            f"parallel.overlap_grad_reduce={str(layout['overlap']).lower()}",
             "tracking.mlflow=false"]
 
 
@@ -73,8 +74,18 @@ def worker(args: argparse.Namespace) -> None:
         grid = ProcessGrid.build(GridShape(tp=layout["tp"], dp=layout["dp"]), env.world_size, env.rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     trainer = Trainer(cfg, Path(args.run_dir) / str(env.rank), callbacks=[], grid=grid)
+    sync_seconds: list[float] = []  # the gradient sync after the backward: communication not hidden behind it
+    sync = trainer.plan.sync_grads
+
+    def timed_sync(model) -> None:
+        started = time.perf_counter()
+        sync(model)
+        sync_seconds.append(time.perf_counter() - started)
+
+    trainer.plan.sync_grads = timed_sync
     for _ in range(2):
         trainer.train_step()
+    sync_seconds.clear()
     start = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step()
@@ -95,6 +106,8 @@ def worker(args: argparse.Namespace) -> None:
             "processes": env.world_size,
             "threads_per_process": torch.get_num_threads(),
             "tokens_per_s": args.steps * trainer.tokens_per_step / seconds,
+            "step_ms": 1000 * seconds / args.steps,
+            "grad_sync_ms": 1000 * sum(sync_seconds) / len(sync_seconds),
             "measured": {f"{op}@{g}": vars(t) for (op, g), t in volume.traffic.items()},
             "expected_elements": expected,
             "megatron_layer_elements": megatron_layer_elements(cfg, layout["dp"]) if layout["tp"] > 1 else 0,
@@ -125,9 +138,10 @@ def fmt_elements(n: float) -> str:
 def table(records: list[dict]) -> str:
     base = next(r for r in records if r["processes"] == 1)["tokens_per_s"]
     rows = [
-        "| layout | processes × threads | tokens/s | vs 1 process | per-rank traffic per step (measured) "
-        "| MB sent per rank (ring) | expected elements | Megatron 4·L·b·s·h·m |",
-        "|---|---|---:|---:|---|---:|---|---:|",
+        "| layout | processes × threads | tokens/s | vs 1 process | step ms | gradient sync after the backward, "
+        "ms/step | per-rank traffic per step (measured) | MB sent per rank (ring) | expected elements "
+        "| Megatron 4·L·b·s·h·m |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in records:
         measured = ", ".join(f"{k} {fmt_elements(v['elements'])}" for k, v in sorted(r["measured"].items())) or "–"
@@ -139,7 +153,8 @@ def table(records: list[dict]) -> str:
         layer = fmt_elements(r["megatron_layer_elements"]) if r["megatron_layer_elements"] else "–"
         rows.append(
             f"| {r['layout']} | {r['processes']} × {r['threads_per_process']} | {r['tokens_per_s']:,.0f} "
-            f"| {r['tokens_per_s'] / base:.2f} | {measured} | {sent:.1f} | {verdict if expected else '–'} | {layer} |"
+            f"| {r['tokens_per_s'] / base:.2f} | {r['step_ms']:.0f} | {r['grad_sync_ms']:.1f} "
+            f"| {measured} | {sent:.1f} | {verdict if expected else '–'} | {layer} |"
         )
     return "\n".join(rows)
 

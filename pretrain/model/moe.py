@@ -119,6 +119,12 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert: bincount with an output shape that does not depend on the ids (so torch.compile
+    traces the dropless MoE layer as one graph; bincount's shape is data-dependent to it)."""
+    return ids.new_zeros(num_experts).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in the dtype autocast computes in (unchanged outside autocast): cast once, before tokens are copied k
     times (and, with expert parallelism, sent), instead of after."""
@@ -239,7 +245,7 @@ class MoE(nn.Module):
             self.last_stats["dropped"] = (~kept).sum().detach()
         else:
             order = torch.argsort(flat_ids, stable=True)
-            counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts)
+            counts = expert_counts(flat_ids, self.cfg.num_experts)
             self.last_stats["dropped"] = torch.zeros((), dtype=torch.long, device=x.device)
         token_of = order // k
         if x.device.type == "cpu":  # scatter-adds are deterministic on a CPU, and the faster way there
@@ -273,7 +279,7 @@ class MoE(nn.Module):
 
     def finish(self, out: torch.Tensor, logits, scores, ids, batch: int, seq: int) -> torch.Tensor:
         """Records the load statistics of this forward and attaches the auxiliary losses to `out`'s gradient."""
-        load = torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts).float()
+        load = expert_counts(ids.reshape(-1), self.cfg.num_experts).float()
         counting = self.training and self.collect_statistics
         if counting:
             self.load_since_update += load

@@ -167,6 +167,8 @@ DS = ["deepspeed.enabled=true"]
         ([*DS, "deepspeed.zero_stage=3", "train.on_nan=rollback"], "train.on_nan", "rollback with DeepSpeed needs"),
         (["train.on_nan=retry"], "train.on_nan", "must be stop, skip or rollback"),
         (["train.max_rollbacks=-1"], "train.max_rollbacks", ">= 0"),
+        ([*DS, "deepspeed.zero_stage=3", "train.compile=true"], "train.compile", "ZeRO-3 gathers"),
+        ([*DS, "parallel.overlap_grad_reduce=true"], "parallel.overlap_grad_reduce", "overlap_comm"),
     ],
 )
 def test_bad_deepspeed_settings(data_dir, overrides, key, match):

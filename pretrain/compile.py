@@ -1,0 +1,35 @@
+"""`train.compile: true`: every transformer block (the MTP modules' too) compiled in place with torch.compile
+(`nn.Module.compile`: parameter names and checkpoints unchanged). Blocks rather than the whole model: one graph
+per distinct block compiles once and serves all layers, and the pipeline stages, activation checkpointing and the
+tensor-parallel layers around and inside them keep working (a collective inside a block is a graph break, not an
+error). A dense block and the dropless MoE block (with bf16 autocast, where torch's grouped GEMM traces) are one
+graph each (tests/model/test_compile.py). Compilation happens in the first step; its time is logged."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from torch import nn
+
+from pretrain.model.transformer import Block
+
+
+class CompileUnavailable(RuntimeError):
+    pass
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU code generation builds C++ (a GPU's needs Triton, which the CUDA wheels bring)."""
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        raise CompileUnavailable("train.compile on a CPU needs a C++ compiler for torch.compile's generated code "
+                                 "(e.g. `apt install g++`); or set train.compile=false")
+
+
+def compile_blocks(model: nn.Module, device: torch.device) -> int:
+    """Compile every Block of `model` in place; returns how many."""
+    check_compiler(device)
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
