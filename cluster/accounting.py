@@ -19,11 +19,12 @@ every checkpoint's trainer state, so restarts add up even when the run folder is
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data.atomic_file import write_atomically
 
 LEDGER_FILE = "accounting.json"
 CATEGORIES = ("startup", "training", "evaluation", "checkpoint_save", "checkpoint_load", "other", "badput_lost",
@@ -140,10 +141,7 @@ class Ledger:
 
     def save(self, path: Path) -> None:
         """Atomically: a reader (or a crash) never sees half a file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Ledger:

@@ -14,6 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from data.atomic_file import replace_atomically
 from data.shards.manifest import Manifest, SplitInfo
 from data.shards.writer import ShardWriter, token_dtype
 from data.sources import DEFAULT_SOURCES, SourceError, iter_documents
@@ -121,15 +122,14 @@ def prepare_dataset(
         elif p.exists():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    tmp_tok = out / f".{TOKENIZER_FILE}.tmp"
     if tokenizer is None:
         print(f"training a {vocab_size}-token BPE on up to {tokenizer_max_chars / 1e6:.0f}M characters", flush=True)
         tok = train_tokenizer(tokenizer_sample(train_docs, tokenizer_max_chars, seed), vocab_size)
-        tok.save(str(tmp_tok))
+        replace_atomically(out / TOKENIZER_FILE, lambda aside: tok.save(str(aside)))
     else:
         tok = load_tokenizer(tokenizer)
-        shutil.copyfile(tokenizer, tmp_tok)  # byte-identical, so the sha256 matches the other folders'
-    os.replace(tmp_tok, out / TOKENIZER_FILE)
+        # byte-identical, so the sha256 matches the other folders'
+        replace_atomically(out / TOKENIZER_FILE, lambda aside: shutil.copyfile(tokenizer, aside))
 
     dtype = token_dtype(tok.get_vocab_size())
     splits = {

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data.atomic_file import replace_atomically, write_atomically
 from data.tokenizer import SpecialIds, load_tokenizer, tokenizer_sha256
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,11 +34,11 @@ def write_record_folder(out_dir: str | Path, splits: dict[str, list[dict[str, An
     if not tokenizer.is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer} not found: prepare pretraining data first "
                                 "(`pretrain data prepare --out data_cache/tiny`) and pass its tokenizer.json")
-    _replace(out / TOKENIZER_FILE, lambda temporary: shutil.copyfile(tokenizer, temporary))
+    replace_atomically(out / TOKENIZER_FILE, lambda aside: shutil.copyfile(tokenizer, aside))
     split_info = {}
     for split, records in splits.items():
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-        _replace(out / f"{split}.jsonl", lambda temporary, text=text: temporary.write_bytes(text))
+        write_atomically(out / f"{split}.jsonl", text)
         split_info[split] = {"file": f"{split}.jsonl", "records": len(records),
                              "sha256": hashlib.sha256(text).hexdigest()}
     loaded = load_tokenizer(out / TOKENIZER_FILE)
@@ -47,14 +47,8 @@ def write_record_folder(out_dir: str | Path, splits: dict[str, list[dict[str, An
                 "tokenizer_sha256": tokenizer_sha256(out / TOKENIZER_FILE), "vocab_size": loaded.get_vocab_size(),
                 "bos_id": special.bos, "eos_id": special.eos, "pad_id": special.pad, "splits": split_info,
                 "sources": sources or {}, "seed": seed}
-    _replace(out / manifest_file, lambda temporary: temporary.write_text(json.dumps(manifest, indent=1)))
+    write_atomically(out / manifest_file, json.dumps(manifest, indent=1))
     return manifest
-
-
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def read_records(path: Path, render: Callable[[dict[str, Any], str], Any], skip_invalid: bool,

@@ -7,10 +7,10 @@ tokenizer they were written with.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data.atomic_file import write_atomically
 from data.tokenizer import tokenizer_sha256
 
 FORMAT_VERSION = 1
@@ -65,9 +65,7 @@ class Manifest:
         return json.dumps(d, indent=2)
 
     def save(self, data_dir: Path) -> None:
-        tmp = Path(data_dir) / f".{MANIFEST}.tmp"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, Path(data_dir) / MANIFEST)
+        write_atomically(Path(data_dir) / MANIFEST, self.to_json())
 
     @classmethod
     def load(cls, data_dir: str | Path, check_tokenizer: bool = True) -> Manifest:

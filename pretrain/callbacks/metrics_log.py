@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from data.atomic_file import write_atomically
 from pretrain.callbacks.base import Callback
 
 
@@ -26,9 +27,7 @@ class MetricsLog(Callback):
         # A resumed run rewrites history after its checkpoint, so the file shows one clean curve.
         # Replaced whole, so a reader following the live file never sees it half rewritten.
         kept = [r for r in read_metrics(self.path) if r["step"] <= trainer.step]
-        rewritten = self.path.with_name(self.path.name + ".tmp")
-        rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(rewritten, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _append(self, record: dict) -> None:
         line = (json.dumps(record) + "\n").encode()

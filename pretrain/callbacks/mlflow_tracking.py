@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from data.atomic_file import write_atomically
 from pretrain.callbacks.base import Callback
 from pretrain.callbacks.metrics_log import read_metrics
 from pretrain.config import config_to_dict, flatten
@@ -193,10 +194,8 @@ class Outbox:
             self.path.unlink()
 
     def spool(self) -> Path:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"params": self.params, "metrics": self.metrics, "artifacts": self.artifacts,
-                                   "status": self.status}))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps({"params": self.params, "metrics": self.metrics,
+                                                "artifacts": self.artifacts, "status": self.status}))
         return self.path
 
     def take_spooled(self) -> None:
