@@ -3,7 +3,8 @@ communication each rank does per step, measured against Megatron's formula.
 
     python -m tools.bench_parallel configs/tiny.yaml data.dir=data_cache/tiny [--steps 8] [--out BENCHMARKS.md]
 
-Each layout (1 process; TP=2; TP=2 with sequence parallelism; DP=2; more with --layouts) runs under torchrun
+Each layout (1 process; TP=2; TP=2 with sequence parallelism; DP=2 with the gradient average after the backward
+and overlapped with it; more with --layouts) runs under torchrun
 with the machine's cores split evenly between its processes, the same global batch and model. After warm-up it
 times `--steps` training steps of the real `Trainer`, then counts one step's collectives with
 `parallel.comm_volume.CommVolume` and compares them with `parallel.expected_traffic`. Rank 0 of each layout
@@ -197,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         "`parallel.expected_traffic`: Megatron's 4 activation all-reduces of b·s·h per layer and micro-batch "
         "(SP: all-gather + reduce-scatter of the same size), plus the embedding/LM-head entries, 3 per-token "
         "loss scalars, SP norm grads and the grad-norm scalar; DP all-reduces every local gradient once. "
-        "\"MB sent\" converts the payloads with the ring factors (all-reduce 2(n−1)/n, the others (n−1)/n).",
+        "\"MB sent\" converts the payloads with the ring factors (all-reduce 2(n−1)/n, the others (n−1)/n). "
+        "\"Gradient sync after the backward\" is the step's wait in `ParallelPlan.sync_grads` (TP sums, the DP "
+        "average, or with `overlap` only what is still in flight of the buckets started during the backward): the "
+        "communication not hidden behind computation.",
         "",
         table(records),
         "",
