@@ -631,6 +631,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    if t.compile:
+        import torch
+
+        from pretrain.compile import compiler_problem
+
+        problem = compiler_problem("cuda" if torch.cuda.is_available() else "cpu")
+        _require(problem is None, "train.compile", problem or "")
     validate_parallel(cfg)
     per_step = t.micro_batch_size * cfg.dp_size
     _require(

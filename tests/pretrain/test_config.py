@@ -290,3 +290,12 @@ def test_a_phase_config_builds_on_its_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_config(tmp_path / "c.yaml", check_paths=False)
+
+
+def test_compile_without_a_cpu_compiler_is_a_config_error(data_dir, monkeypatch):
+    import pretrain.compile
+
+    monkeypatch.setattr(pretrain.compile.shutil, "which", lambda name: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    expect_error(data_dir, "train.compile", "train.compile=true", match="needs a C++ compiler")
+
