@@ -38,11 +38,15 @@ def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes:
             torch._foreach_div_(grads, divisor)
         return
     for bucket in buckets(grads, bucket_bytes):
-        flat = _flatten_dense_tensors(bucket)
-        flat.div_(divisor)
-        dist.all_reduce(flat, group=group)
+        flat, _ = _start_average(bucket, group, divisor, async_op=False)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             g.copy_(synced)
+
+
+def _start_average(grads: list[torch.Tensor], group, divisor: int, async_op: bool):
+    """(the grads flattened, divided and being summed over `group`, the all-reduce's work handle if async)."""
+    flat = _flatten_dense_tensors(grads).div_(divisor)
+    return flat, dist.all_reduce(flat, group=group, async_op=async_op)
 
 
 @dataclass
@@ -79,7 +83,8 @@ class OverlappedGradientAverager:
                 self.bucket_of.update((p, bucket) for p in members)
         self.counts: dict[torch.nn.Parameter, int] = {}
         self.started = 0  # buckets whose all-reduce has begun, in order
-        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.bucket_of]
+        for p in self.bucket_of:
+            p.register_post_accumulate_grad_hook(self._accumulated)
         self._reset()
 
     def _reset(self) -> None:
@@ -101,8 +106,7 @@ class OverlappedGradientAverager:
 
     def _start(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = _flatten_dense_tensors(grads).div_(bucket.divisor)
-        bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
+        bucket.flat, bucket.work = _start_average(grads, bucket.group, bucket.divisor, async_op=True)
         self.started += 1
 
     def finish(self) -> None:
@@ -119,7 +123,3 @@ class OverlappedGradientAverager:
                 elif value.any():  # another rank's gradient: this replica takes the same average
                     p.grad = value
         self._reset()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

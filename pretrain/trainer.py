@@ -175,7 +175,7 @@ class Trainer:
             partition = ZeroInitPartitioner(self.plan, cfg)
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device, partition)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
-        self.compiled_blocks = compile_blocks(self.model, self.device) if cfg.train.compile else 0
+        self.compiled_blocks = compile_blocks(self.model) if cfg.train.compile else 0
         self.compile_seconds: float | None = None  # the first step of this attempt, which compiles the blocks
         if cfg.lora.enabled:
             freeze_base(self.model)
@@ -374,7 +374,7 @@ class Trainer:
             if self.compiled_blocks and self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - step_started
                 if self.is_main:
-                        print(f"torch.compile: {self.compiled_blocks} blocks compiled in the first step "
+                    print(f"torch.compile: {self.compiled_blocks} blocks compiled in the first step "
                           f"({self.compile_seconds:.1f} s including the step itself)", flush=True)
             if metrics is None:  # rolled back to a checkpoint: the loop goes on from its step
                 continue
