@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +28,9 @@ def buckets(tensors: Iterable[torch.Tensor], bucket_bytes: int) -> list[list[tor
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes: int = 25 * 2**20,
-                      divide_by: int | None = None) -> None:
-    """Sum the grads over `group` and divide by its size (or by `divide_by`)."""
+                      divide_by: int | None = None, reduce_dtype: torch.dtype | None = None) -> None:
+    """Sum the grads over `group` and divide by its size (or by `divide_by`); `reduce_dtype`: the sums are
+    taken in it (bf16: half the traffic of fp32 gradients), the grads keep theirs."""
     world = dist.get_world_size(group) if group is not None else 1
     divisor = divide_by or world
     grads = [p.grad for p in params if p.grad is not None]
@@ -38,14 +39,18 @@ def average_gradients(params: Iterable[torch.nn.Parameter], group, bucket_bytes:
             torch._foreach_div_(grads, divisor)
         return
     for bucket in buckets(grads, bucket_bytes):
-        flat, _ = _start_average(bucket, group, divisor, async_op=False)
+        flat, _ = _start_average(bucket, group, divisor, async_op=False, reduce_dtype=reduce_dtype)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             g.copy_(synced)
 
 
-def _start_average(grads: list[torch.Tensor], group, divisor: int, async_op: bool):
-    """(the grads flattened, divided and being summed over `group`, the all-reduce's work handle if async)."""
+def _start_average(grads: list[torch.Tensor], group, divisor: int, async_op: bool,
+                   reduce_dtype: torch.dtype | None = None):
+    """(the grads flattened, divided and being summed over `group` in `reduce_dtype` if given, the all-reduce's
+    work handle if async)."""
     flat = _flatten_dense_tensors(grads).div_(divisor)
+    if reduce_dtype is not None:
+        flat = flat.to(reduce_dtype)
     return flat, dist.all_reduce(flat, group=group, async_op=async_op)
 
 
@@ -70,9 +75,12 @@ class OverlappedGradientAverager:
     all of them and writes the averages back into `.grad`. The sums are the same as `average_gradients`'s."""
 
     def __init__(self, groups: list[tuple[list[torch.nn.Parameter], object, int]], microbatches: int,
-                 bucket_bytes: int = 25 * 2**20):
-        """`groups`: (parameters, process group, divisor) for each set averaged alike (dense, experts)."""
-        self.microbatches = microbatches
+                 bucket_bytes: int = 25 * 2**20, reduce_dtype: torch.dtype | None = None,
+                 register_hook: Callable[[torch.nn.Parameter, Callable], None] | None = None):
+        """`groups`: (parameters, process group, divisor) for each set averaged alike (dense, experts);
+        `register_hook(param, hook)`: calls `hook(param)` once a backward's gradient has reached `param` (default:
+        autograd's post-accumulate-grad hook; bf16 weights signal their fp32 masters' gradients)."""
+        self.microbatches, self.reduce_dtype = microbatches, reduce_dtype
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[torch.nn.Parameter, _Bucket] = {}
         for params, group, divisor in groups:
@@ -84,7 +92,10 @@ class OverlappedGradientAverager:
         self.counts: dict[torch.nn.Parameter, int] = {}
         self.started = 0  # buckets whose all-reduce has begun, in order
         for p in self.bucket_of:
-            p.register_post_accumulate_grad_hook(self._accumulated)
+            if register_hook is None:
+                p.register_post_accumulate_grad_hook(self._accumulated)
+            else:
+                register_hook(p, self._accumulated)
         self._reset()
 
     def _reset(self) -> None:
@@ -106,7 +117,8 @@ class OverlappedGradientAverager:
 
     def _start(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat, bucket.work = _start_average(grads, bucket.group, bucket.divisor, async_op=True)
+        bucket.flat, bucket.work = _start_average(grads, bucket.group, bucket.divisor, async_op=True,
+                                                  reduce_dtype=self.reduce_dtype)
         self.started += 1
 
     def finish(self) -> None:
@@ -121,5 +133,5 @@ class OverlappedGradientAverager:
                 if p.grad is not None:
                     p.grad.copy_(value)
                 elif value.any():  # another rank's gradient: this replica takes the same average
-                    p.grad = value
+                    p.grad = value.to(p.dtype)
         self._reset()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -158,6 +159,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg):
         self.model, self.plan, self.cfg = model, plan, cfg
+        self.master_weights = None  # DeepSpeed's bf16 mode keeps its own fp32 masters
         self.torch_optimizer = optimizer
         self.ds_config = generate(cfg)
         self.engine = None
@@ -182,6 +184,10 @@ class DeepSpeedEngine:
             deepspeed_moe.mark_expert_params(model, plan)
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def masters_in_model(self) -> AbstractContextManager:
+        """The model's parameters are the ones checkpoints hold (DeepSpeed keeps its masters in its optimizer)."""
+        return nullcontext()
+
     def initialize(self) -> None:
         if self.engine is not None:
             return

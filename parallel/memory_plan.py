@@ -8,9 +8,11 @@ accounting of mixed-precision AdamW (arXiv 1910.02054, K = 12):
 
     engine                            weights          gradients        optimizer (AdamW moments, fp32 masters)
     plain (ours, fp32 weights)        4                4                8
+    plain, train.param_dtype=bf16     2                4 (fp32)         12 (masters 4 + moments 8)
     DeepSpeed ZeRO-s, fp32            4 (/dp if s=3)   4 (/dp if s>=2)  12 (/dp if s>=1)
     DeepSpeed ZeRO-s, bf16            2 (/dp if s=3)   2 (/dp if s>=2)  12 (/dp if s>=1)
 
+(bf16 weights keep embeddings, routers and vectors in fp32: 4 + 4 + 8 for those; parallel/master_weights.py.)
 (DeepSpeed keeps its own fp32 copy of the weights it optimizes even when the model is fp32.)
 
 (expert weights are split over their own data-parallel group, `dp / ep`, instead of `dp`; with context
@@ -79,6 +81,7 @@ def _stage_holds(name: str, layers: set[int], first: bool, last: bool, cfg: Mode
 class RankParameters:
     dense: int  # elements of parameters replicated over the data-parallel group
     expert: int  # elements of expert weights split by expert parallelism (replicated over dp / ep ranks)
+    kept_fp32: int = 0  # elements that bf16 weights keep in fp32 (embeddings, routers, vectors), of dense
 
     @property
     def total(self) -> int:
@@ -123,16 +126,18 @@ def _count_parameters(cfg: Config) -> list[RankParameters]:
     out = []
     for pp_rank in range(p.pp):
         layers, first, last = _rank_layers(cfg, pp_rank)
-        dense = expert = 0
+        dense = expert = kept = 0
         for name, shape in _whole_model_shapes(m):
             if not _stage_holds(name, layers, first, last, m):
                 continue
             n = local_numel(name, shape, m, p.tp, p.ep)
+            if len(shape) < 2 or name.startswith("embed.") or ".router." in name:
+                kept += n
             if ".experts." in name and p.ep > 1:  # without expert parallelism they are ordinary weights
                 expert += n
             else:
                 dense += n
-        out.append(RankParameters(dense, expert))
+        out.append(RankParameters(dense, expert, kept))
     return out
 
 
@@ -154,6 +159,9 @@ class RankMemory:
 def state_bytes(cfg: Config, params: RankParameters) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes of one rank, by the table in the module docstring."""
     p, ds = cfg.parallel, cfg.deepspeed
+    if not ds.enabled and cfg.train.param_dtype == "bf16":
+        copied = params.total - params.kept_fp32
+        return 2.0 * copied + 4.0 * params.kept_fp32, 4.0 * params.total, 12.0 * copied + 8.0 * params.kept_fp32
     if not ds.enabled:
         return 4.0 * params.total, 4.0 * params.total, 8.0 * params.total
     bf16 = cfg.train.precision == "bf16"
@@ -207,10 +215,45 @@ def block_activation_elements(m: ModelConfig, layer: int, tp: int, sequence_para
     return elements
 
 
-def activation_bytes(cfg: Config, layers: set[int], last: bool, recompute: bool = False) -> tuple[float, float]:
+def block_selective_elements(m: ModelConfig, layer: int, tp: int, sequence_parallel: bool) -> float:
+    """Elements per (local) token that block `layer` keeps under selective recomputation (pretrain/model/recompute.py:
+    the outputs of its matrix multiplications and fused attention kernels, and its input), on one tensor-parallel
+    rank (tested against what the selective policy saves, dense and MoE, with TP and SP):
+    - the input (on the sequence shard with sequence parallelism: d split over tp);
+    - GQA: queries, keys and values as projected (h hd + 2 kv hd for the rank's heads), the attention output and
+      its log-sum-exp (h hd + h), the output projection's (d). MLA: the latents (q_rank, kv_rank + rope), the
+      per-head queries (qk head dim) and keys/values (nope + v head dim), the attention output and log-sum-exp, the
+      output projection's (d); this assumes a fused attention kernel (a GPU's), which MLA's differing head sizes
+      do not get on a CPU (its math kernel's output is then recomputed too);
+    - a SwiGLU MLP: gate and up (2 f) and the down projection's output (d). An MoE layer: the router's scores (E),
+      the same for each of the top_k routed copies and the shared experts.
+    With context parallelism, the same per local token (the gathered keys and values are recomputed)."""
+    d = m.d_model
+    sp = tp if sequence_parallel and tp > 1 else 1
+    heads = m.n_heads / tp
+    elements = d / sp
+    if m.attention == "mla":
+        a = m.mla
+        elements += (a.q_lora_rank if a.q_lora_rank else 0) + a.kv_lora_rank + a.qk_rope_head_dim
+        elements += heads * (a.qk_head_dim + a.qk_nope_head_dim + 2 * a.v_head_dim + 1) + d
+    else:
+        kv_heads = m.n_kv_heads / tp if m.n_kv_heads % tp == 0 else 1
+        elements += (2 * heads + 2 * kv_heads) * m.head_dim + heads + d
+    if m.moe.enabled and layer >= m.moe.first_k_dense:
+        e = m.moe
+        elements += e.num_experts + e.top_k * (2 * e.expert_hidden / tp + d)
+        if e.num_shared_experts:
+            elements += 2 * e.num_shared_experts * e.expert_hidden / tp + d
+    else:
+        elements += 2 * m.ffn_dim / tp + d
+    return elements
+
+
+def activation_bytes(cfg: Config, layers: set[int], last: bool, recompute: str = "none") -> tuple[float, float]:
     """(bytes one micro-batch keeps for the backward in these blocks and the head on the last stage, bytes needed
-    at once on top of that: the gradients of the block being back-propagated, and with full recomputation its
-    recomputed activations). With full recomputation a block keeps only its input."""
+    at once on top of that: the gradients of the block being back-propagated, and with recomputation its
+    recomputed activations). With full recomputation a block keeps only its input; with selective, its
+    matrix-multiplication and attention outputs (`block_selective_elements`)."""
     m, p = cfg.model, cfg.parallel
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp  # this rank's share of each window
     act_bytes = 2 if cfg.train.precision == "bf16" else 4
@@ -219,10 +262,15 @@ def activation_bytes(cfg: Config, layers: set[int], last: bool, recompute: bool 
     for layer in layers:
         block = block_activation_elements(m, layer, p.tp, sp, p.cp) * tokens * act_bytes
         largest_block = max(largest_block, block)
-        kept += m.d_model / (p.tp if sp else 1) * tokens * act_bytes if recompute else block
+        if recompute == "full":
+            kept += m.d_model / (p.tp if sp else 1) * tokens * act_bytes
+        elif recompute == "selective":
+            kept += block_selective_elements(m, layer, p.tp, sp) * tokens * act_bytes
+        else:
+            kept += block
     if last:  # logits (bf16 under autocast), their fp32 log-softmax and its gradient, over the vocabulary shard
         kept += tokens * m.vocab_size / p.tp * (act_bytes + 8) * (1 + m.mtp_depth)
-    return kept, largest_block * (2 if recompute else 1)
+    return kept, largest_block * (1 if recompute == "none" else 2)
 
 
 def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
@@ -237,9 +285,9 @@ def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
     return float(held)
 
 
-def rank_memory(cfg: Config, recompute: bool | None = None) -> tuple[RankMemory, int]:
-    """The heaviest rank's memory and its pipeline rank (`recompute`: with activation checkpointing of every
-    block; default: as the config says, `train.activation_checkpointing`)."""
+def rank_memory(cfg: Config, recompute: str | None = None) -> tuple[RankMemory, int]:
+    """The heaviest rank's memory and its pipeline rank (`recompute`: none, full or selective activation
+    recomputation of every block; default: as the config says, `train.activation_checkpointing`)."""
     p = cfg.parallel
     if recompute is None:
         recompute = cfg.train.activation_checkpointing
@@ -269,7 +317,7 @@ def step_seconds(cfg: Config, gpus: int, peak_flops: float, mfu: float) -> float
 
 @dataclass
 class PlanRow:
-    layout: dict[str, int | bool]  # tp, pp, virtual_stages, ep, dp, zero_stage, micro_batch_size, sp, recompute
+    layout: dict[str, int | bool | str]  # tp, pp, virtual_stages, ep, dp, zero_stage, micro_batch_size, sp, recompute
     memory: RankMemory | None
     heaviest_pp_rank: int
     step_seconds: float
@@ -329,9 +377,10 @@ def layout_of(cfg: Config) -> dict[str, int | bool]:
 
 
 def evaluate(cfg: Config, gpus: int, gpu_memory: float, peak_flops: float, mfu: float,
-             recompute: bool = False) -> PlanRow:
+             recompute: str = "none") -> PlanRow:
     """One layout: valid for the trainer? its heaviest rank's memory, whether it fits, the step time (a full
-    recomputation runs each block's forward twice: 4/3 of the compute)."""
+    recomputation runs each block's forward twice: 4/3 of the compute; a selective one no matrix multiplication
+    twice, which the FLOP count leaves unchanged)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute))
     layout = layout_of(cfg) | {"recompute": recompute}
     try:
@@ -339,20 +388,24 @@ def evaluate(cfg: Config, gpus: int, gpu_memory: float, peak_flops: float, mfu: 
     except ConfigError as exc:
         return PlanRow(layout, None, 0, math.inf, False, f"invalid: {exc}", cfg)
     memory, pp_rank = rank_memory(cfg, recompute)
-    seconds = step_seconds(cfg, gpus, peak_flops, mfu) * (4 / 3 if recompute else 1)
+    seconds = step_seconds(cfg, gpus, peak_flops, mfu) * (4 / 3 if recompute == "full" else 1)
     fits = memory.total <= gpu_memory
     reason = "" if fits else (f"needs {memory.total / GIB:,.1f} GiB on pipeline rank {pp_rank} > "
                               f"{gpu_memory / GIB:,.0f} GiB")
     return PlanRow(layout, memory, pp_rank, seconds, fits, reason, cfg)
 
 
+RECOMPUTE_ORDER = ("none", "selective", "full")  # among equally fast layouts: a selective one still recomputes some
+
+
 def plan(cfg: Config, gpus: int, gpu_memory: float, gpus_per_node: int = 8, peak_flops: float = 989e12,
          mfu: float = 0.4, micro_batches: list[int] | None = None) -> list[PlanRow]:
     """Every candidate layout, fitting ones first: fastest first; among equally fast ones (the step time leaves out
     communication) the smaller context-parallel group (its K/V all-gathers are not in the step time), then the lower
-    ZeRO stage (fewer collectives per micro-batch), then the least memory."""
+    ZeRO stage (fewer collectives per micro-batch), then less recomputation, then the least memory."""
     rows = [evaluate(c, gpus, gpu_memory, peak_flops, mfu, recompute)
             for c in candidate_layouts(cfg, gpus, gpus_per_node, micro_batches or [1, 2, 4])
-            for recompute in (False, True)]
+            for recompute in RECOMPUTE_ORDER]
     return sorted(rows, key=lambda r: (not r.fits, float(f"{r.step_seconds:.6g}"), r.layout["cp"],
-                                       r.layout["zero_stage"], r.memory.total if r.memory else math.inf))
+                                       r.layout["zero_stage"], RECOMPUTE_ORDER.index(r.layout["recompute"]),
+                                       r.memory.total if r.memory else math.inf))

@@ -61,6 +61,7 @@ class ParallelPlan:
     expert_names: frozenset[str] = frozenset()  # expert weights split over the expert-parallel group
     context: ContextParallel | None = None  # the sequence split over the context-parallel group
     overlapped: OverlappedGradientAverager | None = None  # data-parallel averaging started during the backward
+    grad_reduce_dtype: torch.dtype | None = None  # data-parallel sums in this dtype (None: the gradients')
 
     @property
     def tp(self) -> int:
@@ -126,9 +127,10 @@ class ParallelPlan:
                 merged.setdefault(name, value)
         return merged
 
-    def overlap_grad_reduce(self, model: nn.Module, microbatches: int) -> None:
-        """Average the data- and context-parallel gradients during the backward (see OverlappedGradientAverager);
-        `sync_grads` then waits for it. Nothing to do on a single data-parallel rank."""
+    def overlap_grad_reduce(self, model: nn.Module, microbatches: int, register_hook=None) -> None:
+        """Average the data- and context-parallel gradients during the backward (see OverlappedGradientAverager;
+        `register_hook`: how a parameter signals its gradient, see there); `sync_grads` then waits for it.
+        Nothing to do on a single data-parallel rank."""
         if self.grid.size("dp_cp") == 1:
             return
         named = list(model.named_parameters())
@@ -137,7 +139,8 @@ class ParallelPlan:
         groups = [(dense, self.grid.group("dp_cp"), self.grid.size("dp_cp"))]
         if experts:
             groups.append((experts, self.grid.group("expert_dp_cp"), self.grid.size("dp_cp")))
-        self.overlapped = OverlappedGradientAverager(groups, microbatches, self.grad_bucket_bytes)
+        self.overlapped = OverlappedGradientAverager(groups, microbatches, self.grad_bucket_bytes,
+                                                     self.grad_reduce_dtype, register_hook)
 
     def sync_grads(self, model: nn.Module) -> None:
         if self.overlapped is not None:  # averaged first: the sums below change .grad, not the buckets in flight
@@ -148,13 +151,14 @@ class ParallelPlan:
         named = list(model.named_parameters())
         if self.overlapped is None and self.grid.size("dp_cp") > 1:  # data/context-parallel ranks saw other tokens
             dense = [p for name, p in named if name not in self.expert_names]
-            average_gradients(dense, self.grid.group("dp_cp"), self.grad_bucket_bytes)
+            average_gradients(dense, self.grid.group("dp_cp"), self.grad_bucket_bytes,
+                              reduce_dtype=self.grad_reduce_dtype)
         if self.overlapped is None and self.expert_names and self.grid.size("dp_cp") > 1:
             # each expert's grad already holds its whole EP group's tokens (all-to-all backward): sum over the
             # ranks holding the same experts, divide by all data- and context-parallel ranks
             experts = [p for name, p in named if name in self.expert_names]
             average_gradients(experts, self.grid.group("expert_dp_cp"), self.grad_bucket_bytes,
-                              divide_by=self.grid.size("dp_cp"))
+                              divide_by=self.grid.size("dp_cp"), reduce_dtype=self.grad_reduce_dtype)
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
         counted = [(p, self.specs[name].counted_once and name not in self.not_counted)

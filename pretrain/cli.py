@@ -431,7 +431,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lay, mem = r.layout, r.memory
         g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
         return (f"{lay['tp']:4d}{lay['cp']:4d}{lay['pp']:4d}{lay['virtual_stages']:4d}{lay['ep']:5d}{lay['dp']:6d}"
-                f"{lay['zero_stage']:6d}{lay['micro_batch_size']:4d}  {'full' if lay['recompute'] else 'none':>9} | "
+                f"{lay['zero_stage']:6d}{lay['micro_batch_size']:4d}  {lay['recompute']:>9} | "
                 f"{mem.parameters / 1e9:9.2f}B {g(mem.weights)}{g(mem.gradients)}{g(mem.optimizer)}"
                 f"{g(mem.activations)}  {mem.total / GIB:9.1f} | {r.step_seconds:6.2f}")
     fitting = [r for r in rows if r.fits]
@@ -446,9 +446,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(line(r))
     for r in is_own:
         print(f"the config's own layout, {'fits' if r.fits else 'does not fit: ' + r.reason}:\n{line(r)}")
-    if any(r.layout["recompute"] for r in fitting[: args.top] + is_own):
-        print("recompute full: train.activation_checkpointing=true (every block runs its forward again in the "
+    shown = {r.layout["recompute"] for r in fitting[: args.top] + is_own}
+    if "full" in shown:
+        print("recompute full: train.activation_checkpointing=full (every block runs its forward again in the "
               "backward; step time counts it as 4/3).")
+    if "selective" in shown:
+        print("recompute selective: train.activation_checkpointing=selective (blocks keep their matrix "
+              "multiplications' and attention's outputs and recompute the rest; no matmul twice).")
     print("Step time is compute only (communication assumed overlapped) plus the pipeline bubble.")
     return 0
 

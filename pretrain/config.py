@@ -19,6 +19,7 @@ from pretrain.model.config import ModelConfig, RopeConfig  # noqa: F401  (re-exp
 from pretrain.model.lora import LoraConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (resolved per device by pretrain/precision.py)
+RECOMPUTE_MODES = ("none", "full", "selective")  # train.activation_checkpointing (pretrain/model/recompute.py)
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,10 @@ class TrainConfig:
     # auto: bf16 autocast where the hardware runs bf16 natively (CUDA, CPUs with AMX/AVX512-BF16), else fp32;
     # fp32; bf16 (autocast; on a CPU without native bf16 it works, tens of times slower, with a warning).
     precision: str = "auto"
+    # Plain engine, bf16 compute: fp32 keeps fp32 weights (autocast casts them in every forward); bf16 computes with
+    # bf16 copies of the matrices and steps fp32 master weights (parallel/master_weights.py; checkpoints hold the
+    # masters). DeepSpeed's bf16 mode does this itself.
+    param_dtype: str = "fp32"
     seed: int = 1234
     deterministic: bool = True
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -108,9 +113,11 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 2
-    # Activation checkpointing of every block: a block keeps only its input for the backward and runs its forward
-    # again there (about 4/3 of the compute, a fraction of the activation memory; see `pretrain plan`).
-    activation_checkpointing: bool = False
+    # Activation recomputation of every block (pretrain/model/recompute.py): none; full (a block keeps only its
+    # input and runs its forward again in the backward: about 4/3 of the compute); selective (it keeps its matrix
+    # multiplications' and attention's outputs and recomputes the rest: no matmul twice). See `pretrain plan`.
+    # true/false mean full/none.
+    activation_checkpointing: str = "none"
     # torch.compile every transformer block (pretrain/compile.py); the first step includes the compilation.
     compile: bool = False
     # Write checkpoints in the background: the step loop waits only while this rank's shards are copied; the
@@ -173,6 +180,9 @@ class ParallelConfig:
     # Plain engine: each gradient bucket's data-parallel all-reduce starts during the backward, as soon as its
     # gradients are complete (as torch DDP does), instead of all after it. DeepSpeed: deepspeed.config.overlap_comm.
     overlap_grad_reduce: bool = False
+    # Plain engine: the dtype of the data-parallel gradient sums: fp32, or bf16 (half the traffic, bf16 rounding
+    # of each rank's gradient; the gradients are kept and clipped in their own dtype).
+    grad_reduce_dtype: str = "fp32"
     # Pipeline schedule when pp > 1: "1f1b", "interleaved_1f1b" (with virtual_stages > 1) or "gpipe".
     # The micro-batches of one step (global_batch_size / (micro_batch_size * dp)) flow through the pipeline.
     pp_schedule: str = "1f1b"
@@ -280,6 +290,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _schema_error(exc, "while resolving") from exc
+    recompute = cfg.train.activation_checkpointing  # YAML's true/false: the meaning they had before the modes
+    cfg.train.activation_checkpointing = {"true": "full", "false": "none"}.get(recompute.lower(), recompute)
     validate(cfg, check_paths=check_paths)
     return cfg
 
@@ -472,6 +484,11 @@ def validate_deepspeed(cfg: Config) -> None:
     _require(not cfg.parallel.overlap_grad_reduce, "parallel.overlap_grad_reduce",
              "is the plain engine's; DeepSpeed overlaps its own reduction with "
              "deepspeed.config.zero_optimization.overlap_comm: true")
+    _require(cfg.train.param_dtype == "fp32", "train.param_dtype",
+             "is the plain engine's; with DeepSpeed, train.precision=bf16 already computes with bf16 weights and "
+             "keeps fp32 masters in its optimizer")
+    _require(cfg.parallel.grad_reduce_dtype == "fp32", "parallel.grad_reduce_dtype",
+             "is the plain engine's; DeepSpeed's is deepspeed.config.communication_data_type")
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
     _require(ds.bucket_mb > 0, "deepspeed.bucket_mb", f"must be positive, got {ds.bucket_mb}")
     _require(cfg.parallel.pp == 1 or ds.zero_stage <= 1, "deepspeed.zero_stage",
@@ -628,6 +645,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     _require(t.precision in PRECISIONS, "train.precision",
              f"must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
+    _require(t.activation_checkpointing in RECOMPUTE_MODES, "train.activation_checkpointing",
+             f"must be one of {', '.join(RECOMPUTE_MODES)} (or true/false), got '{t.activation_checkpointing}'")
+    _require(t.param_dtype in ("fp32", "bf16"), "train.param_dtype", f"must be fp32 or bf16, got '{t.param_dtype}'")
+    _require(t.param_dtype == "fp32" or t.precision != "fp32", "train.param_dtype",
+             "bf16 weights need bf16 compute: set train.precision to bf16 or auto (where auto picks bf16)")
+    _require(cfg.parallel.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype",
+             f"must be fp32 or bf16, got '{cfg.parallel.grad_reduce_dtype}'")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")

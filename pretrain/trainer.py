@@ -21,6 +21,7 @@ from data.loader import TokenWindowLoader
 from parallel.data_feed import DataFeed
 from parallel.engine import PlainEngine
 from parallel.grid import ProcessGrid, coordinates
+from parallel.master_weights import MasterWeights
 from parallel.materialize import materialize
 from parallel.plan import PipelineOptions, parallelize
 from parallel.tensor.comm import all_gather_dim0
@@ -174,7 +175,7 @@ class Trainer:
 
             partition = ZeroInitPartitioner(self.plan, cfg)
         self.model = materialize(model, self.plan, init_rules, cfg.train.seed, self.device, partition)
-        self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        self.model.recompute = cfg.train.activation_checkpointing
         self.compiled_blocks = compile_blocks(self.model) if cfg.train.compile else 0
         self.compile_seconds: float | None = None  # the first step of this attempt, which compiles the blocks
         if cfg.lora.enabled:
@@ -187,7 +188,8 @@ class Trainer:
             self.mtp_depth, self.model.train_mtp = 0, False
             for param in self.model.mtp.parameters():
                 param.requires_grad_(False)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # over the fp32 parameters (the masters)
+        master_weights = self._bf16_weights() if cfg.train.param_dtype == "bf16" else None
         self.moe_layers = self.model.moe_layers()
         self.expert_loads: dict[str, list[int]] = {}  # per MoE layer: tokens routed to each expert in the last step
         # MoE and MTP losses join the gradient inside the model: they get the factor the main loss gets
@@ -198,9 +200,13 @@ class Trainer:
 
             self.engine = DeepSpeedEngine(self.model, self.optimizer, self.plan, cfg)
         else:
-            self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip)
+            self.plan.grad_reduce_dtype = torch.bfloat16 if p.grad_reduce_dtype == "bf16" else None
+            self.engine = PlainEngine(self.model, self.optimizer, self.plan, cfg.optim.grad_clip, master_weights)
             if p.overlap_grad_reduce:
-                self.plan.overlap_grad_reduce(self.model, cfg.grad_accum_steps)
+                with self.engine.masters_in_model():
+                    self.plan.overlap_grad_reduce(
+                        self.model, cfg.grad_accum_steps,
+                        master_weights.register_post_accumulate_grad_hook if master_weights else None)
         t = cfg.train
         dp_rank, dp_size = self.grid.coords["dp"], self.grid.size("dp")
         self.data_feed = DataFeed.for_rank(self.grid, self.plan.pipeline, cfg.data.document_masking)
@@ -258,6 +264,17 @@ class Trainer:
                                    lambda: (self.current_step, self.phase, self.phases_entered, self.progress),
                                    cfg.parallel.timeout_s) if world > 1 else None
         signal_point("setup")
+
+    def _bf16_weights(self) -> MasterWeights:
+        """train.param_dtype=bf16: the model computes with bf16 copies of its matrices from here on."""
+        if self.precision.precision != "bf16":
+            raise ValueError(f"train.param_dtype=bf16 needs bf16 compute, but {self.precision.describe()}: set "
+                             "train.precision=bf16 or train.param_dtype=fp32")
+        master_weights = MasterWeights(self.model)
+        if self.is_main:
+            print(f"bf16 weights with fp32 masters: {master_weights.num_copied():,} parameters of this rank in bf16",
+                  flush=True)
+        return master_weights
 
     def _agree_on_precision(self, choice: PrecisionChoice) -> PrecisionChoice:
         """Every rank computes in the same precision: bf16 only if every rank's device runs it natively."""
@@ -878,13 +895,17 @@ class Trainer:
                     self.checkpoints.move_aside(self.checkpoints.root / name, why)
         return self.resumed_ledger
 
+    def _model_templates(self) -> dict[str, torch.Tensor]:
+        with self.engine.masters_in_model():  # what checkpoints hold: the fp32 masters of bf16 weights
+            return model_templates(self.model)
+
     def _load_checkpoint(self, path: Path) -> None:
         """Collective: each rank reads only its own pieces, whatever layout wrote them."""
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
         meta = read_meta(path)
         stored = meta.tensor_shapes()
-        model = {k: v for k, v in model_templates(self.model).items() if k not in self.frozen}
+        model = {k: v for k, v in self._model_templates().items() if k not in self.frozen}
         held = self.plan.merged_over_stages(dict.fromkeys(model, True))  # the names some stage of the layout holds
         unexpected = sorted(k.removeprefix(MODEL) for k in stored if k.startswith(MODEL) and k[len(MODEL):] not in held)
         if unexpected:
@@ -947,7 +968,7 @@ class Trainer:
         self.phase = "initialization from a checkpoint"
         meta = read_meta(path)
         check_initialization_source(meta, self.cfg, self.train_loader.tokenizer_reference())
-        model = model_templates(self.model)
+        model = self._model_templates()
         adapters = frozenset(filter(is_adapter, model))  # new in this phase
         weight_fragments = self.engine.weight_fragments()
         templates = pieces(self._weight_templates({k: v for k, v in model.items() if k not in adapters},

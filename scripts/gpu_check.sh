@@ -26,6 +26,11 @@ for cfg in tiny tiny_moe; do
   python3 -m pretrain.cli train "configs/$cfg.yaml" --run-dir "/tmp/runs/${cfg}_compiled" data.dir=data_cache/gpu \
     tracking.mlflow=false train.compile=true 2>&1 | tee "$out/train_${cfg}_compiled.log" | grep -E "compile|step" | tail -4
 done
+# bf16 weights with fp32 masters (train.param_dtype) on both models: tokens/s and loss against the eager runs above
+for cfg in tiny tiny_moe; do
+  python3 -m pretrain.cli train "configs/$cfg.yaml" --run-dir "/tmp/runs/${cfg}_bf16_weights" data.dir=data_cache/gpu \
+    tracking.mlflow=false train.param_dtype=bf16 2>&1 | tee "$out/train_${cfg}_bf16_weights.log" | grep -E "bf16|step" | tail -4
+done
 # sharded checkpoints on CUDA: verify one, resume the tiny run from its middle checkpoint (saved in the run above)
 # and from a background (async) save, and compare the final losses with the uninterrupted run
 python3 -m pretrain.cli checkpoint verify /tmp/runs/tiny/checkpoints/step_00000240 2>&1 | tee "$out/checkpoint.log"

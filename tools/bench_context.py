@@ -114,9 +114,9 @@ def main() -> None:
         seconds = step_seconds(model, tokens, args.repeats)
         plain = saved_activation_bytes(model, tokens)
         model.train()
-        model.checkpoint_blocks = True
+        model.recompute = "full"
         recomputed = saved_activation_bytes(model, tokens)
-        model.checkpoint_blocks = False
+        model.recompute = "none"
         speed = batch * length / seconds
         print(f"seq {length} x {batch}: {speed:,.0f} tokens/s, activations {plain / 2**20:.1f} MiB "
               f"({recomputed / 2**20:.1f} MiB with recomputation)", flush=True)

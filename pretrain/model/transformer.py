@@ -8,7 +8,6 @@ is a renaming table.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -22,8 +21,9 @@ from pretrain.model.init import InitRule, initial_value
 from pretrain.model.kv_cache import KVCache, LayerCache
 from pretrain.model.loss import lm_loss
 from pretrain.model.mla import MLA
-from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU, moe_statistics_paused
+from pretrain.model.moe import AuxLossInjector, MoE, SwiGLU
 from pretrain.model.mtp import MTPModule, mtp_inputs_and_targets
+from pretrain.model.recompute import recompute_contexts
 from pretrain.model.rope import (
     apply_rope,
     mla_softmax_multiplier,
@@ -99,11 +99,6 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-def _recompute_contexts(block: nn.Module):
-    """(context of the first forward, context of its recomputation in the backward)."""
-    return contextlib.nullcontext(), moe_statistics_paused(block)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -119,9 +114,9 @@ class Transformer(nn.Module):
         )
         self.aux_loss_scale = 1.0  # set by the trainer: the factor its main loss gets (1 / micro-batches)
         self.train_mtp = True  # off: the MTP modules do not run in training (kept frozen, e.g. during fine-tuning)
-        # Activation checkpointing: in training, each block keeps only its input and runs its forward again in the
-        # backward (set by the trainer from train.activation_checkpointing)
-        self.checkpoint_blocks = False
+        # Activation recomputation of every block in training: none, full or selective (see recompute.py; set by
+        # the trainer from train.activation_checkpointing)
+        self.recompute = "none"
         self.last_mtp_losses: list[torch.Tensor] = []
         # (logits, targets) -> (loss, metrics) of the MTP depths; tensor parallelism swaps in the vocab-parallel one
         self.mtp_loss_function = lm_loss
@@ -216,10 +211,10 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin, layer_cache)
             return h
         cos, sin, allowed = inputs if inputs is not None else self.attention_inputs(seq_len, documents)
-        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        recompute = self.recompute != "none" and self.training and torch.is_grad_enabled()
         for block in layers:
-            if recompute:  # the forward run again in the backward counts nothing toward the MoE statistics
-                contexts = functools.partial(_recompute_contexts, block)
+            if recompute:
+                contexts = functools.partial(recompute_contexts, block, self.recompute)
                 h = checkpoint(block, h, cos, sin, None, allowed, use_reentrant=False, context_fn=contexts)
             else:
                 h = block(h, cos, sin, None, allowed)

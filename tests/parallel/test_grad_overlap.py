@@ -1,9 +1,9 @@
 """`parallel.overlap_grad_reduce`: the data-parallel gradient average started during the backward gives the same
-gradients as the one after it. Unit level (two gloo ranks, two micro-batches, a parameter only one rank uses):
-the averages equal the mean of the ranks' gradients exactly, buckets start before the backward ends, and a third
-backward in the step is refused. Through `pretrain train`, with 2 micro-batches per rank and step: TP=2+SP x DP=2
-(the tensor-parallel sums come after the overlapped average), PP=2 x DP=2 and MoE+MTP at DP=2 equal one process,
-with the tolerances of test_zero.py."""
+gradients as the one after it. Unit level (two gloo ranks, two micro-batches, a parameter only one rank uses): the
+averages equal the mean of the ranks' gradients exactly (with bf16 sums: the bf16 sum of bf16 halves), buckets start
+before the backward ends, and a third backward in the step is refused. Through `pretrain train`, with 2 micro-batches
+per rank and step: TP=2+SP x DP=2 (the tensor-parallel sums come after the overlapped average), PP=2 x DP=2 and
+MoE+MTP at DP=2 equal one process, with the tolerances of test_zero.py."""
 
 import json
 from pathlib import Path
@@ -56,6 +56,15 @@ def _overlap_worker(rank: int, root: str) -> None:
     params, started, averager = _backward_passes(
         rank, lambda params: OverlappedGradientAverager([(params, None, 2)], microbatches=2, bucket_bytes=64))
     averager.finish()
+    halves, _, in_bf16 = _backward_passes(rank, lambda params: OverlappedGradientAverager(
+        [(params, None, 2)], microbatches=2, bucket_bytes=64, reduce_dtype=torch.bfloat16))
+    in_bf16.finish()
+    bf16_sums = []  # each rank's half rounded to bf16, the sum rounded to bf16
+    for p in plain:
+        local = (p.grad if p.grad is not None else torch.zeros_like(p)).div(2).bfloat16()
+        pair = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(pair, local)
+        bf16_sums.append((pair[0] + pair[1]).float())
     refused = ""
     layer = nn.Linear(2, 2)  # a third backward in a step of two micro-batches
     once_too_often = OverlappedGradientAverager([(list(layer.parameters()), None, 2)], microbatches=2)
@@ -67,6 +76,8 @@ def _overlap_worker(rank: int, root: str) -> None:
     once_too_often.finish()
     Path(root, f"rank{rank}.json").write_text(json.dumps({
         "equal": [torch.equal(p.grad, want) for p, want in zip(params, expected, strict=True)],
+        "bf16_equal": [torch.equal(p.grad, want) for p, want in zip(halves, bf16_sums, strict=True)],
+        "bf16_differs": any(not torch.equal(a, b) for a, b in zip(bf16_sums, expected, strict=True)),
         "started": started, "buckets": len(averager.buckets), "refused": refused,
         "reset": averager.started == 0 and all(c == 0 for c in averager.counts.values())}))
     dist.destroy_process_group()
@@ -79,6 +90,7 @@ def test_the_overlapped_average_is_the_mean_starts_during_the_backward_and_count
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert all(result["equal"]) and result["reset"], result
+        assert all(result["bf16_equal"]) and result["bf16_differs"], result  # parallel.grad_reduce_dtype=bf16
         assert "3 gradients in a step of 2 micro-batches" in result["refused"], result
         # the last micro-batch's backward starts the buckets of `last` and `first` (the reversed order puts
         # `only_rank1`'s first, which rank 0 never fills, so there the others wait for finish())

@@ -25,13 +25,13 @@ ZERO3_DP2 = ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=3"
         (ZERO3_DP2, []),  # ZeRO-3 DP=2 -> one process
         (["parallel.tp=2"], ["parallel.dp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"]),  # TP2 -> ZeRO-2
         (["parallel.pp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=1"], []),  # PP2 + ZeRO-1 -> one process
-        # background saves and recomputed blocks: TP2+SP -> PP2
+        # background saves and recomputed blocks: TP2+SP, selective -> PP2, full
         (["parallel.tp=2", "parallel.sequence_parallel=true", "train.async_checkpoint=true",
-          "train.activation_checkpointing=true"], ["parallel.pp=2", "train.activation_checkpointing=true"]),
+          "train.activation_checkpointing=selective"], ["parallel.pp=2", "train.activation_checkpointing=full"]),
         (["parallel.cp=2"], ["parallel.tp=2"]),  # CP=2 -> TP=2: a sequence split over ranks leaves no trace
     ],
     ids=["tp2sp->tp1", "dp2->dp1", "tp2->dp2", "pp2->pp1", "pp2->tp2", "zero3->zero1", "zero3->dp2", "zero3->dp1",
-         "tp2->zero2", "pp2zero1->dp1", "tp2sp async recompute->pp2 recompute", "cp2->tp2"],
+         "tp2->zero2", "pp2zero1->dp1", "tp2sp async selective->pp2 full", "cp2->tp2"],
 )
 def test_resume_at_another_layout_continues_the_curve(parallel_data, single, shared_run, tmp_path, writer, reader):
     _, reference = single

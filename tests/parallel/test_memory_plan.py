@@ -4,6 +4,7 @@ layout, Llama-3-70B at TP=8 x PP=4 x DP=16, a small MoE+MTP model at TP=2 x PP=2
 heads), holds exactly the parameters the planner counts, and the plain engine's AdamW creates exactly the optimizer
 bytes it counts."""
 
+import functools
 import json
 
 import pytest
@@ -101,7 +102,7 @@ def test_both_large_configs_fit_80gb_in_their_own_layout():
     assert memory.total < 80 * GIB
     deepseek = load_config("configs/deepseek_v3.yaml", [], check_paths=False)
     assert deepseek.train.activation_checkpointing and rank_memory(deepseek)[0].total < 80 * GIB
-    assert rank_memory(deepseek, recompute=False)[0].total > 80 * GIB
+    assert rank_memory(deepseek, recompute="none")[0].total > 80 * GIB
 
 
 def test_plan_lists_fitting_layouts_first_and_says_why_others_do_not():
@@ -170,12 +171,55 @@ def test_block_activations_equal_what_autograd_saves(overrides, layer):
     assert per_token == pytest.approx(block_activation_elements(cfg.model, layer, 1, False), abs=16)
 
 
+def selectively_saved_elements_per_token(block, x, cos, sin, tokens: int, monkeypatch) -> float:
+    """fp32 elements per token that selective recomputation keeps for the backward of `block(x, cos, sin)`: the
+    outputs the selective policy saves (each storage once) and the block's input, which `checkpoint` keeps."""
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+
+    from pretrain.model import recompute
+
+    saved = {}
+    policy = recompute.selective_policy
+
+    def counting_policy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            for out in tree_leaves(ctx.op_output):
+                if isinstance(out, torch.Tensor):
+                    saved[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+        return decision
+
+    monkeypatch.setattr(recompute, "selective_policy", counting_policy)
+    contexts = functools.partial(recompute.recompute_contexts, block, "selective")
+    checkpoint(block, x, cos, sin, use_reentrant=False, context_fn=contexts)
+    assert saved, "the selective policy saved nothing"
+    return (sum(saved.values()) + x.untyped_storage().nbytes()) / 4 / tokens
+
+
+@pytest.mark.parametrize("overrides,layer", [([], 0), ([], 1)], ids=["gqa dense", "gqa moe"])
+def test_selective_recomputation_keeps_what_the_planner_counts(overrides, layer, monkeypatch):
+    """Selective recomputation keeps the outputs of the matmuls and of the fused attention kernel and the input:
+    the planner's count per token; well under what the block keeps without recomputation."""
+    from parallel.memory_plan import block_activation_elements, block_selective_elements
+
+    cfg = load_config("configs/tiny_moe.yaml", overrides, check_paths=False)
+    torch.manual_seed(0)
+    model = cfg.model.build()
+    batch, seq = 4, 128
+    x = torch.randn(batch, seq, cfg.model.d_model, requires_grad=True)
+    cos, sin = model.rope(seq)
+    per_token = selectively_saved_elements_per_token(model.layers[layer], x, cos, sin, batch * seq, monkeypatch)
+    assert per_token == pytest.approx(block_selective_elements(cfg.model, layer, 1, False), abs=1)
+    assert per_token < 0.8 * block_activation_elements(cfg.model, layer, 1, False)
+
+
 @pytest.mark.parametrize("sequence_parallel", [True, False], ids=["tp2 sp", "tp2"])
-def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_parallel):
+def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_parallel, monkeypatch):
     """On one rank of TP=2 (fake process group: collectives leave their outputs unfilled, which autograd's
     bookkeeping does not look at), a dense block keeps what the planner counts: heads and hidden size halved, the
     norms' inputs halved with SP, and one gathered input shared by q/k/v and by gate/up (not a copy each)."""
-    from parallel.memory_plan import block_activation_elements
+    from parallel.memory_plan import block_activation_elements, block_selective_elements
 
     cfg = load_config("configs/tiny.yaml", ["model.n_layers=1", "parallel.tp=2",
                                             f"parallel.sequence_parallel={str(sequence_parallel).lower()}"],
@@ -190,9 +234,11 @@ def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_pa
         x = torch.randn(batch, seq // 2 if sequence_parallel else seq, cfg.model.d_model, requires_grad=True)
         cos, sin = model.rope(seq)
         per_token = saved_elements_per_token(model.layers[0], x, cos, sin, model, batch * seq)
+        selective = selectively_saved_elements_per_token(model.layers[0], x, cos, sin, batch * seq, monkeypatch)
     finally:
         dist.destroy_process_group()
     assert per_token == pytest.approx(block_activation_elements(cfg.model, 0, 2, sequence_parallel), abs=1)
+    assert selective == pytest.approx(block_selective_elements(cfg.model, 0, 2, sequence_parallel), abs=1)
 
 
 def test_context_parallel_block_activations_equal_what_autograd_saves():
