@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     body = (f"`python -m tools.bench_recompute` — each config's own model and sequence length, batch {args.batch}, "
             f"one forward + backward in fp32, median of {args.repeats}; kept = bytes kept for the backward "
             "(saved tensors outside recomputed blocks, the blocks' inputs, and the outputs selective recomputation "
-            "saves).\n\n" + "\n".join(lines) + "\n")
+            "saves).\n\n" + "\n".join(lines) + "\n\nSelective recomputation runs no matmul twice: what it adds is "
+            "elementwise work (norms, RoPE, SiLU, casts), a larger share of a CPU step than of a GPU one, where "
+            "matmuls dominate; full recomputation runs each block's forward again.\n")
     write_section(args.out, "bench_recompute", "Activation recomputation: memory kept and step time",
                   machine_description(), body)
 
