@@ -153,18 +153,25 @@ MLA_SMALL = ["model.attention=mla", "model.mla.q_lora_rank=64", "model.mla.kv_lo
              "model.mla.qk_rope_head_dim=16", "model.mla.qk_nope_head_dim=32", "model.mla.v_head_dim=32"]
 
 
-@pytest.mark.parametrize("overrides,layer", [([], 0), ([], 1), (MLA_SMALL, 1)], ids=["gqa dense", "gqa moe", "mla moe"])
-def test_block_activations_equal_what_autograd_saves(overrides, layer):
-    """The planner's activations per token of a block equal the bytes autograd keeps for its backward (saved-tensor
-    hooks, weights and RoPE tables excluded), less MLA's score matrix, which only the CPU's math kernel keeps."""
-    from parallel.memory_plan import block_activation_elements
-
+def _tiny_moe_block_inputs(overrides: list[str]):
+    """(config, model, block input x [4, 128, d] requiring grad, cos, sin) of the tiny MoE model."""
     cfg = load_config("configs/tiny_moe.yaml", overrides, check_paths=False)
     torch.manual_seed(0)
     model = cfg.model.build()
     batch, seq = 4, 128
     x = torch.randn(batch, seq, cfg.model.d_model, requires_grad=True)
     cos, sin = model.rope(seq)
+    return cfg, model, x, cos, sin
+
+
+@pytest.mark.parametrize("overrides,layer", [([], 0), ([], 1), (MLA_SMALL, 1)], ids=["gqa dense", "gqa moe", "mla moe"])
+def test_block_activations_equal_what_autograd_saves(overrides, layer):
+    """The planner's activations per token of a block equal the bytes autograd keeps for its backward (saved-tensor
+    hooks, weights and RoPE tables excluded), less MLA's score matrix, which only the CPU's math kernel keeps."""
+    from parallel.memory_plan import block_activation_elements
+
+    cfg, model, x, cos, sin = _tiny_moe_block_inputs(overrides)
+    batch, seq = x.shape[:2]
     per_token = saved_elements_per_token(model.layers[layer], x, cos, sin, model, batch * seq)
     if cfg.model.attention == "mla":
         per_token -= cfg.model.n_heads * (seq - 1)  # the math kernel's probabilities instead of a log-sum-exp
@@ -197,18 +204,14 @@ def selectively_saved_elements_per_token(block, x, cos, sin, tokens: int, monkey
     return (sum(saved.values()) + x.untyped_storage().nbytes()) / 4 / tokens
 
 
-@pytest.mark.parametrize("overrides,layer", [([], 0), ([], 1)], ids=["gqa dense", "gqa moe"])
-def test_selective_recomputation_keeps_what_the_planner_counts(overrides, layer, monkeypatch):
+@pytest.mark.parametrize("layer", [0, 1], ids=["gqa dense", "gqa moe"])
+def test_selective_recomputation_keeps_what_the_planner_counts(layer, monkeypatch):
     """Selective recomputation keeps the outputs of the matmuls and of the fused attention kernel and the input:
     the planner's count per token; well under what the block keeps without recomputation."""
     from parallel.memory_plan import block_activation_elements, block_selective_elements
 
-    cfg = load_config("configs/tiny_moe.yaml", overrides, check_paths=False)
-    torch.manual_seed(0)
-    model = cfg.model.build()
-    batch, seq = 4, 128
-    x = torch.randn(batch, seq, cfg.model.d_model, requires_grad=True)
-    cos, sin = model.rope(seq)
+    cfg, model, x, cos, sin = _tiny_moe_block_inputs([])
+    batch, seq = x.shape[:2]
     per_token = selectively_saved_elements_per_token(model.layers[layer], x, cos, sin, batch * seq, monkeypatch)
     assert per_token == pytest.approx(block_selective_elements(cfg.model, layer, 1, False), abs=1)
     assert per_token < 0.8 * block_activation_elements(cfg.model, layer, 1, False)
