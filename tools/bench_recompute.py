@@ -12,13 +12,12 @@ after a warm-up, fp32, this machine's threads; ratios against `none` measured in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy
 
 from pretrain.config import load_config
 from pretrain.model import recompute
@@ -40,29 +39,17 @@ class KeptBytes:
             self.storages[storage.data_ptr()] = storage.nbytes()
 
     def __enter__(self):
-        policy = self.policy = recompute.selective_policy
-
-        def counting_policy(ctx, op, *args, **kwargs):
-            decision = policy(ctx, op, *args, **kwargs)
-            if decision == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
-                for out in tree_leaves(ctx.op_output):
-                    if isinstance(out, torch.Tensor):
-                        self._keep(out)
-            return decision
-
-        recompute.selective_policy = counting_policy
-        recomputed = self.model.recompute != "none"
-        self.handles = [block.register_forward_pre_hook(lambda _, args: self._keep(args[0]))
-                        for block in self.model.layers] if recomputed else []
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: self._keep(t) or t, lambda t: t)
-        self.hooks.__enter__()
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(recompute.observing_selective_saves(self._keep))
+        if self.model.recompute != "none":
+            handles = [block.register_forward_pre_hook(lambda _, args: self._keep(args[0]))
+                       for block in self.model.layers]
+            self.stack.callback(lambda: [handle.remove() for handle in handles])
+        self.stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: self._keep(t) or t, lambda t: t))
         return self
 
     def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        for handle in self.handles:
-            handle.remove()
-        recompute.selective_policy = self.policy
+        self.stack.__exit__(*exc)
 
     @property
     def total(self) -> int:

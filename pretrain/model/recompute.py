@@ -13,9 +13,11 @@ In both, the recomputed forward counts nothing toward the MoE load statistics (i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from pretrain.model.moe import moe_statistics_paused
@@ -45,3 +47,25 @@ def recompute_contexts(block: nn.Module, mode: str):
         forward, recompute = create_selective_checkpoint_contexts(selective_policy)
         return forward, _both(recompute, moe_statistics_paused(block))
     return contextlib.nullcontext(), moe_statistics_paused(block)
+
+
+@contextlib.contextmanager
+def observing_selective_saves(on_saved: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Calls `on_saved` with each tensor selective recomputation keeps (first forwards, not recomputations) while
+    inside: how the memory planner's count and the recomputation benchmark are checked against what is kept."""
+    global selective_policy
+    policy = selective_policy
+
+    def observed(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            for out in tree_leaves(ctx.op_output):
+                if isinstance(out, torch.Tensor):
+                    on_saved(out)
+        return decision
+
+    selective_policy = observed
+    try:
+        yield
+    finally:
+        selective_policy = policy

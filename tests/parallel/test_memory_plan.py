@@ -178,47 +178,40 @@ def test_block_activations_equal_what_autograd_saves(overrides, layer):
     assert per_token == pytest.approx(block_activation_elements(cfg.model, layer, 1, False), abs=16)
 
 
-def selectively_saved_elements_per_token(block, x, cos, sin, tokens: int, monkeypatch) -> float:
+def selectively_saved_elements_per_token(block, x, cos, sin, tokens: int) -> float:
     """fp32 elements per token that selective recomputation keeps for the backward of `block(x, cos, sin)`: the
     outputs the selective policy saves (each storage once) and the block's input, which `checkpoint` keeps."""
-    from torch.utils._pytree import tree_leaves
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+    from torch.utils.checkpoint import checkpoint
 
     from pretrain.model import recompute
 
     saved = {}
-    policy = recompute.selective_policy
 
-    def counting_policy(ctx, op, *args, **kwargs):
-        decision = policy(ctx, op, *args, **kwargs)
-        if decision == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
-            for out in tree_leaves(ctx.op_output):
-                if isinstance(out, torch.Tensor):
-                    saved[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
-        return decision
+    def keep(out: torch.Tensor) -> None:
+        saved[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
 
-    monkeypatch.setattr(recompute, "selective_policy", counting_policy)
     contexts = functools.partial(recompute.recompute_contexts, block, "selective")
-    checkpoint(block, x, cos, sin, use_reentrant=False, context_fn=contexts)
+    with recompute.observing_selective_saves(keep):
+        checkpoint(block, x, cos, sin, use_reentrant=False, context_fn=contexts)
     assert saved, "the selective policy saved nothing"
     return (sum(saved.values()) + x.untyped_storage().nbytes()) / 4 / tokens
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["gqa dense", "gqa moe"])
-def test_selective_recomputation_keeps_what_the_planner_counts(layer, monkeypatch):
+def test_selective_recomputation_keeps_what_the_planner_counts(layer):
     """Selective recomputation keeps the outputs of the matmuls and of the fused attention kernel and the input:
     the planner's count per token; well under what the block keeps without recomputation."""
     from parallel.memory_plan import block_activation_elements, block_selective_elements
 
     cfg, model, x, cos, sin = _tiny_moe_block_inputs([])
     batch, seq = x.shape[:2]
-    per_token = selectively_saved_elements_per_token(model.layers[layer], x, cos, sin, batch * seq, monkeypatch)
+    per_token = selectively_saved_elements_per_token(model.layers[layer], x, cos, sin, batch * seq)
     assert per_token == pytest.approx(block_selective_elements(cfg.model, layer, 1, False), abs=1)
     assert per_token < 0.8 * block_activation_elements(cfg.model, layer, 1, False)
 
 
 @pytest.mark.parametrize("sequence_parallel", [True, False], ids=["tp2 sp", "tp2"])
-def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_parallel, monkeypatch):
+def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_parallel):
     """On one rank of TP=2 (fake process group: collectives leave their outputs unfilled, which autograd's
     bookkeeping does not look at), a dense block keeps what the planner counts: heads and hidden size halved, the
     norms' inputs halved with SP, and one gathered input shared by q/k/v and by gate/up (not a copy each)."""
@@ -237,7 +230,7 @@ def test_tensor_parallel_block_activations_equal_what_autograd_saves(sequence_pa
         x = torch.randn(batch, seq // 2 if sequence_parallel else seq, cfg.model.d_model, requires_grad=True)
         cos, sin = model.rope(seq)
         per_token = saved_elements_per_token(model.layers[0], x, cos, sin, model, batch * seq)
-        selective = selectively_saved_elements_per_token(model.layers[0], x, cos, sin, batch * seq, monkeypatch)
+        selective = selectively_saved_elements_per_token(model.layers[0], x, cos, sin, batch * seq)
     finally:
         dist.destroy_process_group()
     assert per_token == pytest.approx(block_activation_elements(cfg.model, 0, 2, sequence_parallel), abs=1)
