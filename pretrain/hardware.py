@@ -43,3 +43,9 @@ def peak_flops(device: torch.device, precision: str) -> float:
                 return peaks[key]
     dtype = torch.bfloat16 if key == "bf16" else torch.float32
     return measured_matmul_flops(dtype)
+
+
+def remeasured_cpu_peak(precision: str) -> float:
+    """A fresh probe of the CPU's matmul peak (the first may have run while other work held the cores)."""
+    measured_matmul_flops.cache_clear()
+    return peak_flops(torch.device("cpu"), precision)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cluster.accounting import CATEGORIES, LEDGER_FILE, Attempt, Ledger, Stopwatch, newer, read_ledgers
+from pretrain.callbacks.base import Callback
 from pretrain.checkpoint import read_meta
 from tests.pretrain.test_train_e2e import COMMON, StopAfter, run
 
@@ -154,3 +155,28 @@ def test_ledger_survives_without_the_run_folders_file(tiny_overrides, tmp_path):
     first, second = ledger_of(r).attempts
     assert first.status == "ended" and first.seconds["badput_lost"] == 0 and first.steps_recomputed == 0
     assert second.status == "finished" and second.number == 2
+
+
+class PeakProbedOnABusyMachine(Callback):
+    """As if the CPU peak probe at start had run while other work held the cores: a peak of 1 kFLOP/s."""
+
+    def on_train_start(self, trainer):
+        trainer.peak_flops = 1e3
+        trainer.accounting.describe(trainer.flops_per_token, 1e3, trainer.cfg.train.precision)
+
+
+def test_an_mfu_above_100_percent_remeasures_the_cpu_peak(tiny_overrides, tmp_path, capsys):
+    """A CPU run whose MFU exceeds 100% probes the peak again and logs MFU against the better probe."""
+    from pretrain.callbacks.metrics_log import read_metrics
+    from pretrain.trainer import CPU_PEAK_REMEASURES
+
+    r = tmp_path / "busy"
+    overrides = [*tiny_overrides, *COMMON, "train.steps=3", "train.checkpoint_every=3", "train.eval_every=3",
+                 "tracking.progress_bar=false"]
+    summary = run(overrides, r, extra_callbacks=[PeakProbedOnABusyMachine()])
+    assert summary["peak_flops"] > 1e6  # the re-measured peak replaced the low one
+    records = [m for m in read_metrics(r / "metrics.jsonl") if m["split"] == "train"]
+    assert all(0 < m["mfu"] < 1 for m in records)
+    assert ledger_of(r).peak_flops == summary["peak_flops"] and 0 < ledger_of(r).mfu() < 1
+    out = capsys.readouterr().out
+    assert 1 <= out.count("note: above 100% MFU") < CPU_PEAK_REMEASURES
