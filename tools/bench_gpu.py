@@ -8,7 +8,8 @@
    batch on the CPU: loss and every gradient, relative error; then the same in bf16 autocast on CUDA against the
    CPU fp32 reference (the error bf16 training lives with).
 3. Training-step throughput of our Transformer (forward + backward + fused AdamW, bf16 autocast): tokens/s, MFU,
-   peak memory, for two dense shapes and one MoE shape, eager and (dense) torch.compile.
+   peak memory, for two dense shapes and two MoE shapes: eager, torch.compile (dense), and for the 1B dense and
+   the MoE model the optimizations one at a time: bf16 weights with fp32 masters, selective recomputation.
 4. The MoE layer (grouped GEMMs) against a dense SwiGLU of the same active parameters on the same tokens: tokens/s.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from parallel.master_weights import MasterWeights
 from pretrain.model import ModelConfig, Transformer, lm_loss
 from pretrain.model.config import MLAConfig
 from pretrain.model.flops import count_parameters, flops_per_token
@@ -105,14 +107,30 @@ def correctness() -> dict:
     return {"fp32": fp32, "bf16": bf16}
 
 
-def train_throughput(name: str, cfg: ModelConfig, batch: int, seq: int, peak_tflops: float, compiled: bool,
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """One training-step variant (the before/after of an optimization): `pretrain train`'s options of that name."""
+    compiled: bool = False  # train.compile (here the whole model)
+    param_dtype: str = "fp32"  # train.param_dtype: bf16 copies of the weights, AdamW on fp32 masters
+    recompute: str = "none"  # train.activation_checkpointing
+
+    def describe(self) -> str:
+        parts = [*(["compiled"] if self.compiled else []),
+                 *(["bf16 weights"] if self.param_dtype == "bf16" else []),
+                 *([f"{self.recompute} recompute"] if self.recompute != "none" else [])]
+        return ", ".join(parts) or "eager"
+
+
+def train_throughput(name: str, cfg: ModelConfig, batch: int, seq: int, peak_tflops: float, options: StepOptions,
                      steps: int) -> dict:
     torch.manual_seed(0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = cfg.build().to(DEVICE).train()
-    step_model = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model.recompute = options.recompute
+    step_model = torch.compile(model) if options.compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # on the fp32 masters
+    masters = MasterWeights(model) if options.param_dtype == "bf16" else None
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
     labels = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
 
@@ -120,13 +138,17 @@ def train_throughput(name: str, cfg: ModelConfig, batch: int, seq: int, peak_tfl
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             logits = step_model(ids, labels)
         lm_loss(logits, labels)[0].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with masters.masters() if masters else contextlib.nullcontext():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if masters:
+            masters.refresh()
 
     seconds = _time(step, 3, steps)
     tokens = batch * seq
     achieved = flops_per_token(cfg, seq) * tokens / seconds / 1e12
-    result = {"name": name, "compiled": compiled, "params_m": count_parameters(cfg) / 1e6,
+    result = {"name": name, "options": options.describe(), "compiled": options.compiled,
+              "params_m": count_parameters(cfg) / 1e6,
               "active_m": count_parameters(cfg, active=True) / 1e6, "batch": batch, "seq": seq,
               "tokens_per_s": tokens / seconds, "tflops": achieved, "mfu": achieved / peak_tflops,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}
@@ -207,18 +229,21 @@ def run_all(quick: bool, smoke: bool = False, moe_only: bool = False) -> dict:
     mla_cfg = dataclasses.replace(moe_cfg, attention="mla", mla=MLAConfig(q_lora_rank=384, kv_lora_rank=256,
                                                                           qk_nope_head_dim=64, qk_rope_head_dim=32,
                                                                           v_head_dim=64))
-    runs = [("dense 125M-class", dense_small, 16, 1024, False), ("dense 125M-class", dense_small, 16, 1024, True),
-            ("dense 1B-class", dense_1b, 8, 2048, False), ("MoE 64x top-6 + MTP", moe_cfg, 8, 2048, False),
-            ("MLA + MoE 64x top-6 + MTP", mla_cfg, 8, 2048, False)]
+    eager, bf16_weights, selective = StepOptions(), StepOptions(param_dtype="bf16"), StepOptions(recompute="selective")
+    runs = [("dense 125M-class", dense_small, 16, 1024, eager),
+            ("dense 125M-class", dense_small, 16, 1024, StepOptions(compiled=True)),
+            *(("dense 1B-class", dense_1b, 8, 2048, o) for o in (eager, bf16_weights, selective)),
+            *(("MoE 64x top-6 + MTP", moe_cfg, 8, 2048, o) for o in (eager, bf16_weights, selective)),
+            ("MLA + MoE 64x top-6 + MTP", mla_cfg, 8, 2048, eager)]
     if smoke:  # toy sizes: the same code paths, minutes less
         shrink = dict(vocab_size=512, d_model=64, n_layers=2, max_seq_len=64)
-        runs = [(name, ModelConfig(**{**cfg.__dict__, **shrink, "n_heads": 4, "n_kv_heads": 2}), 2, 64, compiled)
-                for name, cfg, _, _, compiled in runs[:2] + runs[3:]]
+        runs = [(name, ModelConfig(**{**cfg.__dict__, **shrink, "n_heads": 4, "n_kv_heads": 2}), 2, 64, options)
+                for name, cfg, _, _, options in runs if not name.startswith("dense 1B")]
     if moe_only:
         runs = [r for r in runs if "MoE" in r[0]]
     results["throughput"] = []
-    for name, cfg, batch, seq, compiled in runs:
-        _guarded(results, "_last", lambda: train_throughput(name, cfg, batch, seq, peak, compiled, steps))  # noqa: B023
+    for name, cfg, batch, seq, options in runs:
+        _guarded(results, "_last", lambda: train_throughput(name, cfg, batch, seq, peak, options, steps))  # noqa: B023
         results["throughput"].append(results.pop("_last"))
         gc.collect()
         if DEVICE == "cuda":
@@ -255,14 +280,15 @@ def markdown(results: dict) -> str:
                          f"({r['worst_grad']}) |")
         lines.append("")
     lines += ["Training step (forward + backward + fused AdamW, bf16 autocast, random tokens):", "",
-              "| model | params (active) | batch x seq | compiled | tokens/s | TFLOP/s | MFU | peak memory |",
+              "| model | params (active) | batch x seq | options | tokens/s | TFLOP/s | MFU | peak memory |",
               "|---|---|---|---|---|---|---|---|"]
     for r in results.get("throughput", []):
         if "error" in r:
             lines.append(_error_row(r, 8))
             continue
+        options = r.get("options", "compiled" if r["compiled"] else "eager")  # results from before the variants
         lines.append(f"| {r['name']} | {r['params_m']:.0f}M ({r['active_m']:.0f}M) | {r['batch']} x {r['seq']} | "
-                     f"{'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+                     f"{options} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
                      f"{r['mfu']:.1%} | {r['peak_mem_gib']:.1f} GiB |")
     lines += ["", "MoE layer (router, grouped GEMMs, combine) vs a dense SwiGLU of the same active parameters, "
               "forward + backward, bf16:", "",
