@@ -1,10 +1,10 @@
 """MoE (+ MTP) on several ranks equals one process, through the real `pretrain train` command: DP=2 with the
-plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts),
-PP=2 with and without MTP (the MTP modules run on the last stage, with its copy of the tied embedding), TP=2 with
-and without SP (every expert's hidden size split, the MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and
-EP=2 with PP=2 and with TP=2+SP; DeepSpeed ZeRO-1/2 with EP=2 (expert weights reduced and partitioned over the
-expert-data-parallel group: DP=2 and DP=4, with TP=2+SP, with PP=2, with optimizer offload), context parallelism
-CP=2 x DP=2 x EP=2 with ZeRO-1, and a
+plain engine and with ZeRO-1 (MoE + MTP), expert parallelism EP=2 (MoE + MTP; each rank holds half the experts;
+also with selective and with full activation recomputation), PP=2 with and without MTP (the MTP modules run on the
+last stage, with its copy of the tied embedding), TP=2 with and without SP (every expert's hidden size split, the
+MTP depths' loss vocab-parallel), TP=2+SP with PP=2, and EP=2 with PP=2 and with TP=2+SP; DeepSpeed ZeRO-1/2 with
+EP=2 (expert weights reduced and partitioned over the expert-data-parallel group: DP=2 and DP=4, with TP=2+SP,
+with PP=2, with optimizer offload), context parallelism CP=2 x DP=2 x EP=2 with ZeRO-1, and a
 DeepSeek-V3-like MLA + MoE + MTP model under TP=2+SP (MLA split by heads) and PP=2 x EP=2.
 Loss and grad norm at each of 8 steps, then the whole parameters, AdamW states and the auxiliary-loss-free
 expert biases.
@@ -47,6 +47,12 @@ LAYOUTS = {
     "moe pp2": ("moe", [*MOE, "parallel.pp=2"], 2),
     "moe+mtp pp2": ("moe_mtp", [*MOE, *MTP, "parallel.pp=2"], 2),
     "moe+mtp ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2"], 2),
+    # recomputed blocks run the dispatch and combine all-to-alls (and the shared experts between them) again in the
+    # backward; the MoE statistics count the first forward only
+    "moe+mtp ep2, selective recompute": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2",
+                                                     "train.activation_checkpointing=selective"], 2),
+    "moe+mtp ep2, full recompute": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2",
+                                                "train.activation_checkpointing=full"], 2),
     "moe+mtp zero1 dp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO1], 2),
     "moe+mtp zero2 dp2 ep2": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO2], 2),
     "moe+mtp zero2 dp2 ep2, optimizer offload": ("moe_mtp", [*MOE, *MTP, "parallel.dp=2", "parallel.ep=2", *ZERO2,
