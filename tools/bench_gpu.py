@@ -147,8 +147,7 @@ def train_throughput(name: str, cfg: ModelConfig, batch: int, seq: int, peak_tfl
     seconds = _time(step, 3, steps)
     tokens = batch * seq
     achieved = flops_per_token(cfg, seq) * tokens / seconds / 1e12
-    result = {"name": name, "options": options.describe(), "compiled": options.compiled,
-              "params_m": count_parameters(cfg) / 1e6,
+    result = {"name": name, "options": options.describe(), "params_m": count_parameters(cfg) / 1e6,
               "active_m": count_parameters(cfg, active=True) / 1e6, "batch": batch, "seq": seq,
               "tokens_per_s": tokens / seconds, "tflops": achieved, "mfu": achieved / peak_tflops,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}
@@ -286,7 +285,7 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(_error_row(r, 8))
             continue
-        options = r.get("options", "compiled" if r["compiled"] else "eager")  # results from before the variants
+        options = r.get("options") or ("compiled" if r["compiled"] else "eager")  # a results file from before them
         lines.append(f"| {r['name']} | {r['params_m']:.0f}M ({r['active_m']:.0f}M) | {r['batch']} x {r['seq']} | "
                      f"{options} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
                      f"{r['mfu']:.1%} | {r['peak_mem_gib']:.1f} GiB |")
