@@ -115,7 +115,8 @@ def long_ppl(loaded: LoadedModel, settings: EvalSettings) -> dict[str, Any]:
 
 @torch.no_grad()
 def passkey(loaded: LoadedModel, tokenizer_path: Path, settings: EvalSettings) -> dict[str, Any]:
-    """Exact-match retrieval accuracy per (length, depth), `trials` random keys each."""
+    """Exact-match retrieval accuracy per (length, depth), `trials` random keys each; also the key tokens' mean
+    teacher-forced log-probability and how often the first key token is right (greedy)."""
     tokenizer = load_tokenizer(tokenizer_path)
     eos = tokenizer.token_to_id("<|eos|>")
     base = settings.seq_len or loaded.cfg.data.seq_len
@@ -125,7 +126,7 @@ def passkey(loaded: LoadedModel, tokenizer_path: Path, settings: EvalSettings) -
     cells = []
     for length in lengths:
         for depth in settings.depths:
-            correct = 0
+            correct, logprob, first_token = 0, 0.0, 0
             for _ in range(settings.trials):
                 key = random_key(rng)
                 # a document follows an EOS in training: the prompt does too, and fills `length` with the answer
@@ -134,10 +135,28 @@ def passkey(loaded: LoadedModel, tokenizer_path: Path, settings: EvalSettings) -
                 with loaded.autocast():
                     out, _ = greedy(loaded.model, ids, ANSWER_TOKENS)
                 correct += answer_matches(tokenizer.decode(out[0, ids.shape[1]:].tolist()), key)
-            cells.append({"length": length, "depth": depth, "accuracy": correct / settings.trials,
-                          "trials": settings.trials})
+                key_ids = tokenizer.encode(f" {key}").ids
+                logprob += float(teacher_forced_key_logprobs(loaded, ids, key_ids).mean())
+                first_token += int(out[0, ids.shape[1]].item() == key_ids[0])
+            n = settings.trials
+            cells.append({"length": length, "depth": depth, "accuracy": correct / n, "key_logprob": logprob / n,
+                          "first_token_accuracy": first_token / n, "trials": n})
     return {"lengths": lengths, "depths": list(settings.depths), "cells": cells, "key_digits": KEY_DIGITS,
-            "accuracy": sum(c["accuracy"] for c in cells) / len(cells)}
+            "accuracy": sum(c["accuracy"] for c in cells) / len(cells),
+            "key_logprob": sum(c["key_logprob"] for c in cells) / len(cells),
+            "first_token_accuracy": sum(c["first_token_accuracy"] for c in cells) / len(cells)}
+
+
+@torch.no_grad()
+def teacher_forced_key_logprobs(loaded: LoadedModel, prompt_ids: torch.Tensor, key_ids: list[int]) -> torch.Tensor:
+    """Log-probability of each of the key's tokens given the prompt and the key's earlier tokens: a graded view of
+    retrieval (exact match is all or nothing; e.g. a model that finds the first digit but cannot copy on)."""
+    key = torch.tensor([key_ids], device=prompt_ids.device)
+    ids = torch.cat([prompt_ids, key], dim=1)
+    with loaded.autocast():
+        logits = loaded.model(ids[:, :-1])
+    logprobs = F.log_softmax(logits[0, -len(key_ids):].float(), dim=-1)
+    return logprobs.gather(1, key[0].unsqueeze(1)).squeeze(1).cpu()
 
 
 def answer_matches(answer: str, key: str) -> bool:
@@ -169,7 +188,7 @@ def evaluate_checkpoint(checkpoint: Path, settings: EvalSettings, overrides: lis
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The report's numbers as flat metric names (for MLflow): eval/long_ppl/loss and per position bucket,
-    eval/passkey/accuracy and per length and depth."""
+    eval/passkey/accuracy and per length and depth, eval/passkey/key_logprob and first_token_accuracy."""
     metrics: dict[str, float] = {}
     if "long_ppl" in report:
         r = report["long_ppl"]
@@ -179,6 +198,9 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     if "passkey" in report:
         r = report["passkey"]
         metrics["eval/passkey/accuracy"] = r["accuracy"]
+        for name in ("key_logprob", "first_token_accuracy"):
+            if name in r:
+                metrics[f"eval/passkey/{name}"] = r[name]
         for c in r["cells"]:
             metrics[f"eval/passkey/len_{c['length']}_depth_{c['depth']:.2f}"] = c["accuracy"]
     if "sft" in report:
@@ -205,6 +227,13 @@ def format_report(report: dict[str, Any]) -> list[str]:
         for length in r["lengths"]:
             row = [c["accuracy"] for c in r["cells"] if c["length"] == length]
             lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
+        if "key_logprob" in r:
+            lines.append(f"passkey: mean log-probability per key token (teacher-forced; 0 = certain), overall "
+                         f"{r['key_logprob']:.2f}; first key token right {r['first_token_accuracy']:.0%}")
+            lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
+            for length in r["lengths"]:
+                row = [c["key_logprob"] for c in r["cells"] if c["length"] == length]
+                lines.append(f"  {length:>14} " + "".join(f"{v:>7.2f}" for v in row))
     if "sft" in report:
         r = report["sft"]
         lines.append(f"sft: {r['questions']} held-out questions ({r['data_dir']}): exact match {r['exact_match']:.1%}, "

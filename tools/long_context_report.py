@@ -1,5 +1,6 @@
-"""One markdown table from several `pretrain eval --out` reports: loss by position bucket and passkey accuracy
-by length, a row per evaluated model (e.g. before extension, and after it with each RoPE scaling).
+"""One markdown table from several `pretrain eval --out` reports: loss by position bucket, passkey accuracy (and
+the key tokens' mean log-probability, where reported) by length, a row per evaluated model (e.g. before
+extension, and after it with each RoPE scaling).
 
     python -m tools.long_context_report base=runs/lc/base.json yarn=runs/lc/yarn.json [--out table.md]
 """
@@ -11,11 +12,11 @@ import json
 from pathlib import Path
 
 
-def passkey_by_length(report: dict) -> dict[int, float]:
+def passkey_by_length(report: dict, field: str = "accuracy") -> dict[int, float]:
     cells = report["passkey"]["cells"]
     out: dict[int, list[float]] = {}
     for cell in cells:
-        out.setdefault(cell["length"], []).append(cell["accuracy"])
+        out.setdefault(cell["length"], []).append(cell.get(field, float("nan")))
     return {length: sum(values) / len(values) for length, values in out.items()}
 
 
@@ -23,7 +24,9 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
     first = labelled[0][1]
     buckets = [(b["start"], b["end"]) for b in first.get("long_ppl", {}).get("buckets", [])]
     lengths = sorted(passkey_by_length(first)) if "passkey" in first else []
-    header = ["model", "RoPE", *(f"loss {a}-{b}" for a, b in buckets), *(f"passkey {n}" for n in lengths)]
+    graded = bool(lengths) and "key_logprob" in first["passkey"]["cells"][0]
+    header = ["model", "RoPE", *(f"loss {a}-{b}" for a, b in buckets), *(f"passkey {n}" for n in lengths),
+              *(f"key lp {n}" for n in (lengths if graded else []))]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, report in labelled:
         rope = report["rope_scaling"] + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none" else "")
@@ -33,6 +36,9 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
         if lengths:
             by_length = passkey_by_length(report)
             row += [f"{by_length.get(n, float('nan')):.0%}" for n in lengths]
+        if graded:
+            by_length = passkey_by_length(report, "key_logprob")
+            row += [f"{by_length.get(n, float('nan')):.2f}" for n in lengths]
         lines.append("| " + " | ".join(row) + " |")
     trials = first["passkey"]["cells"][0]["trials"] * len(first["passkey"]["depths"]) if lengths else 0
     notes = []
@@ -43,6 +49,9 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
     if lengths:
         notes.append(f"passkey: exact-match accuracy over {trials} prompts per length (depths "
                      f"{', '.join(f'{d:g}' for d in first['passkey']['depths'])})")
+    if graded:
+        notes.append("key lp: mean log-probability of the key's tokens given the prompt and the key's earlier tokens "
+                     "(teacher-forced; 0 = certain, about -2.3 = a guess among 10 digits)")
     return lines + [""] + [f"{n}." for n in notes]
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from pretrain.cli import main
-from pretrain.evaluate import EvalSettings, answer_matches, evaluate_checkpoint, load_for_eval
+from pretrain.evaluate import (
+    EvalSettings,
+    answer_matches,
+    evaluate_checkpoint,
+    load_for_eval,
+    teacher_forced_key_logprobs,
+)
 
 
 def test_long_ppl_at_the_trained_length_is_the_runs_validation_loss(base_run):
@@ -38,6 +44,25 @@ def test_passkey_answers_are_matched_exactly():
     assert not answer_matches(" The pass key is 12345", "12345")  # the digits must come first
 
 
+def test_key_logprobs_are_the_training_loss_on_the_key_tokens(base_run):
+    """The graded passkey score is the next-token loss of the key's tokens after the prompt, as training computes it
+    (cross-entropy over one window with every other label ignored)."""
+    import torch.nn.functional as F
+
+    loaded = load_for_eval(base_run["checkpoint"])
+    prompt, key = torch.tensor([[1, 40, 41, 42, 43, 44]]), [50, 51, 52]
+    logprobs = teacher_forced_key_logprobs(loaded, prompt, key)
+    window = torch.tensor([[*prompt[0].tolist(), *key]])
+    labels = torch.full_like(window, -100)
+    labels[0, -len(key):] = torch.tensor(key)
+    with torch.no_grad():
+        logits = loaded.model(window[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
+    assert logprobs.shape == (3,)
+    assert torch.allclose(-logprobs, loss[-3:], atol=1e-5)
+    assert (loss[:-3] == 0).all()  # the prompt's own positions are not scored
+
+
 def test_cli_writes_the_table_and_json(base_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code = main(["eval", str(base_run["checkpoint"]), "--tasks", "long_ppl,passkey", "--windows", "2",
@@ -49,6 +74,9 @@ def test_cli_writes_the_table_and_json(base_run, tmp_path, capsys):
     cells = report["passkey"]["cells"]
     assert [(c["length"], c["depth"]) for c in cells] == [(200, 0.0), (200, 1.0), (300, 0.0), (300, 1.0)]
     assert all(0 <= c["accuracy"] <= 1 and c["trials"] == 2 for c in cells)
+    assert all(c["key_logprob"] < 0 and 0 <= c["first_token_accuracy"] <= 1 for c in cells)
+    assert report["passkey"]["key_logprob"] == pytest.approx(sum(c["key_logprob"] for c in cells) / 4)
+    assert "mean log-probability per key token" in text
     assert main(["eval", str(base_run["checkpoint"]), "--tasks", "mmlu"]) == 2
     assert main(["eval", str(base_run["checkpoint"]), "--depths", "2"]) == 2
     assert "--depths" in capsys.readouterr().err
@@ -81,4 +109,5 @@ def test_results_go_into_the_runs_mlflow_run(base_run, tmp_path, monkeypatch, ca
     history = client.get_metric_history(run_id, "eval/long_ppl/loss_64")
     assert [(m.step, m.value) for m in history] == [(4, pytest.approx(report["long_ppl"]["loss"]))]
     assert client.get_run(run_id).data.metrics["eval/passkey/len_200_depth_0.00"] == report["passkey"]["accuracy"]
+    assert client.get_run(run_id).data.metrics["eval/passkey/key_logprob"] == report["passkey"]["key_logprob"]
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/step_00000004_as_trained.json"]
