@@ -234,6 +234,11 @@ def format_report(report: dict[str, Any]) -> list[str]:
             for length in r["lengths"]:
                 row = [c["key_logprob"] for c in r["cells"] if c["length"] == length]
                 lines.append(f"  {length:>14} " + "".join(f"{v:>7.2f}" for v in row))
+            lines.append("passkey: first key token right (the key found, whether or not copied on)")
+            lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
+            for length in r["lengths"]:
+                row = [c["first_token_accuracy"] for c in r["cells"] if c["length"] == length]
+                lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
     if "sft" in report:
         r = report["sft"]
         lines.append(f"sft: {r['questions']} held-out questions ({r['data_dir']}): exact match {r['exact_match']:.1%}, "

@@ -25,8 +25,9 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
     buckets = [(b["start"], b["end"]) for b in first.get("long_ppl", {}).get("buckets", [])]
     lengths = sorted(passkey_by_length(first)) if "passkey" in first else []
     graded = bool(lengths) and "key_logprob" in first["passkey"]["cells"][0]
+    graded_lengths = lengths if graded else []
     header = ["model", "RoPE", *(f"loss {a}-{b}" for a, b in buckets), *(f"passkey {n}" for n in lengths),
-              *(f"key lp {n}" for n in (lengths if graded else []))]
+              *(f"found {n}" for n in graded_lengths), *(f"key lp {n}" for n in graded_lengths)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, report in labelled:
         rope = report["rope_scaling"] + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none" else "")
@@ -37,8 +38,10 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
             by_length = passkey_by_length(report)
             row += [f"{by_length.get(n, float('nan')):.0%}" for n in lengths]
         if graded:
-            by_length = passkey_by_length(report, "key_logprob")
-            row += [f"{by_length.get(n, float('nan')):.2f}" for n in lengths]
+            found = passkey_by_length(report, "first_token_accuracy")
+            row += [f"{found.get(n, float('nan')):.0%}" for n in lengths]
+            logprob = passkey_by_length(report, "key_logprob")
+            row += [f"{logprob.get(n, float('nan')):.2f}" for n in lengths]
         lines.append("| " + " | ".join(row) + " |")
     trials = first["passkey"]["cells"][0]["trials"] * len(first["passkey"]["depths"]) if lengths else 0
     notes = []
@@ -50,6 +53,7 @@ def table(labelled: list[tuple[str, dict]]) -> list[str]:
         notes.append(f"passkey: exact-match accuracy over {trials} prompts per length (depths "
                      f"{', '.join(f'{d:g}' for d in first['passkey']['depths'])})")
     if graded:
+        notes.append("found: the first key token right (greedy), i.e. the key was found, whether or not copied on")
         notes.append("key lp: mean log-probability of the key's tokens given the prompt and the key's earlier tokens "
                      "(teacher-forced; 0 = certain, about -2.3 = a guess among 10 digits)")
     return lines + [""] + [f"{n}." for n in notes]

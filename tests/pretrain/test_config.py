@@ -292,6 +292,20 @@ def test_a_phase_config_builds_on_its_base(tmp_path):
         load_config(tmp_path / "c.yaml", check_paths=False)
 
 
+def test_the_passkey_experiment_extends_its_own_pretraining_4x():
+    """configs/tiny_passkey_long.yaml builds on configs/tiny_passkey.yaml, which builds on tiny.yaml: the extension
+    is 4x the length pretrained at, with the same tokens per step (README "Long context")."""
+    base = load_config("configs/tiny_passkey.yaml", check_paths=False)
+    long = load_config("configs/tiny_passkey_long.yaml", check_paths=False)
+    tiny = load_config("configs/tiny.yaml", check_paths=False)
+    assert (base.model.d_model, base.model.n_layers) == (tiny.model.d_model, tiny.model.n_layers)
+    assert base.data.seq_len == base.model.max_seq_len == 128 and base.model.rope.scaling == "none"
+    rope = long.model.rope
+    assert rope.original_max_seq_len == base.data.seq_len and rope.factor * base.data.seq_len == long.data.seq_len
+    assert long.train.global_batch_size * long.data.seq_len == base.train.global_batch_size * base.data.seq_len
+    assert [b.dir for b in long.data.blend] == ["data_cache/tiny_long", "data_cache/passkey_512"]
+
+
 def test_compile_without_a_cpu_compiler_is_a_config_error(data_dir, monkeypatch):
     import pretrain.compile
 

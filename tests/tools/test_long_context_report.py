@@ -30,11 +30,12 @@ def test_one_row_per_report_with_buckets_and_accuracy_by_length(tmp_path, capsys
 
 def test_key_logprob_columns_when_the_reports_have_them(tmp_path):
     graded = report("yarn", [4.9, 4.8], [[1.0, 1.0], [0.5, 1.0]])
-    for cell, logprob in zip(graded["passkey"]["cells"], [-0.1, -0.3, -2.0, -1.0], strict=True):
-        cell["key_logprob"] = logprob
+    for cell, logprob, found in zip(graded["passkey"]["cells"], [-0.1, -0.3, -2.0, -1.0], [1, 1, 0.5, 1], strict=True):
+        cell["key_logprob"], cell["first_token_accuracy"] = logprob, found
     (tmp_path / "g.json").write_text(json.dumps(graded))
     assert main([f"after={tmp_path / 'g.json'}", "--out", str(tmp_path / "t.md")]) == 0
     lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines[0].endswith("| passkey 256 | passkey 512 | key lp 256 | key lp 512 |")
-    assert lines[2] == "| after | yarn x4 | 4.900 | 4.800 | 100% | 75% | -0.20 | -1.50 |"
+    assert lines[0].endswith("| passkey 256 | passkey 512 | found 256 | found 512 | key lp 256 | key lp 512 |")
+    assert lines[2] == "| after | yarn x4 | 4.900 | 4.800 | 100% | 75% | 100% | 75% | -0.20 | -1.50 |"
     assert any(line.startswith("key lp: mean log-probability") for line in lines)
+    assert any(line.startswith("found: the first key token right") for line in lines)
