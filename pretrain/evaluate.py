@@ -209,6 +209,15 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def depth_table(passkey_report: dict[str, Any], field: str, cell_format: str) -> list[str]:
+    """One passkey measure as a length x depth table."""
+    lines = ["  length \\ depth " + "".join(f"{d:>7.2f}" for d in passkey_report["depths"])]
+    for length in passkey_report["lengths"]:
+        row = [c[field] for c in passkey_report["cells"] if c["length"] == length]
+        lines.append(f"  {length:>14} " + "".join(cell_format.format(v) for v in row))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> list[str]:
     lines = [f"{report['checkpoint']} (step {report['step']}, trained at {report['trained_seq_len']} tokens, RoPE "
              f"scaling {report['rope_scaling']}" + (f" x{report['rope_factor']:g}" if report["rope_scaling"] != "none"
@@ -223,22 +232,14 @@ def format_report(report: dict[str, Any]) -> list[str]:
         r = report["passkey"]
         lines.append(f"passkey: exact-match accuracy, {r['cells'][0]['trials']} keys per cell, overall "
                      f"{r['accuracy']:.0%}")
-        lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
-        for length in r["lengths"]:
-            row = [c["accuracy"] for c in r["cells"] if c["length"] == length]
-            lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
+        lines += depth_table(r, "accuracy", "{:>7.0%}")
         if "key_logprob" in r:
             lines.append(f"passkey: mean log-probability per key token (teacher-forced; 0 = certain), overall "
-                         f"{r['key_logprob']:.2f}; first key token right {r['first_token_accuracy']:.0%}")
-            lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
-            for length in r["lengths"]:
-                row = [c["key_logprob"] for c in r["cells"] if c["length"] == length]
-                lines.append(f"  {length:>14} " + "".join(f"{v:>7.2f}" for v in row))
-            lines.append("passkey: first key token right (the key found, whether or not copied on)")
-            lines.append("  length \\ depth " + "".join(f"{d:>7.2f}" for d in r["depths"]))
-            for length in r["lengths"]:
-                row = [c["first_token_accuracy"] for c in r["cells"] if c["length"] == length]
-                lines.append(f"  {length:>14} " + "".join(f"{a:>7.0%}" for a in row))
+                         f"{r['key_logprob']:.2f}")
+            lines += depth_table(r, "key_logprob", "{:>7.2f}")
+            lines.append(f"passkey: first key token right (the key found, whether or not copied on), overall "
+                         f"{r['first_token_accuracy']:.0%}")
+            lines += depth_table(r, "first_token_accuracy", "{:>7.0%}")
     if "sft" in report:
         r = report["sft"]
         lines.append(f"sft: {r['questions']} held-out questions ({r['data_dir']}): exact match {r['exact_match']:.1%}, "

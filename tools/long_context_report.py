@@ -1,6 +1,6 @@
-"""One markdown table from several `pretrain eval --out` reports: loss by position bucket, passkey accuracy (and
-the key tokens' mean log-probability, where reported) by length, a row per evaluated model (e.g. before
-extension, and after it with each RoPE scaling).
+"""One markdown table from several `pretrain eval --out` reports: loss by position bucket, passkey accuracy (and,
+where reported, how often the key was found and its tokens' mean log-probability) by length, a row per evaluated
+model (e.g. before extension, and after it with each RoPE scaling).
 
     python -m tools.long_context_report base=runs/lc/base.json yarn=runs/lc/yarn.json [--out table.md]
 """
