@@ -17,10 +17,7 @@ fi
 . .venv/bin/activate
 export MLFLOW_DISABLE_TELEMETRY=true
 TOKENIZER=data_cache/tiny/tokenizer.json
-[ -f data_cache/tiny/manifest.json ] || pretrain data prepare --out data_cache/tiny --vocab-size 4096
-[ -f data_cache/tiny_long/manifest.json ] || pretrain data prepare --out data_cache/tiny_long \
-  --source bible-books --source anarchism-chapters --source shakespeare-plays --tokenizer "$TOKENIZER" \
-  --val-fraction 0.05
+bash scripts/prepare_long_context_data.sh
 [ -f data_cache/passkey_long/manifest.json ] || pretrain data prepare --out data_cache/passkey_long \
   --source passkey:4000:4000 --tokenizer "$TOKENIZER" --val-fraction 0.02
 

@@ -12,10 +12,7 @@ bash scripts/install.sh
 . .venv/bin/activate
 export MLFLOW_DISABLE_TELEMETRY=true
 TOKENIZER=data_cache/tiny/tokenizer.json
-[ -f data_cache/tiny/manifest.json ] || pretrain data prepare --out data_cache/tiny --vocab-size 4096
-[ -f data_cache/tiny_long/manifest.json ] || pretrain data prepare --out data_cache/tiny_long \
-  --source bible-books --source anarchism-chapters --source shakespeare-plays --tokenizer "$TOKENIZER" \
-  --val-fraction 0.05
+bash scripts/prepare_long_context_data.sh
 [ -f data_cache/passkey_128/manifest.json ] || pretrain data prepare --out data_cache/passkey_128 \
   --source passkey:40000:300 --tokenizer "$TOKENIZER"
 [ -f data_cache/passkey_512/manifest.json ] || pretrain data prepare --out data_cache/passkey_512 \
